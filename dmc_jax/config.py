@@ -1,0 +1,262 @@
+"""Model hyper-parameters: frozen, hashable dataclasses (usable as static jit arguments).
+
+`LlamaConfig` is the one description of a Llama-family network in this project. Converters build it from
+HF `config.json` (transformers v4 and v5 key styles), Meta `params.json` or GGUF metadata; checkpoints store
+it with `to_dict`, and `from_dict` refuses keys it does not know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+class ConfigError(ValueError):
+  """A configuration value or key is invalid; the message names it and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3.1 (`llama3`) or linear RoPE frequency scaling."""
+
+  rope_type: str = "llama3"  # "llama3" | "linear"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ("llama3", "linear"):
+      raise ConfigError(f"rope_scaling.rope_type: unsupported {self.rope_type!r} (expected 'llama3' or 'linear')")
+    if self.factor <= 0:
+      raise ConfigError(f"rope_scaling.factor: expected > 0, got {self.factor}")
+    if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ConfigError("rope_scaling: expected high_freq_factor > low_freq_factor")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """A Llama-family decoder (Llama 2/3, SmolLM2, ...)."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  ffn_dim: int
+  head_dim: int | None = None  # None: d_model // n_heads
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  # Per-frequency divisors (head_dim/2 of them) as stored by llama.cpp in GGUF `rope_freqs`; overrides scaling.
+  rope_freq_factors: tuple[float, ...] | None = None
+  max_position_embeddings: int = 4096
+  tie_embeddings: bool = False
+  bos_token_id: int | None = 1
+  eos_token_ids: tuple[int, ...] = (2,)
+  # Numerics and memory (not part of the function the weights compute).
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # activations / matmul inputs; softmax, norms and logits stay float32
+  scan_layers: bool = False
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.head_dim is None:
+      if self.d_model % self.n_heads:
+        raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if self.head_dim % 2:
+      raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.rope_freq_factors is not None:
+      object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
+      if len(self.rope_freq_factors) != self.head_dim // 2:
+        raise ConfigError(f"rope_freq_factors: expected {self.head_dim // 2} values, got "
+                          f"{len(self.rope_freq_factors)}")
+    object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ConfigError(f"{name}: expected one of {DTYPES}, got {getattr(self, name)!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"remat_policy: expected one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+
+  @property
+  def n_groups(self) -> int:
+    """Query heads per KV head (1 = MHA, n_heads = MQA)."""
+    return self.n_heads // self.n_kv_heads
+
+  def num_params(self) -> int:
+    d, f, hd = self.d_model, self.ffn_dim, self.head_dim
+    attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+    layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else self.vocab_size * d
+    return self.vocab_size * d + self.n_layers * layer + d + head
+
+  def kv_bytes_per_token(self, bytes_per_value: int) -> int:
+    """Bytes a vanilla KV cache holds per token (all layers, K and V)."""
+    return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  # -- serialisation -------------------------------------------------------------------------------------
+  def to_dict(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out["eos_token_ids"] = list(self.eos_token_ids)
+    if self.rope_freq_factors is not None:
+      out["rope_freq_factors"] = list(self.rope_freq_factors)
+    return out
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], where: str = "model config") -> "LlamaConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    kwargs = dict(d)
+    if kwargs.get("rope_scaling") is not None:
+      kwargs["rope_scaling"] = _rope_scaling_from_dict(kwargs["rope_scaling"], where)
+    if kwargs.get("eos_token_ids") is not None:
+      kwargs["eos_token_ids"] = tuple(kwargs["eos_token_ids"])
+    try:
+      return cls(**kwargs)
+    except TypeError as e:  # missing required fields
+      raise ConfigError(f"{where}: {e}") from None
+
+
+def _rope_scaling_from_dict(d: Mapping[str, Any], where: str) -> RopeScaling:
+  known = {f.name for f in dataclasses.fields(RopeScaling)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ConfigError(f"{where}: rope_scaling has unknown key(s) {unknown}; expected {sorted(known)}")
+  return RopeScaling(**d)
+
+
+# -- HF config.json --------------------------------------------------------------------------------------
+
+
+def _as_tuple_ids(value) -> tuple[int, ...]:
+  if value is None:
+    return ()
+  if isinstance(value, (list, tuple)):
+    return tuple(int(v) for v in value)
+  return (int(value),)
+
+
+def rope_from_hf(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling | None]:
+  """(theta, scaling) from transformers v4 (`rope_theta`, `rope_scaling`) or v5 (`rope_parameters`) keys."""
+  params = hf.get("rope_parameters")
+  if isinstance(params, Mapping) and "full_attention" in params:  # v5 per-layer-type form
+    params = params["full_attention"]
+  scaling = hf.get("rope_scaling")
+  theta = hf.get("rope_theta")
+  if params is not None:
+    theta = params.get("rope_theta", theta)
+    scaling = params
+  theta = 10000.0 if theta is None else float(theta)
+  if not scaling:
+    return theta, None
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type == "default":
+    return theta, None
+  if rope_type == "llama3":
+    try:
+      return theta, RopeScaling(
+          rope_type="llama3",
+          factor=float(scaling["factor"]),
+          low_freq_factor=float(scaling["low_freq_factor"]),
+          high_freq_factor=float(scaling["high_freq_factor"]),
+          original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+    except KeyError as e:
+      raise ConfigError(f"{where}: rope scaling 'llama3' lacks key {e.args[0]!r}") from None
+  if rope_type == "linear":
+    return theta, RopeScaling(rope_type="linear", factor=float(scaling["factor"]))
+  raise ConfigError(f"{where}: unsupported rope scaling type {rope_type!r} (expected default, linear or llama3)")
+
+
+def from_hf_config(hf: Mapping[str, Any], where: str = "config.json") -> LlamaConfig:
+  """Builds a LlamaConfig from an HF LlamaForCausalLM `config.json` dict."""
+  model_type = hf.get("model_type", "llama")
+  if model_type not in ("llama", "mistral"):
+    raise ConfigError(f"{where}: model_type {model_type!r} is not a Llama-family model (expected 'llama')")
+  if hf.get("attention_bias") or hf.get("mlp_bias"):
+    raise ConfigError(f"{where}: attention_bias/mlp_bias are not supported (Llama has no biases)")
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise ConfigError(f"{where}: hidden_act {act!r} unsupported (expected 'silu')")
+  required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+  missing = [k for k in required if k not in hf]
+  if missing:
+    raise ConfigError(f"{where}: missing key(s) {missing}")
+  theta, scaling = rope_from_hf(hf, where)
+  eos = _as_tuple_ids(hf.get("eos_token_id"))
+  return LlamaConfig(
+      vocab_size=int(hf["vocab_size"]),
+      d_model=int(hf["hidden_size"]),
+      n_layers=int(hf["num_hidden_layers"]),
+      n_heads=int(hf["num_attention_heads"]),
+      n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+      ffn_dim=int(hf["intermediate_size"]),
+      head_dim=int(hf["head_dim"]) if hf.get("head_dim") else None,
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      bos_token_id=hf.get("bos_token_id"),
+      eos_token_ids=eos,
+  )
+
+
+def to_hf_config(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+  """The transformers `config.json` for `cfg` (v4 keys, which v5 also reads)."""
+  if cfg.rope_freq_factors is not None:
+    raise ConfigError("rope_freq_factors (from a GGUF rope_freqs tensor) have no HF config equivalent")
+  scaling = None
+  if cfg.rope_scaling is not None:
+    s = cfg.rope_scaling
+    scaling = {"rope_type": s.rope_type, "factor": s.factor}
+    if s.rope_type == "llama3":
+      scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                     original_max_position_embeddings=s.original_max_position_embeddings)
+  eos: Any = list(cfg.eos_token_ids)
+  if len(eos) == 1:
+    eos = eos[0]
+  return {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.ffn_dim,
+      "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads,
+      "num_key_value_heads": cfg.n_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": scaling,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "attention_bias": False,
+      "mlp_bias": False,
+      "bos_token_id": cfg.bos_token_id,
+      "eos_token_id": eos,
+      "torch_dtype": torch_dtype,
+  }
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+  """Meta's FFN width formula (llama/model.py)."""
+  hidden = int(2 * 4 * dim / 3)
+  if ffn_dim_multiplier is not None:
+    hidden = int(ffn_dim_multiplier * hidden)
+  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
