@@ -1,0 +1,153 @@
+"""Batched autoregressive generation with a vanilla KV cache (jit-compiled prefill and decode step).
+
+Prompts of different lengths share a batch: they are right-padded, each sequence writes its cache slots from
+its own length on and uses its own positions, and the first new token of sequence b comes from the logits at
+its last real prompt token. Greedy by default; temperature, top-k and top-p sampling with an explicit seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmc_jax.config import LlamaConfig
+from dmc_jax.model.llama import Llama, cache_bytes, init_cache
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  temperature: float = 0.0  # 0 = greedy
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1 = off
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+  """Next tokens [B] from float32 logits."""
+  if s.temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV / s.temperature
+  neg = jnp.finfo(logits.dtype).min
+  if s.top_k:
+    kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if s.top_p < 1.0:
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+    cutoff_idx = jnp.sum(cum < s.top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_desc, cutoff_idx, axis=-1)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  tokens: list[list[int]]  # new tokens per sequence (up to and including EOS)
+  prompt_lengths: list[int]
+  prefill_seconds: float
+  decode_seconds: float
+  decode_steps: int
+  cache_bytes: int
+
+  @property
+  def decode_tokens_per_second(self) -> float:
+    """Generated tokens per second over the decode steps (batch × steps / time), prefill excluded."""
+    n = len(self.tokens) * self.decode_steps
+    return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def _bucket(n: int, multiple: int = 32) -> int:
+  return -(-n // multiple) * multiple
+
+
+class Generator:
+  """Holds the compiled prefill/decode functions for one model; reuse it across calls."""
+
+  def __init__(self, cfg: LlamaConfig, params: Any, cache_dtype: str | None = None):
+    if cfg.scan_layers:  # per-layer cache buffers update in place; a scanned cache would be copied every step
+      raise ValueError("generation needs an unscanned model (scan_layers=False)")
+    self.cfg = cfg
+    self.params = params
+    self.model = Llama(cfg)
+    self.cache_dtype = cache_dtype or cfg.dtype
+    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,), static_argnames=("sampling",))
+    self._step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames=("sampling",))
+
+  def _prefill_fn(self, params, tokens_BxP, cache, lengths_B, key, sampling: Sampling):
+    logits, cache = self.model.apply(params, tokens_BxP, cache, jnp.zeros_like(lengths_B),
+                                     method=Llama.forward_with_cache)
+    last_BxV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    return sample(last_BxV, key, sampling), cache
+
+  def _step_fn(self, params, cache, token_B, index_B, key, sampling: Sampling):
+    logits, cache = self.model.apply(params, token_B[:, None], cache, index_B, method=Llama.forward_with_cache)
+    return sample(logits[:, 0], key, sampling), cache
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+               seed: int = 0, eos_ids: Sequence[int] = (), stop_at_eos: bool = True,
+               on_step: Callable[[int], None] | None = None) -> GenerationResult:
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    b = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    p_len = _bucket(int(lengths.max()))
+    total = _bucket(p_len + max_new_tokens)
+    if total > self.cfg.max_position_embeddings:
+      # Not fatal (RoPE extrapolates), but worth knowing.
+      log.warning("sequence length %d exceeds max_position_embeddings %d", total,
+                                          self.cfg.max_position_embeddings)
+    tokens = np.zeros((b, p_len), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    cache = init_cache(self.cfg, b, total, self.cache_dtype)
+    nbytes = cache_bytes(cache)
+    key = jax.random.key(seed)
+    key, sub = jax.random.split(key)
+
+    t0 = time.perf_counter()
+    token, cache = self._prefill(self.params, jnp.asarray(tokens), cache, jnp.asarray(lengths), sub,
+                                 sampling=sampling)
+    token = np.asarray(token)  # blocks: prefill time includes the first sampled token
+    prefill_s = time.perf_counter() - t0
+
+    eos = np.array(sorted(set(int(e) for e in eos_ids)), np.int32)
+    out = [[int(t)] for t in token]
+    done = np.isin(token, eos) if stop_at_eos and eos.size else np.zeros(b, bool)
+    index = lengths.copy()
+    steps = 0
+    t0 = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+      if done.all():
+        break
+      key, sub = jax.random.split(key)
+      token_dev, cache = self._step(self.params, cache, jnp.asarray(token), jnp.asarray(index), sub,
+                                    sampling=sampling)
+      token = np.asarray(token_dev)
+      index += 1
+      steps += 1
+      for i in np.flatnonzero(~done):
+        out[i].append(int(token[i]))
+      if stop_at_eos and eos.size:
+        done |= np.isin(token, eos)
+      if on_step:
+        on_step(steps)
+    decode_s = time.perf_counter() - t0
+    return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, nbytes)

@@ -1,0 +1,160 @@
+"""`dmc-jax`: convert checkpoints, export to HF, generate text, inspect experiment configs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from experiments.harness import cli
+
+log = logging.getLogger("dmc_jax")
+
+
+# -- convert ------------------------------------------------------------------------------------------------
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+  p.add_argument("src", help="HF directory, Meta checkpoint directory, or .gguf file")
+  p.add_argument("--from", dest="src_format", required=True, choices=("hf", "meta", "gguf"))
+  p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                 help="stored parameter dtype (auto: the source's float dtype; quantized GGUF → float32)")
+  p.add_argument("--tokenizer", help="tokenizer.json or tokenizer.model to store instead of the source's")
+  p.add_argument("--force", action="store_true", help="replace --out if it exists")
+  p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest params shard file, in GiB")
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+  from dmc_jax.convert import gguf, hf, meta
+  from experiments.harness import checkpoint
+  reader = {"hf": hf.read, "meta": meta.read, "gguf": gguf.read}[args.src_format]
+  t0 = time.perf_counter()
+  converted = reader(args.src)
+  if args.tokenizer:
+    converted.tokenizer = _tokenizer_from_file(args.tokenizer, converted.config)
+  out = checkpoint.write(args.out, converted, dtype=args.dtype, force=args.force,
+                         max_shard_bytes=int(args.max_shard_gb * 2**30))
+  c = converted.config
+  log.info("converted %s (%s): %d layers, d_model %d, %d heads / %d KV heads, vocab %d, %.1f M params → %s "
+           "in %.1f s%s", args.src, args.src_format, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads,
+           c.vocab_size, c.num_params() / 1e6, out, time.perf_counter() - t0,
+           "" if converted.tokenizer else " (no tokenizer found)")
+
+
+def _tokenizer_from_file(path: str, cfg):
+  from dmc_jax.tokenizer import TOKENIZER_JSON, TokenizerInfo
+  with open(path, "rb") as f:
+    data = f.read()
+  kind = "hf" if os.path.basename(path).endswith(".json") or path.endswith(TOKENIZER_JSON) else "sentencepiece"
+  return TokenizerInfo(kind, cfg.bos_token_id, cfg.eos_token_ids), data
+
+
+# -- export-hf ----------------------------------------------------------------------------------------------
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+  p.add_argument("ckpt", help="dmc-jax checkpoint directory")
+  p.add_argument("--out", required=True, help="HF output directory (written atomically)")
+  p.add_argument("--force", action="store_true", help="replace --out if it exists")
+  p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+  from dmc_jax.convert import hf
+  from experiments.harness import checkpoint, progress
+  ckpt = checkpoint.Checkpoint(args.ckpt)
+  if ckpt.dmc:
+    log.warning("%s has DMC settings; the HF export holds the weights only (a vanilla Llama)", args.ckpt)
+  tensors = ckpt.lazy_tensors()
+  tokenizer = None
+  if ckpt.tokenizer_info:
+    with open(os.path.join(ckpt.directory, ckpt.tokenizer_info.filename), "rb") as f:
+      tokenizer = (ckpt.tokenizer_info, f.read())
+  total = sum(t.nbytes for t in tensors.values())
+  with checkpoint.atomic_directory(args.out, args.force) as tmp:
+    with progress.bar(total=total, desc="exporting", unit="B", unit_scale=True) as bar:
+      hf.write(tmp, ckpt.config, tensors, tokenizer, int(args.max_shard_gb * 2**30),
+               on_tensor=lambda t: bar.update(t.nbytes))
+  log.info("exported %s → %s", args.ckpt, os.path.abspath(args.out))
+
+
+# -- generate -----------------------------------------------------------------------------------------------
+
+
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+  p.add_argument("ckpt", help="dmc-jax checkpoint directory")
+  p.add_argument("--prompt", action="append", required=True,
+                 help="prompt text; repeat for a batch (prompts may differ in length)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute dtype (default: float32; bfloat16 is faster on GPU, slower on CPU)")
+  p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+  p.add_argument("--no-special-tokens", action="store_true", help="encode prompts without BOS/EOS")
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+  import jax
+  from dmc_jax.generate import Generator, Sampling
+  from experiments.harness import checkpoint
+  ckpt = checkpoint.Checkpoint(args.ckpt)
+  tokenizer = ckpt.tokenizer()
+  cfg = ckpt.config.replace(dtype=args.dtype or "float32")
+  sampling = Sampling(args.temperature, args.top_k, args.top_p)
+  prompts = [tokenizer.encode(p, add_special_tokens=not args.no_special_tokens) for p in args.prompt]
+  t0 = time.perf_counter()
+  params = jax.device_put(ckpt.load_params())
+  load_s = time.perf_counter() - t0
+  gen = Generator(cfg, params)
+  eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids)
+  result = gen.generate(prompts, args.max_new_tokens, sampling, seed=args.seed, eos_ids=sorted(eos),
+                        stop_at_eos=not args.ignore_eos)
+  for i, (text, new) in enumerate(zip(args.prompt, result.tokens)):
+    if len(args.prompt) > 1:
+      print(f"--- [{i}] ---")
+    print(text + tokenizer.decode([t for t in new if t not in eos]))
+  sys.stdout.flush()
+  n_new = sum(len(t) for t in result.tokens)
+  print(f"[generate] batch {len(prompts)}, prompt tokens {result.prompt_lengths}, new tokens {n_new}; "
+        f"load {load_s:.2f} s, prefill (incl. compile) {result.prefill_seconds:.2f} s, "
+        f"decode {result.decode_steps} steps in {result.decode_seconds:.2f} s = "
+        f"{result.decode_tokens_per_second:.1f} tokens/s (incl. compile of the step); "
+        f"KV cache {result.cache_bytes / 2**20:.2f} MiB on {jax.devices()[0].platform}", file=sys.stderr)
+
+
+# -- config -------------------------------------------------------------------------------------------------
+
+
+def _configure_config(p: argparse.ArgumentParser) -> None:
+  cli.add_config_argument(p)
+
+
+def run_config(args: argparse.Namespace) -> None:
+  from experiments.harness import config
+  print(config.load(args.config, args.config_overrides))
+
+
+COMMANDS = [
+    cli.Command("convert", "convert an HF / Meta / GGUF Llama checkpoint into a dmc-jax checkpoint",
+                _configure_convert, _run_convert),
+    cli.Command("export-hf", "export a dmc-jax checkpoint as an HF LlamaForCausalLM directory",
+                _configure_export, _run_export),
+    cli.Command("generate", "generate text from a checkpoint (batched, vanilla KV cache)",
+                _configure_generate, _run_generate),
+    cli.Command("config", "print an experiment config after variant and overrides",
+                _configure_config, run_config, takes_config_overrides=True),
+]
+
+
+def main(argv=None) -> int:
+  return cli.main("dmc-jax", __doc__, COMMANDS, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,69 @@
+"""The subcommand CLI both entry points share: argparse subcommands, logging, one-line errors.
+
+A subcommand is registered with `@command(name, help)` on a function that takes the parsed namespace; its
+argument setup is a function `configure(parser)`. Errors the user can fix (bad input files, config keys,
+shapes) are one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Callable, Sequence
+
+from experiments.harness import progress
+
+log = logging.getLogger("dmc_jax")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+  from dmc_jax.config import ConfigError
+  from dmc_jax.convert.tensors import ConversionError
+  from dmc_jax.tokenizer import TokenizerError
+  from experiments.harness.checkpoint import CheckpointError
+  from experiments.harness.config import ExperimentConfigError
+  return (ConfigError, ConversionError, TokenizerError, CheckpointError, ExperimentConfigError,
+          FileNotFoundError)
+
+
+@dataclasses.dataclass
+class Command:
+  name: str
+  help: str
+  configure: Callable[[argparse.ArgumentParser], None]
+  run: Callable[[argparse.Namespace], int | None]
+  # Accepts experiment-config overrides (--config.a.b=value) after its own arguments.
+  takes_config_overrides: bool = False
+
+
+def add_config_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
+  parser.add_argument("--config", required=required, metavar="PATH[:VARIANT]",
+                      help="experiment config file and variant; override fields with --config.a.b=value")
+
+
+def main(prog: str, description: str, commands: Sequence[Command], argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog=prog, description=description)
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  by_name = {}
+  for c in commands:
+    p = sub.add_parser(c.name, help=c.help, description=c.help)
+    c.configure(p)
+    by_name[c.name] = c
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args, rest = parser.parse_known_args(argv)
+  command = by_name[args.command]
+  if rest and not command.takes_config_overrides:
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  args.config_overrides = rest
+  progress.setup_logging(args.verbose)
+  try:
+    return int(command.run(args) or 0)
+  except user_error_types() as e:
+    print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"{prog} {args.command}: interrupted", file=sys.stderr)
+    return 130
