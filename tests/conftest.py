@@ -1,0 +1,67 @@
+"""Shared fixtures. Golden files live in tests/golden (made by tests/golden/make_golden.py; see its README)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+
+
+def pytest_collection_modifyitems(config, items):
+  import jax
+  has_gpu = any(d.platform == "gpu" for d in jax.devices())
+  skip_gpu = pytest.mark.skip(reason="gpu test: needs a GPU (run `make gpu-check` on a GPU host)")
+  for item in items:
+    if "gpu" in item.keywords and not has_gpu:
+      item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> str:
+  return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+  from experiments.assets import smollm2_gguf
+  return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(tmp_path_factory, smollm2_gguf) -> str:
+  """The real SmolLM2-135M-Instruct, converted once per test session."""
+  from dmc_jax.convert import gguf
+  from experiments.harness import checkpoint
+  out = str(tmp_path_factory.mktemp("ckpt") / "smollm2")
+  checkpoint.write(out, gguf.read(smollm2_gguf), show_progress=False)
+  return out
+
+
+def random_hf_model(cfg, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+  """Random HF-layout tensors for `cfg` (norm weights near 1 so they matter)."""
+  from dmc_jax.convert.layout import hf_shapes
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, shape in hf_shapes(cfg).items():
+    if len(shape) == 1:
+      out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
+    else:
+      out[name] = (0.05 * rng.standard_normal(shape)).astype(dtype)
+  return out
+
+
+def write_hf_dir(path, cfg, tensors: dict[str, np.ndarray], shards: int = 1) -> str:
+  """An HF model directory (config.json + safetensors, optionally sharded with an index)."""
+  import json
+  from dmc_jax.config import to_hf_config
+  from dmc_jax.convert.tensors import LazyTensor, write_sharded
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(to_hf_config(cfg), f)
+  lazy = [LazyTensor(n, a.shape, a.dtype, lambda a=a: a) for n, a in tensors.items()]
+  total = sum(t.nbytes for t in lazy)
+  write_sharded(str(path), "model", lazy, max_shard_bytes=total // shards + 1 if shards > 1 else total + 1)
+  return str(path)
