@@ -196,8 +196,9 @@ def _merge(parts: list[LazyTensor], axis: int | None, name: str) -> LazyTensor:
       raise ConversionError(f"{p.source}: shard of {name!r} has shape {list(p.shape)}, incompatible with "
                             f"{list(parts[0].shape)} in {parts[0].source} (split on dim {axis})")
   shape[axis] = sum(p.shape[axis] for p in parts)
+  where = f"{os.path.dirname(parts[0].source)} ({len(parts)} shards merged on dim {axis})"
   return LazyTensor(name, tuple(shape), parts[0].dtype,
-                    lambda: np.concatenate([p.load() for p in parts], axis=axis), source=parts[0].source)
+                    lambda: np.concatenate([p.load() for p in parts], axis=axis), source=where)
 
 
 def read(src: str) -> Converted:
@@ -265,7 +266,7 @@ def read(src: str) -> Converted:
       if rest in ("attention.wq.weight", "attention.wk.weight"):
         perm = q_perm if rest.endswith("wq.weight") else k_perm
         if t.shape[0] != len(perm):
-          raise ConversionError(f"{parts[0].source}: tensor {name!r} has {t.shape[0]} rows, expected "
+          raise ConversionError(f"{t.source}: tensor {name!r} has {t.shape[0]} rows, expected "
                                 f"{len(perm)} (heads × head_dim)")
         t = t.map(lambda a, perm=perm: a[perm], t.shape)
       hf[f"model.layers.{idx}.{_TO_HF[rest]}"] = t
