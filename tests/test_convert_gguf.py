@@ -161,3 +161,13 @@ def test_real_smollm2_gguf_metadata(smollm2_gguf):
   assert cfg.tie_embeddings and cfg.rope_theta == 100000.0
   assert c.source["tensor_types"] == ["F32", "Q4_1", "Q8_0"]
   assert c.tokenizer[0].kind == "hf" and c.tokenizer[0].eos_token_ids == (2,)
+
+
+def test_gguf_with_sentencepiece_vocab_matches_its_hf_twin(tmp_path, golden_dir):
+  """tiny_spm.gguf (llama.cpp layout, written by the golden script) computes hf_spm_twin's logits."""
+  ck = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "ck"),
+                                              gguf_convert.read(os.path.join(golden_dir, "spm", "tiny_spm.gguf")),
+                                              show_progress=False))
+  z = np.load(os.path.join(golden_dir, "hf_spm_twin", "golden.npz"))
+  out = np.asarray(Llama(ck.config).apply(ck.load_params(), z["input_ids"]))
+  assert np.abs(out - z["logits"]).max() <= 1e-4
