@@ -64,6 +64,7 @@ class GenerationResult:
   decode_seconds: float
   decode_steps: int
   cache_bytes: int
+  compile_seconds: float  # compilation triggered by this call (0 when shapes were seen before)
 
   @property
   def decode_tokens_per_second(self) -> float:
@@ -88,6 +89,16 @@ class Generator:
     self.cache_dtype = cache_dtype or cfg.dtype
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,), static_argnames=("sampling",))
     self._step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames=("sampling",))
+    self._executables: dict = {}
+
+  def _compiled(self, fn, args, sampling: Sampling):
+    """Ahead-of-time compiled `fn` for these argument shapes, so timings exclude compilation."""
+    key = (fn is self._step, sampling, tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)))
+    if key not in self._executables:
+      t0 = time.perf_counter()
+      self._executables[key] = fn.lower(*args, sampling=sampling).compile()
+      self._compile_seconds += time.perf_counter() - t0
+    return self._executables[key]
 
   def _prefill_fn(self, params, tokens_BxP, cache, lengths_B, key, sampling: Sampling):
     logits, cache = self.model.apply(params, tokens_BxP, cache, jnp.zeros_like(lengths_B),
@@ -121,10 +132,14 @@ class Generator:
     nbytes = cache_bytes(cache)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
+    self._compile_seconds = 0.0
+    prefill_args = (self.params, jnp.asarray(tokens), cache, jnp.asarray(lengths), sub)
+    prefill = self._compiled(self._prefill, prefill_args, sampling)
+    step = self._compiled(self._step, (self.params, cache, jnp.zeros(b, jnp.int32), jnp.asarray(lengths), sub),
+                          sampling)
 
     t0 = time.perf_counter()
-    token, cache = self._prefill(self.params, jnp.asarray(tokens), cache, jnp.asarray(lengths), sub,
-                                 sampling=sampling)
+    token, cache = prefill(*prefill_args)
     token = np.asarray(token)  # blocks: prefill time includes the first sampled token
     prefill_s = time.perf_counter() - t0
 
@@ -138,8 +153,7 @@ class Generator:
       if done.all():
         break
       key, sub = jax.random.split(key)
-      token_dev, cache = self._step(self.params, cache, jnp.asarray(token), jnp.asarray(index), sub,
-                                    sampling=sampling)
+      token_dev, cache = step(self.params, cache, jnp.asarray(token), jnp.asarray(index), sub)
       token = np.asarray(token_dev)
       index += 1
       steps += 1
@@ -150,4 +164,4 @@ class Generator:
       if on_step:
         on_step(steps)
     decode_s = time.perf_counter() - t0
-    return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, nbytes)
+    return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, nbytes, self._compile_seconds)

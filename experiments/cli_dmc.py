@@ -122,9 +122,9 @@ def _run_generate(args: argparse.Namespace) -> None:
   sys.stdout.flush()
   n_new = sum(len(t) for t in result.tokens)
   print(f"[generate] batch {len(prompts)}, prompt tokens {result.prompt_lengths}, new tokens {n_new}; "
-        f"load {load_s:.2f} s, prefill (incl. compile) {result.prefill_seconds:.2f} s, "
+        f"load {load_s:.2f} s, compile {result.compile_seconds:.2f} s, prefill {result.prefill_seconds:.3f} s, "
         f"decode {result.decode_steps} steps in {result.decode_seconds:.2f} s = "
-        f"{result.decode_tokens_per_second:.1f} tokens/s (incl. compile of the step); "
+        f"{result.decode_tokens_per_second:.1f} tokens/s; "
         f"KV cache {result.cache_bytes / 2**20:.2f} MiB on {jax.devices()[0].platform}", file=sys.stderr)
 
 

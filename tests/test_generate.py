@@ -1,0 +1,97 @@
+"""Batched generation: ragged prompts, sampling options, EOS, and the CLI."""
+
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmc_jax.config import LlamaConfig
+from dmc_jax.generate import Generator, Sampling, sample
+from dmc_jax.model.llama import Llama
+
+CFG = LlamaConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+
+
+@pytest.fixture(scope="module")
+def gen():
+  params = nn.unbox(Llama(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)  # peakier logits: fewer argmax ties
+  return Generator(CFG, params)
+
+
+def _greedy_reference(params, prompt, n):
+  """Greedy decoding by re-running the parallel forward on the whole sequence each step."""
+  seq = list(prompt)
+  for _ in range(n):
+    logits = Llama(CFG).apply(params, jnp.asarray([seq]))
+    seq.append(int(jnp.argmax(logits[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_ragged_batch_equals_single_sequences_and_the_uncached_model(gen):
+  prompts = [[3, 7, 9], [5, 1, 2, 8, 8, 4, 0, 11], [42]]
+  batch = gen.generate(prompts, 10, stop_at_eos=False)
+  for p, out in zip(prompts, batch.tokens):
+    assert gen.generate([p], 10, stop_at_eos=False).tokens[0] == out
+    assert _greedy_reference(gen.params, p, 10) == out
+
+
+def test_eos_stops_each_sequence_on_its_own(gen):
+  prompts = [[3, 7, 9], [5, 1, 2]]
+  free = gen.generate(prompts, 12, stop_at_eos=False).tokens
+  eos = free[0][4]
+  stopped = gen.generate(prompts, 12, eos_ids=[eos]).tokens
+  assert stopped[0] == free[0][:free[0].index(eos) + 1]
+  cut = free[1].index(eos) + 1 if eos in free[1] else len(free[1])
+  assert stopped[1] == free[1][:cut]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(gen):
+  prompts = [[1, 2, 3], [4, 5]]
+  hot = Sampling(temperature=1.5)
+  a = gen.generate(prompts, 12, hot, seed=1, stop_at_eos=False).tokens
+  assert a == gen.generate(prompts, 12, hot, seed=1, stop_at_eos=False).tokens
+  assert a != gen.generate(prompts, 12, hot, seed=2, stop_at_eos=False).tokens
+  greedy = gen.generate(prompts, 12, stop_at_eos=False).tokens
+  assert gen.generate(prompts, 12, Sampling(temperature=1.0, top_k=1), seed=3, stop_at_eos=False).tokens == greedy
+  assert gen.generate(prompts, 12, Sampling(temperature=1.0, top_p=1e-6), seed=4,
+                      stop_at_eos=False).tokens == greedy
+
+
+def test_top_k_and_top_p_restrict_the_support():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 400)
+  draw = lambda s: np.array([int(sample(logits, k, s)[0]) for k in keys])
+  assert set(draw(Sampling(1.0, top_k=2))) == {0, 1}
+  assert set(draw(Sampling(1.0, top_p=0.7))) == {0, 1}  # 0.5 < 0.7 ≤ 0.8: the two best
+  assert set(draw(Sampling(1.0, top_p=0.85))) == {0, 1, 2}
+  assert set(draw(Sampling(1.0))) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_options(bad):
+  with pytest.raises(ValueError):
+    Sampling(**bad)
+
+
+def test_cli_generate_batch(smollm2_ckpt):
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.cli_dmc", "generate", smollm2_ckpt, "--max-new-tokens", "8",
+       "--prompt", "The capital of France is", "--prompt", "Water boils at a temperature of"],
+      capture_output=True, text=True, check=True)
+  assert "--- [0] ---\nThe capital of France is Paris." in out.stdout
+  assert "--- [1] ---\nWater boils at a temperature of" in out.stdout
+  stats = out.stderr.strip().splitlines()[-1]
+  assert stats.startswith("[generate] batch 2, prompt tokens [5, 6]") and "tokens/s" in stats
+  assert "KV cache" in stats
+
+
+def test_cli_generate_errors_are_one_line(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "experiments.cli_dmc", "generate", str(tmp_path), "--prompt", "x"],
+                       capture_output=True, text=True)
+  assert out.returncode == 2
+  assert out.stderr.strip().count("\n") == 0 and "checkpoint.json: missing" in out.stderr
