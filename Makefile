@@ -15,7 +15,7 @@ WORK    ?= .work
 SMOLLM2 := $(WORK)/ckpt/smollm2-135m-instruct
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv test test-fast demo demo-dmc bench golden ref-venv gpu-check constraints clean
+.PHONY: help venv test test-fast demo demo-dmc bench golden ref-venv gpu-check gpu-wheels constraints clean
 
 help:
 	@echo "make demo    - install, convert the real SmolLM2-135M and generate (CPU, minutes)"
@@ -71,6 +71,11 @@ golden: $(REFSTAMP)
 # Runs on a GPU host's own python3 (jax preinstalled, no network, no venv); wheels it lacks come in .whl/.
 gpu-check:
 	bash tools/gpu_check.sh
+
+# The pure-Python wheels a GPU host lacks (run here, with network; carry .whl/ to the host).
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 -d .whl gguf==0.19.0 ml-collections==1.1.0
 
 constraints: $(STAMP)
 	( echo '# Exact versions the test suite runs with (jax 0.11.2 = the GPU machine). Regenerate: make constraints.'; \

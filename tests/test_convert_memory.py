@@ -17,16 +17,20 @@ CFG = LlamaConfig(vocab_size=16384, d_model=1024, n_layers=12, n_heads=8, n_kv_h
 SHARD = 250 * 2**20
 
 _PROBE = r"""
-import resource, sys
-import psutil
+import sys
 from experiments.harness import checkpoint
 from dmc_jax.convert import hf
 import jax  # imported by the converter anyway; count it in the baseline
+
+def status(key):  # this process's own counters (ru_maxrss would include the forking parent's peak)
+  for line in open("/proc/self/status"):
+    if line.startswith(key + ":"):
+      return int(line.split()[1]) * 1024
+
 # Growth is measured from the current RSS (not the import-time peak), so it can only be overstated.
-base = psutil.Process().memory_info().rss
+base = status("VmRSS")
 checkpoint.write(sys.argv[2], hf.read(sys.argv[1]), show_progress=False, max_shard_bytes=int(sys.argv[3]))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(base, peak)
+print(base, status("VmHWM"))
 """
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# `make gpu-check`: every GPU test and benchmark in one command, on a GPU host's own python3 (jax preinstalled,
+# no network, no venv). Pure-Python wheels the host lacks come from .whl/ (`make gpu-wheels` fetches them).
+# Prints a short table at the end; logs and JSON go to $OUT (default .work/gpu-check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-.work/gpu-check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dmc-jax-site .whl/*.whl \
+    || { echo "gpu-check: installing .whl/ failed"; exit 1; }
+  export PYTHONPATH=/tmp/dmc-jax-site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+export DMC_JAX_ALLOW_MISSING_ASSETS=1  # the 98 MB SmolLM2 GGUF package is not carried to GPU hosts
+status=0
+$PY - <<'PY' | tee "$OUT/env.txt"
+import jax, jaxlib
+print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "devices", jax.devices())
+assert jax.devices()[0].platform == "gpu", "gpu-check: no GPU visible to JAX"
+PY
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+
+# 1. Tests on the GPU. float32 goldens (1e-4) need true float32 matmuls, not TF32.
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 $PY -m pytest -q -p no:cacheprovider -m "not slow" \
+  tests/test_golden_hf.py tests/test_llama.py tests/test_convert_meta.py tests/test_generate.py 2>&1 \
+  | tee "$OUT/pytest.log" | tail -5
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+# 2. Decode throughput with random weights, bf16 (speed does not depend on the values).
+timeout 150 $PY -m experiments.bench_decode --model llama2-7b --batch 1,8,32 --prompt-len 512 --new-tokens 128 \
+  --dtype bfloat16 --repeats 2 --json "$OUT/bench_llama2_7b.json" > "$OUT/bench_llama2_7b.md" 2> "$OUT/bench_7b.err" \
+  || { status=1; tail -5 "$OUT/bench_7b.err"; }
+timeout 90 $PY -m experiments.bench_decode --model smollm2-135m --batch 1,8,64 --prompt-len 512 --new-tokens 128 \
+  --dtype bfloat16 --repeats 2 --json "$OUT/bench_smollm2.json" > "$OUT/bench_smollm2.md" 2> "$OUT/bench_smollm2.err" \
+  || { status=1; tail -5 "$OUT/bench_smollm2.err"; }
+
+echo
+echo "== gpu-check summary =="
+grep -E "passed|failed|error" "$OUT/pytest.log" | tail -1
+cat "$OUT/bench_llama2_7b.md" 2>/dev/null
+tail -n +4 "$OUT/bench_smollm2.md" 2>/dev/null
+exit $status
