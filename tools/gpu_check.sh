@@ -32,7 +32,7 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 $PY -m pytest -q -p no:cachepro
 timeout 150 $PY -m experiments.bench_decode --model llama2-7b --batch 1,8,32 --prompt-len 512 --new-tokens 128 \
   --dtype bfloat16 --repeats 2 --json "$OUT/bench_llama2_7b.json" > "$OUT/bench_llama2_7b.md" 2> "$OUT/bench_7b.err" \
   || { status=1; tail -5 "$OUT/bench_7b.err"; }
-timeout 90 $PY -m experiments.bench_decode --model smollm2-135m --batch 1,8,64 --prompt-len 512 --new-tokens 128 \
+timeout 150 $PY -m experiments.bench_decode --model smollm2-135m --batch 1,64 --prompt-len 512 --new-tokens 128 \
   --dtype bfloat16 --repeats 2 --json "$OUT/bench_smollm2.json" > "$OUT/bench_smollm2.md" 2> "$OUT/bench_smollm2.err" \
   || { status=1; tail -5 "$OUT/bench_smollm2.err"; }
 
