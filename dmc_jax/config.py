@@ -260,3 +260,36 @@ def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -
   if ffn_dim_multiplier is not None:
     hidden = int(ffn_dim_multiplier * hidden)
   return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class DMCConfig:
+  """Dynamic Memory Compression settings (DMC.md §3–5); they travel in a checkpoint's `dmc` field."""
+
+  decision_channel: str = "last"  # "last" (d-1, NVIDIA's code) or "first" (0, the paper's Algorithm 1)
+  offset: float = 5.0  # c: a = k[ch] - c, omega = sigmoid(mean q[ch] + c) + eps
+  temperature: float = 0.1  # tau of the Gumbel-sigmoid relaxation
+  window: int | None = 12  # W: a slot averages at most the last W tokens of its run; None = unbounded
+  epsilon: float = 2.0 ** -7
+
+  def __post_init__(self):
+    if self.decision_channel not in ("last", "first"):
+      raise ConfigError(f"dmc.decision_channel: expected 'last' or 'first', got {self.decision_channel!r}")
+    if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+      raise ConfigError(f"dmc.window: expected a positive integer or None, got {self.window!r}")
+    if self.temperature <= 0:
+      raise ConfigError(f"dmc.temperature: expected > 0, got {self.temperature}")
+
+  def channel(self, head_dim: int) -> int:
+    return head_dim - 1 if self.decision_channel == "last" else 0
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], where: str = "dmc config") -> "DMCConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    return cls(**d)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmc_jax import cache as dmc_cache
 from dmc_jax.config import LlamaConfig
 from dmc_jax.model.llama import Llama, cache_bytes, init_cache
 
@@ -165,3 +166,33 @@ class Generator:
         on_step(steps)
     decode_s = time.perf_counter() - t0
     return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, nbytes, self._compile_seconds)
+
+
+# -- DMC: the compressed cache ---------------------------------------------------------------------------------
+
+
+def prefill_dmc(model: Llama, params: Any, tokens_BxP: jax.Array, lengths_B: jax.Array, cache,
+                forced_alpha: jax.Array | None = None):
+  """Parallel prefill of right-padded prompts: the eval-mode forward, then every slot written at once.
+
+  `model` must be in dmc_mode="eval". Returns (logits [B, P, V], cache).
+  """
+  logits, aux = model.apply(params, tokens_BxP, forced_alpha=forced_alpha, collect_prefill=True)
+  return logits, dmc_cache.write_prefill(cache, aux["prefill"], lengths_B)
+
+
+def decode_dmc(model: Llama, params: Any, tokens_B: jax.Array, cache, forced_alpha: jax.Array | None = None):
+  """One decode step for every sequence; forced_alpha: [layers, B, K]. Returns (logits [B, V], cache)."""
+  logits, cache = model.apply(params, tokens_B[:, None], cache, forced_alpha, method=Llama.decode_dmc)
+  return logits[:, 0], cache
+
+
+def forced_merge_decisions(key: jax.Array, positions_BxL: jax.Array, n_layers: int, n_kv_heads: int,
+                           merge_rate: float) -> jax.Array:
+  """Pseudo-random hard decisions [layers, B, L, K] with P(merge) = merge_rate, a pure function of the position
+  (so prefill and decode force the same pattern); position 0 always appends. Benchmarks use it to set a CR."""
+  def at(pos_B):
+    u = jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(key, p), (n_layers, n_kv_heads)))(pos_B)
+    return jnp.moveaxis(u, 0, 1)  # [layers, B, K]
+  u = jax.vmap(at, in_axes=1, out_axes=2)(positions_BxL)  # [layers, B, L, K]
+  return ((u < merge_rate) & (positions_BxL[None, :, :, None] > 0)).astype(jnp.float32)

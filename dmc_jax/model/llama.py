@@ -4,10 +4,12 @@ Pure functional (`init`/`apply`). Every parameter carries logical axis names (se
 large activation a logical constraint (a no-op without a mesh). Two entry points:
 
 * `Llama.__call__(tokens, positions, segment_ids)` — the parallel forward used by training and evaluation;
-  segment ids keep packed documents apart (no attention across them, positions restart at 0).
+  segment ids keep packed documents apart (no attention across them, positions restart at 0). With a DMC
+  mode ("train" relaxed, "eval" hard) it returns (logits, aux) where aux["alpha"] is [layers, B, L, K].
 * `Llama.forward_with_cache(tokens, positions, cache, cache_index)` — prefill or decode against a vanilla KV
   cache: sequence b writes its L new keys at slots cache_index[b] .. cache_index[b]+L-1 and attends to every
   slot ≤ its own, so prompts of different lengths share a batch.
+* `Llama.decode_dmc(tokens, cache)` — one step against the compressed DMC cache (prefill: `dmc_jax.generate`).
 
 Parameter tree (unscanned): embed/embedding [V,D]; layers_i/{attn_norm,mlp_norm}/scale [D];
 layers_i/attn/{q_proj [D,H,Dh], k_proj [D,KV,Dh], v_proj [D,KV,Dh], o_proj [H,Dh,D]}/kernel;
@@ -23,8 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmc_jax.config import LlamaConfig
+from dmc_jax import dmc as dmc_math
+from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model import rope
+from dmc_jax.model.attention import Attention, Kernel, attend, constrain, write_cache  # noqa: F401 (re-exported)
 
 Array = jax.Array
 # Vanilla KV cache. Unscanned model: one {'k','v'} dict per layer, each [B, KV, S, Dh] (separate buffers, so
@@ -36,24 +40,6 @@ _REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-_INIT = nn.initializers.normal(stddev=0.02)
-
-
-def _constrain(x: Array, names: tuple[str, ...]) -> Array:
-  return nn.with_logical_constraint(x, names)
-
-
-class Kernel(nn.Module):
-  """A named weight tensor with logical axes (the projection itself is an einsum at the call site)."""
-
-  shape: tuple[int, ...]
-  axes: tuple[str, ...]
-  param_dtype: Any
-  init: Callable = _INIT
-
-  @nn.compact
-  def __call__(self) -> Array:
-    return self.param("kernel", nn.with_logical_partitioning(self.init, self.axes), self.shape, self.param_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -70,62 +56,6 @@ class RMSNorm(nn.Module):
     return (scale.astype(jnp.float32) * y).astype(self.dtype)
 
 
-def attend(q_BxLxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_BxLxS: Array) -> Array:
-  """Softmax attention with GQA (query head h uses KV head h // G); float32 softmax. Returns [B, L, H, D]."""
-  b, l, h, d = q_BxLxHxD.shape
-  kv = k_BxSxKxD.shape[2]
-  q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
-  logits = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD, preferred_element_type=jnp.float32)
-  logits = logits * (d ** -0.5)
-  logits = jnp.where(mask_BxLxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxD.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD, preferred_element_type=jnp.float32)
-  return out.reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
-
-
-class Attention(nn.Module):
-  cfg: LlamaConfig
-
-  def setup(self):
-    c = self.cfg
-    pd = jnp.dtype(c.param_dtype)
-    self.q_proj = Kernel((c.d_model, c.n_heads, c.head_dim), ("embed", "q_heads", "kv"), pd)
-    self.k_proj = Kernel((c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), pd)
-    self.v_proj = Kernel((c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), pd)
-    self.o_proj = Kernel((c.n_heads, c.head_dim, c.d_model), ("q_heads", "kv", "embed"), pd)
-
-  def __call__(self, x_BxLxD: Array, cos: Array, sin: Array, mask_BxLxS: Array,
-               cache: KVCache | None = None, cache_index_B: Array | None = None):
-    dt = jnp.dtype(self.cfg.dtype)
-    x = x_BxLxD.astype(dt)
-    q_BxLxHxD = jnp.einsum("bld,dhk->blhk", x, self.q_proj().astype(dt))
-    k_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.k_proj().astype(dt))
-    v_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.v_proj().astype(dt))
-    q_BxLxHxD = rope.apply_rope(q_BxLxHxD, cos, sin)
-    k_BxLxKxD = rope.apply_rope(k_BxLxKxD, cos, sin)
-    q_BxLxHxD = _constrain(q_BxLxHxD, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-    if cache is None:
-      keys, values, new_cache = k_BxLxKxD, v_BxLxKxD, None
-    else:
-      new_cache = write_cache(cache, k_BxLxKxD, v_BxLxKxD, cache_index_B)
-      keys = new_cache["k"].transpose(0, 2, 1, 3)
-      values = new_cache["v"].transpose(0, 2, 1, 3)
-    out_BxLxHxD = attend(q_BxLxHxD, keys, values, mask_BxLxS)
-    out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxD, self.o_proj().astype(dt))
-    return _constrain(out_BxLxD, ("activation_batch", "activation_length", "activation_embed")), new_cache
-
-
-def write_cache(cache: KVCache, k_BxLxKxD: Array, v_BxLxKxD: Array, cache_index_B: Array) -> KVCache:
-  """Writes L new entries per sequence at slots cache_index[b] + (0..L-1). Cache layout [B, KV, S, Dh]."""
-  b, l = k_BxLxKxD.shape[:2]
-  slots_BxL = cache_index_B[:, None] + jnp.arange(l)[None, :]
-  batch_BxL = jnp.broadcast_to(jnp.arange(b)[:, None], (b, l))
-  def put(buf, new_BxLxKxD):
-    # Advanced indices (batch, slot) around a slice move to the front: the update is [B, L, KV, Dh].
-    return buf.at[batch_BxL, :, slots_BxL].set(new_BxLxKxD.astype(buf.dtype), mode="drop")
-  return {"k": put(cache["k"], k_BxLxKxD), "v": put(cache["v"], v_BxLxKxD)}
-
-
 class MLP(nn.Module):
   cfg: LlamaConfig
 
@@ -138,52 +68,66 @@ class MLP(nn.Module):
     down = Kernel((c.ffn_dim, c.d_model), ("mlp", "embed"), pd, name="down")()
     x = x_BxLxD.astype(dt)
     h_BxLxF = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
-    h_BxLxF = _constrain(h_BxLxF, ("activation_batch", "activation_length", "activation_mlp"))
+    h_BxLxF = constrain(h_BxLxF, ("activation_batch", "activation_length", "activation_mlp"))
     return h_BxLxF @ down.astype(dt)
 
 
 class DecoderLayer(nn.Module):
   cfg: LlamaConfig
+  dmc: DMCConfig | None = None
+  dmc_mode: str = "off"
 
-  @nn.compact
-  def __call__(self, x_BxLxD: Array, cos: Array, sin: Array, mask_BxLxS: Array,
-               cache: KVCache | None = None, cache_index_B: Array | None = None):
+  def setup(self):
     c = self.cfg
     dt, pd = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    h = RMSNorm(c.rms_norm_eps, pd, dt, name="attn_norm")(x_BxLxD)
-    attn_out, new_cache = Attention(c, name="attn")(h, cos, sin, mask_BxLxS, cache, cache_index_B)
-    x_BxLxD = x_BxLxD + attn_out.astype(x_BxLxD.dtype)
-    h = RMSNorm(c.rms_norm_eps, pd, dt, name="mlp_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + MLP(c, name="mlp")(h).astype(x_BxLxD.dtype)
-    x_BxLxD = _constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
-    return x_BxLxD, new_cache
+    self.attn_norm = RMSNorm(c.rms_norm_eps, pd, dt)
+    self.attn = Attention(c, self.dmc, self.dmc_mode)
+    self.mlp_norm = RMSNorm(c.rms_norm_eps, pd, dt)
+    self.mlp = MLP(c)
+
+  def _mlp_block(self, x_BxLxD: Array) -> Array:
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)).astype(x_BxLxD.dtype)
+    return constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
+
+  def __call__(self, x_BxLxD: Array, ctx: dict, layer_xs: dict):
+    """layer_xs: this layer's vanilla `cache` and `forced_alpha` (either may be None). Returns (x, layer_ys)."""
+    attn_out, cache, aux = self.attn(self.attn_norm(x_BxLxD), ctx, layer_xs.get("cache"),
+                                     layer_xs.get("forced_alpha"))
+    x_BxLxD = self._mlp_block(x_BxLxD + attn_out.astype(x_BxLxD.dtype))
+    return x_BxLxD, {"cache": cache, "aux": aux}
+
+  def decode(self, x_Bx1xD: Array, ctx: dict, cache, layer: int, forced_alpha_BxK=None):
+    attn_out, cache = self.attn.decode(self.attn_norm(x_Bx1xD), ctx, cache, layer, forced_alpha_BxK)
+    return self._mlp_block(x_Bx1xD + attn_out.astype(x_Bx1xD.dtype)), cache
 
 
 class _ScanBody(nn.Module):
   """Adapts DecoderLayer to nn.scan's (carry, xs) -> (carry, ys) shape."""
 
   cfg: LlamaConfig
+  dmc: DMCConfig | None = None
+  dmc_mode: str = "off"
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache_index_B, layer_cache):
+  def __call__(self, x, ctx, layer_xs):
     layer = DecoderLayer
     if self.cfg.remat_policy != "none":
       layer = nn.remat(layer, policy=_REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False)
-    return layer(self.cfg, name="layer")(x, cos, sin, mask, layer_cache, cache_index_B)
+    return layer(self.cfg, self.dmc, self.dmc_mode, name="layer")(x, ctx, layer_xs)
 
 
 def positions_from_segments(segment_ids_BxL: Array) -> Array:
   """Positions that restart at 0 at every document start of a packed row."""
   l = segment_ids_BxL.shape[1]
   idx = jnp.arange(l)[None, :]
-  starts = jnp.concatenate([jnp.ones_like(segment_ids_BxL[:, :1], bool),
-                            segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
-  first_BxL = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  first_BxL = jax.lax.cummax(jnp.where(dmc_math.document_starts(segment_ids_BxL), idx, 0), axis=1)
   return idx - first_BxL
 
 
 class Llama(nn.Module):
   cfg: LlamaConfig
+  dmc: DMCConfig | None = None
+  dmc_mode: str = "off"  # "off" (vanilla), "train" (relaxed decisions; needs rngs={"dmc": key}) or "eval" (hard)
 
   def setup(self):
     c = self.cfg
@@ -192,14 +136,14 @@ class Llama(nn.Module):
                         name="embed")
     if c.scan_layers:
       self.layers = nn.scan(
-          _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-          length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
+          _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dmc": True},
+          in_axes=(nn.broadcast, 0), length=c.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(c, self.dmc, self.dmc_mode, name="layers")
     else:
       layer = DecoderLayer
       if c.remat_policy != "none":
         layer = nn.remat(layer, policy=_REMAT_POLICIES[c.remat_policy])
-      self.blocks = [layer(c, name=f"layers_{i}") for i in range(c.n_layers)]
+      self.blocks = [layer(c, self.dmc, self.dmc_mode, name=f"layers_{i}") for i in range(c.n_layers)]
     self.final_norm = RMSNorm(c.rms_norm_eps, pd, jnp.dtype(c.dtype))
     if not c.tie_embeddings:
       self.lm_head = Kernel((c.d_model, c.vocab_size), ("embed", "vocab"), pd)
@@ -209,7 +153,7 @@ class Llama(nn.Module):
     if table.shape[0] != self.cfg.vocab_size:
       raise ValueError(f"embedding has {table.shape[0]} rows, config says vocab_size={self.cfg.vocab_size}")
     x = jnp.take(table, tokens_BxL, axis=0).astype(jnp.dtype(self.cfg.dtype))
-    return _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
   def _logits(self, x_BxLxD: Array) -> Array:
     x = self.final_norm(x_BxLxD)
@@ -218,21 +162,30 @@ class Llama(nn.Module):
       logits = jnp.einsum("bld,vd->blv", x, self.embed().astype(dt), preferred_element_type=jnp.float32)
     else:
       logits = jnp.einsum("bld,dv->blv", x, self.lm_head().astype(dt), preferred_element_type=jnp.float32)
-    return _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
-  def _run_layers(self, x, cos, sin, mask, cache, cache_index_B):
+  def _run_layers(self, x, ctx, layers_xs: dict):
+    """layers_xs: name -> None, or per-layer values stacked on axis 0 (an array or, unscanned, a list).
+
+    Returns (x, per-layer outputs): stacked by nn.scan, or a list of dicts when unscanned.
+    """
     if self.cfg.scan_layers:
-      x, new_cache = self.layers(x, cos, sin, mask, cache_index_B, cache)
-      return x, new_cache
-    new_cache = []
+      return self.layers(x, ctx, layers_xs)
+    ys = []
     for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, cos, sin, mask, None if cache is None else cache[i], cache_index_B)
-      new_cache.append(layer_cache)
-    return x, None if cache is None else new_cache
+      x, y = block(x, ctx, {k: None if v is None else v[i] for k, v in layers_xs.items()})
+      ys.append(y)
+    return x, ys
 
   def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
-               segment_ids_BxL: Array | None = None) -> Array:
-    """Parallel forward: float32 logits [B, L, V]. Segment ids separate packed documents."""
+               segment_ids_BxL: Array | None = None, *, forced_alpha: Array | None = None,
+               fade: Array | None = None, collect_prefill: bool = False):
+    """Parallel forward: float32 logits [B, L, V]; with a DMC mode, (logits, aux).
+
+    forced_alpha [layers, B, L, K]: hard decisions to use instead of the model's (tests, benchmarks).
+    fade: stage-1 multiplier of channel ch (vanilla mode). collect_prefill: aux["prefill"] holds the per-layer
+    states `dmc_jax.cache.write_prefill` needs.
+    """
     b, l = tokens_BxL.shape
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones((b, l), jnp.int32)
@@ -242,21 +195,42 @@ class Llama(nn.Module):
     mask_BxLxL = (idx[None, :, None] >= idx[None, None, :]) & (
         segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
     cos, sin = rope.cos_sin(positions_BxL, self.cfg)
-    x, _ = self._run_layers(self._embed(tokens_BxL), cos, sin, mask_BxLxL, None, None)
-    return self._logits(x)
+    ctx = {"cos": cos, "sin": sin, "mask": mask_BxLxL, "segment_ids": segment_ids_BxL,
+           "starts": dmc_math.document_starts(segment_ids_BxL), "fade": fade, "collect_prefill": collect_prefill}
+    x, ys = self._run_layers(self._embed(tokens_BxL), ctx, {"forced_alpha": forced_alpha})
+    logits = self._logits(x)
+    if self.dmc_mode == "off":
+      return logits
+    aux = ys["aux"] if self.cfg.scan_layers else jax.tree.map(lambda *a: jnp.stack(a), *[y["aux"] for y in ys])
+    return logits, aux
 
   def forward_with_cache(self, tokens_BxL: Array, cache: KVCache, cache_index_B: Array,
                          positions_BxL: Array | None = None) -> tuple[Array, KVCache]:
-    """Prefill/decode: appends L tokens per sequence at its own cache index; returns (logits, cache)."""
+    """Prefill/decode with the vanilla cache: appends L tokens per sequence at its own index; (logits, cache)."""
+    if self.dmc_mode != "off":
+      raise ValueError("forward_with_cache is the vanilla cache path; DMC decodes with decode_dmc")
     l = tokens_BxL.shape[1]
     s = (cache["k"] if self.cfg.scan_layers else cache[0]["k"]).shape[-2]
     slots_BxL = cache_index_B[:, None] + jnp.arange(l)[None, :]
     if positions_BxL is None:
       positions_BxL = slots_BxL
-    mask_BxLxS = jnp.arange(s)[None, None, :] <= slots_BxL[:, :, None]
     cos, sin = rope.cos_sin(positions_BxL, self.cfg)
-    x, new_cache = self._run_layers(self._embed(tokens_BxL), cos, sin, mask_BxLxS, cache, cache_index_B)
+    ctx = {"cos": cos, "sin": sin, "mask": jnp.arange(s)[None, None, :] <= slots_BxL[:, :, None],
+           "cache_index": cache_index_B}
+    x, ys = self._run_layers(self._embed(tokens_BxL), ctx, {"cache": cache})
+    new_cache = ys["cache"] if self.cfg.scan_layers else [y["cache"] for y in ys]
     return self._logits(x), new_cache
+
+  def decode_dmc(self, tokens_Bx1: Array, cache, forced_alpha: Array | None = None):
+    """One token per sequence against the compressed cache (unscanned model). forced_alpha: [layers, B, K]."""
+    if self.cfg.scan_layers:
+      raise ValueError("decode_dmc needs an unscanned model (the cache pool is shared by all layers)")
+    cos, sin = rope.cos_sin(cache.positions[:, None], self.cfg)
+    ctx = {"cos": cos, "sin": sin}
+    x = self._embed(tokens_Bx1)
+    for i, block in enumerate(self.blocks):
+      x, cache = block.decode(x, ctx, cache, i, None if forced_alpha is None else forced_alpha[i])
+    return self._logits(x), cache.replace(positions=cache.positions + 1)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:

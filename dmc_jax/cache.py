@@ -1,0 +1,267 @@
+"""The compressed DMC KV cache: paged, ragged per (layer, sequence, KV head), updated on device.
+
+Every row — one (layer, sequence, KV head) — is its own single-head sequence with its own number of slots (cache
+length = number of runs of merged tokens). Slots live in fixed-size pages of one pool shared by all layers (so
+memory flows to the layers and heads that compress less); `block_table[row, i]` is the pool page holding slots
+i·S .. i·S+S−1. Pages are taken from the pool by a bump allocator on the device: no host round trip per step.
+A full pool sets the sticky `overflow` flag and drops the write; `check` turns the flag into an error (the
+generator calls it after every generation), so exhaustion is never silent.
+
+Per row the merge state of the current run (DMC.md §4) is kept in float32: running sums S^k, S^v, Z, the run
+length r and a ring buffer of the last W weighted entries (ω k, ω v, ω), so that a slot averages at most the
+last W tokens of its run, exactly as the training-time windowed accumulation does.
+
+Prefill is parallel: the model's eval-mode forward gives every position's accumulated state; with hard decisions
+the run ids are the cumulative sum of 1 − α, and the state at each run's last token is its slot (a scatter, no
+loop over positions). Padding past each prompt's length never enters a slot or the merge state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmc_jax.config import DMCConfig, LlamaConfig
+from dmc_jax.model import rope
+
+Array = jax.Array
+
+
+class CachePoolExhausted(RuntimeError):
+  pass
+
+
+@flax.struct.dataclass
+class DMCCache:
+  k_pages: Array  # [P, S, D] pool, cache dtype
+  v_pages: Array
+  block_table: Array  # [Ly, B, K, M] int32 page ids (−1: none)
+  lengths: Array  # [Ly, B, K] int32 slots in use
+  next_free: Array  # [] int32, bump allocator over the pool
+  overflow: Array  # [] bool, sticky: a page was needed and the pool was empty
+  sum_k: Array  # [Ly, B, K, D] float32 merge state of the current run
+  sum_v: Array
+  sum_w: Array  # [Ly, B, K]
+  run: Array  # [Ly, B, K] int32 tokens in the current run
+  ring_k: Array  # [Ly, B, K, W, D] float32 last W weighted entries (W = 0 when unbounded)
+  ring_v: Array
+  ring_w: Array  # [Ly, B, K, W]
+  positions: Array  # [B] int32 tokens seen per sequence (= position of the next token)
+  page_size: int = flax.struct.field(pytree_node=False)
+  window: int | None = flax.struct.field(pytree_node=False)
+
+  @property
+  def num_pages(self) -> int:
+    return self.k_pages.shape[0]
+
+
+def page_bytes(cfg: LlamaConfig, page_size: int, dtype) -> int:
+  return 2 * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def pages_for_budget(cfg: LlamaConfig, budget_bytes: int, page_size: int, dtype) -> int:
+  """Pool size (pages) that a KV-memory budget buys."""
+  return max(1, budget_bytes // page_bytes(cfg, page_size, dtype))
+
+
+def init_cache(cfg: LlamaConfig, dmc: DMCConfig, batch: int, max_len: int, page_size: int = 32,
+               num_pages: int | None = None, dtype=None) -> DMCCache:
+  """An empty cache for up to `max_len` tokens per sequence. Without `num_pages` the pool holds the worst case
+  (no compression at all), so it cannot run out."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  ly, kv, d = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+  max_pages = math.ceil(max_len / page_size)
+  if num_pages is None:
+    num_pages = ly * batch * kv * max_pages
+  w = dmc.window or 0
+  rows = (ly, batch, kv)
+  return DMCCache(
+      k_pages=jnp.zeros((num_pages, page_size, d), dtype), v_pages=jnp.zeros((num_pages, page_size, d), dtype),
+      block_table=jnp.full(rows + (max_pages,), -1, jnp.int32), lengths=jnp.zeros(rows, jnp.int32),
+      next_free=jnp.zeros((), jnp.int32), overflow=jnp.zeros((), bool),
+      sum_k=jnp.zeros(rows + (d,), jnp.float32), sum_v=jnp.zeros(rows + (d,), jnp.float32),
+      sum_w=jnp.zeros(rows, jnp.float32), run=jnp.zeros(rows, jnp.int32),
+      ring_k=jnp.zeros(rows + (w, d), jnp.float32), ring_v=jnp.zeros(rows + (w, d), jnp.float32),
+      ring_w=jnp.zeros(rows + (w,), jnp.float32), positions=jnp.zeros((batch,), jnp.int32),
+      page_size=page_size, window=dmc.window)
+
+
+def _allocate(next_free: Array, num_pages: int, need: Array) -> tuple[Array, Array, Array]:
+  """Bump-allocates `need[i]` pages per row (flattened); returns (first page id per row, next_free, overflow)."""
+  flat = need.reshape(-1)
+  start = next_free + jnp.cumsum(flat) - flat
+  new_next = next_free + jnp.sum(flat)
+  return start.reshape(need.shape), new_next, new_next > num_pages
+
+
+def _write_slots(pages: Array, block_table: Array, rows_slots: Array, values: Array, write: Array) -> Array:
+  """pages[page of slot, slot % S] = value, for every entry where `write`; others (and full pools) dropped.
+
+  block_table: [..., M]; rows_slots, write: [...]; values: [..., D] (leading axes shared).
+  """
+  s = pages.shape[1]
+  page_idx = jnp.clip(rows_slots // s, 0, block_table.shape[-1] - 1)
+  page = jnp.take_along_axis(block_table, page_idx[..., None], axis=-1)[..., 0]
+  page = jnp.where(write & (page >= 0), page, pages.shape[0])  # out of range: dropped by mode="drop"
+  return pages.at[page, rows_slots % s].set(values.astype(pages.dtype), mode="drop")
+
+
+# -- prefill --------------------------------------------------------------------------------------------------
+
+
+def write_prefill(cache: DMCCache, states: dict[str, Array], lengths_B: Array) -> DMCCache:
+  """Fills an empty cache from the eval-mode forward of right-padded prompts (all layers at once).
+
+  `states` (stacked over layers, [Ly, B, L, K, ...]): alpha (hard), omega, wk = ω·k, wv = ω·v, num_k, num_v,
+  den (the windowed sums at every position), k_slot = RoPE_t(k̃_t) with ch zeroed, v_slot = ṽ_t.
+  """
+  alpha = states["alpha"]
+  ly, b, l, kv = alpha.shape
+  t = jnp.arange(l)
+  valid_BxL = t[None, :] < lengths_B[:, None]
+  valid = jnp.broadcast_to(valid_BxL[None, :, :, None], alpha.shape)
+  appends = jnp.where(valid, 1 - (alpha > 0.5).astype(jnp.int32), 0)
+  run_id = jnp.cumsum(appends, axis=2) - 1  # slot of every valid token
+  n_slots = jnp.sum(appends, axis=2)  # [Ly, B, K]
+  next_alpha = jnp.concatenate([alpha[:, :, 1:], jnp.zeros_like(alpha[:, :, :1])], axis=2)
+  is_last = t[None, None, :, None] == (lengths_B[None, :, None, None] - 1)
+  is_end = valid & (is_last | (next_alpha < 0.5))
+
+  need = -(-n_slots // cache.page_size)
+  first, next_free, overflow = _allocate(cache.next_free, cache.num_pages, need)
+  m = cache.block_table.shape[-1]
+  page_i = jnp.arange(m)
+  block_table = jnp.where(page_i < need[..., None], first[..., None] + page_i, -1).astype(jnp.int32)
+  block_table = jnp.where(overflow, -1, block_table)  # never point past the pool
+
+  # Slots: the state at the last token of each run. Token axis moves next to its row for the scatter.
+  bt = jnp.broadcast_to(block_table[:, :, None], (ly, b, l, kv, m))
+  k_pages = _write_slots(cache.k_pages, bt, run_id, states["k_slot"], is_end)
+  v_pages = _write_slots(cache.v_pages, bt, run_id, states["v_slot"], is_end)
+
+  # Merge state at each prompt's last token, and the run length there.
+  last = jnp.maximum(lengths_B - 1, 0)
+  def at_last(x):  # [Ly, B, L, K, ...] -> [Ly, B, K, ...]
+    idx = last.reshape((1, b, 1) + (1,) * (x.ndim - 3))
+    return jnp.take_along_axis(x, idx, axis=2)[:, :, 0]
+  last_append = jax.lax.cummax(jnp.where(appends > 0, t[None, None, :, None], 0), axis=2)
+  run = at_last(t[None, None, :, None] - last_append + 1)
+
+  w = cache.window or 0
+  if w:
+    # Ring slot j holds the entry of the position p ≡ j (mod W) among the last W tokens (zero before the start).
+    j = jnp.arange(w)
+    p_BxW = last[:, None] - jnp.mod(last[:, None] - j[None, :], w)
+    ok = (p_BxW >= 0)[None, :, None, :]
+    def ring(x):  # [Ly, B, L, K, ...] -> [Ly, B, K, W, ...]
+      idx = jnp.clip(p_BxW, 0, l - 1).reshape((1, b, w) + (1,) * (x.ndim - 3))
+      g = jnp.moveaxis(jnp.take_along_axis(x, idx, axis=2), 2, 3)
+      return jnp.where(ok.reshape(ok.shape + (1,) * (g.ndim - 4)), g, 0.0)
+    ring_k, ring_v, ring_w = ring(states["wk"]), ring(states["wv"]), ring(states["omega"])
+  else:
+    ring_k, ring_v, ring_w = cache.ring_k, cache.ring_v, cache.ring_w
+  return cache.replace(
+      k_pages=k_pages, v_pages=v_pages, block_table=block_table, lengths=n_slots.astype(jnp.int32),
+      next_free=next_free, overflow=cache.overflow | overflow,
+      sum_k=at_last(states["num_k"]), sum_v=at_last(states["num_v"]), sum_w=at_last(states["den"]),
+      run=run.astype(jnp.int32), ring_k=ring_k, ring_v=ring_v, ring_w=ring_w,
+      positions=lengths_B.astype(jnp.int32))
+
+
+# -- decode ---------------------------------------------------------------------------------------------------
+
+
+def decode_update(cache: DMCCache, layer: int, k_BxKxD: Array, v_BxKxD: Array, alpha_BxK: Array,
+                  omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int) -> DMCCache:
+  """One token per sequence through layer `layer`: merge into or append to each row's last slot (DMC.md §4).
+
+  k is pre-RoPE with channel ch zeroed; the candidate slot is RoPE_t(S^k / Z) at the new token's position t.
+  """
+  t = cache.positions  # [B]
+  alpha_i = (alpha_BxK > 0.5).astype(jnp.int32)
+  alpha = alpha_i.astype(jnp.float32)
+  run = alpha_i * cache.run[layer] + 1
+  wk = omega_BxK[..., None] * k_BxKxD.astype(jnp.float32)
+  wv = omega_BxK[..., None] * v_BxKxD.astype(jnp.float32)
+  sum_k = alpha[..., None] * cache.sum_k[layer] + wk
+  sum_v = alpha[..., None] * cache.sum_v[layer] + wv
+  sum_w = alpha * cache.sum_w[layer] + omega_BxK
+  new = {}
+  w = cache.window or 0
+  if w:
+    j = jnp.mod(t, w)[:, None, None]  # ring slot of t, which holds the entry of t − W
+    old_k = jnp.take_along_axis(cache.ring_k[layer], j[..., None], axis=2)[:, :, 0]
+    old_v = jnp.take_along_axis(cache.ring_v[layer], j[..., None], axis=2)[:, :, 0]
+    old_w = jnp.take_along_axis(cache.ring_w[layer], j, axis=2)[:, :, 0]
+    drop = (run > w).astype(jnp.float32)
+    sum_k = sum_k - drop[..., None] * old_k
+    sum_v = sum_v - drop[..., None] * old_v
+    sum_w = sum_w - drop * old_w
+    onehot = (jnp.arange(w)[None, None, :] == j).astype(jnp.float32)  # [B, 1, W]
+    new["ring_k"] = cache.ring_k.at[layer].set(
+        cache.ring_k[layer] * (1 - onehot[..., None]) + onehot[..., None] * wk[:, :, None])
+    new["ring_v"] = cache.ring_v.at[layer].set(
+        cache.ring_v[layer] * (1 - onehot[..., None]) + onehot[..., None] * wv[:, :, None])
+    new["ring_w"] = cache.ring_w.at[layer].set(cache.ring_w[layer] * (1 - onehot) + onehot * omega_BxK[..., None])
+
+  k_cand = sum_k / sum_w[..., None]
+  k_cand = rope.apply_rope(k_cand[:, None], cos_BxD[:, None], sin_BxD[:, None])[:, 0]
+  k_cand = k_cand.at[..., ch].set(0.0)
+  v_cand = sum_v / sum_w[..., None]
+
+  length = cache.lengths[layer]
+  slot = length - alpha_i  # merge: overwrite the last slot; append: the next one
+  need = ((1 - alpha_i) * (jnp.mod(length, cache.page_size) == 0)).astype(jnp.int32)
+  first, next_free, overflow = _allocate(cache.next_free, cache.num_pages, need)
+  table = cache.block_table[layer]
+  page_i = jnp.clip(length // cache.page_size, 0, table.shape[-1] - 1)
+  fresh = jnp.where((need > 0) & ~overflow, first, jnp.take_along_axis(table, page_i[..., None], axis=-1)[..., 0])
+  table = jnp.where(jnp.arange(table.shape[-1]) == page_i[..., None], fresh[..., None], table)
+  write = ~(overflow & (need > 0))
+  k_pages = _write_slots(cache.k_pages, table, slot, k_cand, write)
+  v_pages = _write_slots(cache.v_pages, table, slot, v_cand, write)
+  return cache.replace(
+      k_pages=k_pages, v_pages=v_pages, block_table=cache.block_table.at[layer].set(table),
+      lengths=cache.lengths.at[layer].set(length + 1 - alpha_i), next_free=next_free,
+      overflow=cache.overflow | overflow, sum_k=cache.sum_k.at[layer].set(sum_k),
+      sum_v=cache.sum_v.at[layer].set(sum_v), sum_w=cache.sum_w.at[layer].set(sum_w),
+      run=cache.run.at[layer].set(run), **new)
+
+
+# -- bookkeeping ----------------------------------------------------------------------------------------------
+
+
+def check(cache: DMCCache) -> None:
+  """Raises if the pool ran out at any point (host-side; call after a batch of steps)."""
+  if bool(cache.overflow):
+    raise CachePoolExhausted(
+        f"DMC cache pool exhausted: {cache.num_pages} pages of {cache.page_size} slots were not enough "
+        f"(outputs after that point are invalid); raise the memory budget or lower the batch")
+
+
+def realised_cr(cache: DMCCache) -> dict[str, Any]:
+  """Tokens per slot: overall, per layer [Ly] and per (layer, KV head) [Ly, K], pooled over the batch."""
+  tokens = np.asarray(cache.positions, np.float64)  # [B]
+  lengths = np.asarray(cache.lengths, np.float64)  # [Ly, B, K]
+  ly, b, kv = lengths.shape
+  total_tokens = tokens.sum()
+  per_head = total_tokens / np.maximum(lengths.sum(axis=1), 1)
+  per_layer = total_tokens * kv / np.maximum(lengths.sum(axis=(1, 2)), 1)
+  overall = total_tokens * ly * kv / max(lengths.sum(), 1)
+  return {"overall": float(overall), "per_layer": per_layer, "per_head": per_head}
+
+
+def memory_bytes(cache: DMCCache) -> dict[str, int]:
+  """Bytes in use: allocated pages, per-row merge state (+ ring buffer), block tables and lengths."""
+  pages_used = int(min(int(cache.next_free), cache.num_pages))
+  per_page = cache.k_pages[0].nbytes + cache.v_pages[0].nbytes
+  state = sum(x.nbytes for x in (cache.sum_k, cache.sum_v, cache.sum_w, cache.run, cache.ring_k, cache.ring_v,
+                                 cache.ring_w))
+  tables = cache.block_table.nbytes + cache.lengths.nbytes + cache.positions.nbytes
+  return {"pages": pages_used * per_page, "merge_state": state, "tables": tables,
+          "total": pages_used * per_page + state + tables, "pool": cache.num_pages * per_page}

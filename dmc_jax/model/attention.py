@@ -1,0 +1,170 @@
+"""Self-attention: vanilla (parallel or against a vanilla KV cache) and DMC (train, eval, decode).
+
+* vanilla — `dmc_mode="off"`: exactly Llama attention. During DMC's stage 1 a `fade` factor scales channel ch
+  of q and k before and after RoPE; at fade = 0 this is DMC's convention with every token appended, so the
+  switch to stage 2 changes nothing until a head starts merging.
+* train / eval — parallel over the sequence with relaxed (Gumbel-sigmoid) or hard noiseless decisions, windowed
+  partial accumulation of k and v, and the additive per-key mask (DMC.md §5).
+* decode — one token per sequence against the paged compressed cache (`dmc_jax.cache`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dmc_jax import cache as dmc_cache
+from dmc_jax import dmc as dmc_math
+from dmc_jax.config import DMCConfig, LlamaConfig
+from dmc_jax.model import rope
+from pallas_kernels.dmc_attention.api import dmc_attention
+from pallas_kernels.dmc_decode.api import paged_decode_attention
+
+Array = jax.Array
+DMC_MODES = ("off", "train", "eval")
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def constrain(x: Array, names: tuple[str, ...]) -> Array:
+  return nn.with_logical_constraint(x, names)
+
+
+class Kernel(nn.Module):
+  """A named weight tensor with logical axes (the projection itself is an einsum at the call site)."""
+
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  param_dtype: Any
+  init: Any = _INIT
+
+  @nn.compact
+  def __call__(self) -> Array:
+    return self.param("kernel", nn.with_logical_partitioning(self.init, self.axes), self.shape, self.param_dtype)
+
+
+def attend(q_BxLxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_BxLxS: Array) -> Array:
+  """Softmax attention with GQA (query head h uses KV head h // G); float32 softmax. Returns [B, L, H, D]."""
+  b, l, h, d = q_BxLxHxD.shape
+  kv = k_BxSxKxD.shape[2]
+  q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
+  logits = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD, preferred_element_type=jnp.float32)
+  logits = logits * (d ** -0.5)
+  logits = jnp.where(mask_BxLxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxD.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD, preferred_element_type=jnp.float32)
+  return out.reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
+
+
+def write_cache(cache, k_BxLxKxD: Array, v_BxLxKxD: Array, cache_index_B: Array):
+  """Vanilla cache: writes L new entries per sequence at slots cache_index[b] + (0..L-1); layout [B, KV, S, D]."""
+  b, l = k_BxLxKxD.shape[:2]
+  slots_BxL = cache_index_B[:, None] + jnp.arange(l)[None, :]
+  batch_BxL = jnp.broadcast_to(jnp.arange(b)[:, None], (b, l))
+  def put(buf, new_BxLxKxD):
+    # Advanced indices (batch, slot) around a slice move to the front: the update is [B, L, KV, D].
+    return buf.at[batch_BxL, :, slots_BxL].set(new_BxLxKxD.astype(buf.dtype), mode="drop")
+  return {"k": put(cache["k"], k_BxLxKxD), "v": put(cache["v"], v_BxLxKxD)}
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+  dmc: DMCConfig | None = None
+  dmc_mode: str = "off"
+
+  def setup(self):
+    c = self.cfg
+    if self.dmc_mode not in DMC_MODES:
+      raise ValueError(f"dmc_mode: expected one of {DMC_MODES}, got {self.dmc_mode!r}")
+    if self.dmc_mode != "off" and self.dmc is None:
+      raise ValueError(f"dmc_mode={self.dmc_mode!r} needs a DMCConfig")
+    pd = jnp.dtype(c.param_dtype)
+    self.q_proj = Kernel((c.d_model, c.n_heads, c.head_dim), ("embed", "q_heads", "kv"), pd)
+    self.k_proj = Kernel((c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), pd)
+    self.v_proj = Kernel((c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), pd)
+    self.o_proj = Kernel((c.n_heads, c.head_dim, c.d_model), ("q_heads", "kv", "embed"), pd)
+
+  @property
+  def ch(self) -> int:
+    return self.dmc.channel(self.cfg.head_dim)
+
+  def _project(self, x_BxLxD: Array):
+    dt = jnp.dtype(self.cfg.dtype)
+    x = x_BxLxD.astype(dt)
+    q = jnp.einsum("bld,dhk->blhk", x, self.q_proj().astype(dt))
+    k = jnp.einsum("bld,dhk->blhk", x, self.k_proj().astype(dt))
+    v = jnp.einsum("bld,dhk->blhk", x, self.v_proj().astype(dt))
+    return q, k, v
+
+  def _output(self, out_BxLxHxD: Array) -> Array:
+    dt = jnp.dtype(self.cfg.dtype)
+    out = jnp.einsum("blhk,hkd->bld", out_BxLxHxD.astype(dt), self.o_proj().astype(dt))
+    return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
+
+  def __call__(self, x_BxLxD: Array, ctx: dict, cache=None, forced_alpha_BxLxK: Array | None = None):
+    """Parallel forward (training, evaluation, prefill) or a vanilla-cache step. Returns (out, cache, aux)."""
+    q, k, v = self._project(x_BxLxD)
+    cos, sin = ctx["cos"], ctx["sin"]
+    if self.dmc_mode != "off":
+      return self._dmc_parallel(q, k, v, ctx, forced_alpha_BxLxK)
+    fade = ctx.get("fade")
+    if fade is not None:
+      q, k = dmc_math.scale_channel(q, self.ch, fade), dmc_math.scale_channel(k, self.ch, fade)
+    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    if fade is not None:
+      q, k = dmc_math.scale_channel(q, self.ch, fade), dmc_math.scale_channel(k, self.ch, fade)
+    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+    if cache is not None:
+      cache = write_cache(cache, k, v, ctx["cache_index"])
+      k, v = cache["k"].transpose(0, 2, 1, 3), cache["v"].transpose(0, 2, 1, 3)
+    return self._output(attend(q, k, v, ctx["mask"])), cache, None
+
+  def _dmc_parallel(self, q, k, v, ctx, forced_alpha):
+    dmc, ch = self.dmc, self.ch
+    a, omega = dmc_math.decision_and_importance(q, k, dmc)
+    q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)
+    starts = ctx["starts"]
+    if forced_alpha is not None:
+      alpha = jnp.where(starts[..., None], 0.0, forced_alpha.astype(jnp.float32))
+      bias, alpha_st = dmc_math.key_bias_hard(alpha), alpha
+    elif self.dmc_mode == "train":
+      z = dmc_math.relaxed_logits(a, dmc_math.logistic_noise(self.make_rng("dmc"), a.shape), dmc.temperature)
+      alpha = jnp.where(starts[..., None], 0.0, jax.nn.sigmoid(z))
+      bias, alpha_st = dmc_math.key_bias_relaxed(z, starts), dmc_math.straight_through(alpha)
+    else:
+      alpha = jnp.where(starts[..., None], 0.0, (a > 0).astype(jnp.float32))
+      bias, alpha_st = dmc_math.key_bias_hard(alpha), alpha
+    num_k, num_v, den = dmc_math.accumulate(k, v, alpha, omega, dmc.window)
+    dt = q.dtype
+    k_acc = (num_k / den[..., None]).astype(dt)
+    v_acc = (num_v / den[..., None]).astype(dt)
+    q = dmc_math.scale_channel(rope.apply_rope(q, ctx["cos"], ctx["sin"]), ch, 0)
+    k_rot = dmc_math.scale_channel(rope.apply_rope(k_acc, ctx["cos"], ctx["sin"]), ch, 0)
+    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+    out = dmc_attention(q, k_rot, v_acc, bias, ctx["segment_ids"])
+    aux = {"alpha": alpha_st}
+    if ctx.get("collect_prefill"):
+      aux["prefill"] = {"alpha": alpha, "omega": omega, "num_k": num_k, "num_v": num_v, "den": den,
+                        "wk": omega[..., None] * k.astype(jnp.float32),
+                        "wv": omega[..., None] * v.astype(jnp.float32), "k_slot": k_rot, "v_slot": v_acc}
+    return self._output(out), None, aux
+
+  def decode(self, x_Bx1xD: Array, ctx: dict, cache: dmc_cache.DMCCache, layer: int,
+             forced_alpha_BxK: Array | None = None):
+    """One token per sequence against the compressed cache. Returns (out, cache)."""
+    dmc, ch = self.dmc, self.ch
+    q, k, v = self._project(x_Bx1xD)
+    a, omega = dmc_math.decision_and_importance(q, k, dmc)
+    q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)
+    # Decode never sees a sequence's first token (the prompt has at least one), so no start rule is needed.
+    alpha = (a[:, 0] > 0).astype(jnp.float32) if forced_alpha_BxK is None else forced_alpha_BxK
+    cos, sin = ctx["cos"], ctx["sin"]
+    cache = dmc_cache.decode_update(cache, layer, k[:, 0], v[:, 0], alpha, omega[:, 0], cos[:, 0], sin[:, 0], ch)
+    q = dmc_math.scale_channel(rope.apply_rope(q, cos, sin), ch, 0)
+    b, _, h, d = q.shape
+    kv = self.cfg.n_kv_heads
+    out = paged_decode_attention(q.reshape(b * kv, h // kv, d), cache.k_pages, cache.v_pages,
+                                 cache.block_table[layer].reshape(b * kv, -1), cache.lengths[layer].reshape(-1))
+    return self._output(out.reshape(b, 1, h, d)), cache

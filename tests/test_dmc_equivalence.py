@@ -1,0 +1,113 @@
+"""The parallel eval-mode forward and prefill + step-by-step decode through the paged cache agree (DMC.md §5)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmc_jax import cache as dmc_cache
+from dmc_jax.config import DMCConfig, LlamaConfig
+from dmc_jax.generate import decode_dmc, prefill_dmc
+from dmc_jax.model.llama import Llama
+
+MHA = LlamaConfig(vocab_size=61, d_model=48, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64, head_dim=12)
+GQA = MHA.replace(n_kv_heads=2)
+PAGE = 4
+PROMPTS = [1, 4, 7]  # a single token, a page boundary, a partial page
+STEPS = 9
+
+
+def random_params(cfg, seed=0):
+  params = nn.unbox(Llama(cfg).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32)))
+  return jax.tree.map(lambda x: x * 3 if x.ndim > 1 else x, params)  # peakier attention: errors show
+
+
+def run_both(cfg, dmc, params, tokens, forced=None):
+  """(parallel logits at each sequence's decoded positions, decode logits, final cache, prefill logits)."""
+  eval_model = Llama(cfg, dmc, "eval")
+  ref = eval_model.apply(params, tokens, forced_alpha=forced)[0]
+  lengths = jnp.array(PROMPTS)
+  p = max(PROMPTS)
+  cache = dmc_cache.init_cache(cfg, dmc, len(PROMPTS), p + STEPS, page_size=PAGE)
+  prompt = jnp.where(jnp.arange(p)[None, :] < lengths[:, None], tokens[:, :p], 0)  # right-padded
+  logits, cache = prefill_dmc(eval_model, params, prompt, lengths, cache,
+                              None if forced is None else forced[:, :, :p])
+  for b, n in enumerate(PROMPTS):
+    np.testing.assert_allclose(logits[b, :n], ref[b, :n], atol=1e-4)
+  got, want = [], []
+  batch = jnp.arange(len(PROMPTS))
+  for s in range(STEPS):
+    pos = lengths + s
+    step_forced = None if forced is None else forced[:, batch, pos]  # [layers, B, K]
+    out, cache = decode_dmc(eval_model, params, tokens[batch, pos], cache, step_forced)
+    got.append(out)
+    want.append(ref[batch, pos])
+  return np.stack(want, 1), np.stack(got, 1), cache
+
+
+def _tokens(seed=1):
+  return jax.random.randint(jax.random.key(seed), (len(PROMPTS), max(PROMPTS) + STEPS), 0, MHA.vocab_size)
+
+
+def _forced(cfg, merge_rate, seed=2):
+  t = max(PROMPTS) + STEPS
+  alpha = jax.random.bernoulli(jax.random.key(seed), merge_rate, (cfg.n_layers, len(PROMPTS), t, cfg.n_kv_heads))
+  return alpha.astype(jnp.float32).at[:, :, 0].set(0.0)
+
+
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("window, merge_rate", [(3, 0.5), (12, 0.75), (None, 0.6)])
+def test_forced_decisions(cfg, window, merge_rate):
+  dmc = DMCConfig(window=window)
+  want, got, cache = run_both(cfg, dmc, random_params(cfg), _tokens(), _forced(cfg, merge_rate))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  cr = dmc_cache.realised_cr(cache)["overall"]
+  assert 1.5 < cr < 4.5, cr
+  assert not bool(cache.overflow)
+
+
+def calibrated_params(cfg, dmc, tokens, seed=0):
+  """Random weights whose decision rows make every head merge about half of the tokens.
+
+  Layer by layer (each layer's input depends on the decisions below it), the k_proj row producing channel ch is
+  fitted by least squares so that k[ch] ≈ c + N(0, 1) on these tokens, i.e. a = k[ch] − c ≈ N(0, 1).
+  """
+  params = random_params(cfg, seed)
+  ch = dmc.channel(cfg.head_dim)
+  rng = np.random.default_rng(seed)
+  model = Llama(cfg, dmc, "eval")
+  for layer in range(cfg.n_layers):
+    _, state = model.apply(params, tokens, capture_intermediates=True, mutable=["intermediates"])
+    h = np.asarray(state["intermediates"][f"layers_{layer}"]["attn_norm"]["__call__"][0])
+    h = h.reshape(-1, cfg.d_model)
+    kernel = np.array(params["params"][f"layers_{layer}"]["attn"]["k_proj"]["kernel"])
+    for head in range(cfg.n_kv_heads):
+      target = dmc.offset + rng.standard_normal(h.shape[0])
+      kernel[:, head, ch] = np.linalg.lstsq(h, target, rcond=None)[0]
+    params["params"][f"layers_{layer}"]["attn"]["k_proj"]["kernel"] = jnp.asarray(kernel)
+  return params
+
+
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
+def test_decisions_computed_by_the_model(cfg):
+  dmc = DMCConfig(window=4)
+  tokens = _tokens(seed=5)
+  params = calibrated_params(cfg, dmc, tokens)
+  _, aux = Llama(cfg, dmc, "eval").apply(params, tokens)
+  frac = np.asarray(aux["alpha"][:, :, 1:]).mean(axis=(1, 2))  # [layers, K], token 0 always appends
+  assert np.all((frac > 0.3) & (frac < 0.7)), frac
+  want, got, cache = run_both(cfg, dmc, params, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_always_append_is_vanilla_with_channel_ch_zeroed():
+  cfg, dmc = GQA, DMCConfig()
+  params = random_params(cfg)
+  tokens = _tokens()
+  never = jnp.zeros((cfg.n_layers,) + tokens.shape + (cfg.n_kv_heads,))
+  dmc_logits, _ = Llama(cfg, dmc, "eval").apply(params, tokens, forced_alpha=never)
+  vanilla = Llama(cfg, dmc, "off").apply(params, tokens, fade=jnp.float32(0.0))
+  np.testing.assert_allclose(dmc_logits, vanilla, atol=1e-5)
+  # ... and it is not the untouched vanilla model (channel ch matters).
+  assert not np.allclose(dmc_logits, Llama(cfg).apply(params, tokens), atol=1e-3)
