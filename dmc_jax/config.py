@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: gradient checks in tests
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 

@@ -29,8 +29,9 @@ def decision_and_importance(q_BxLxHxD: Array, k_BxLxKxD: Array, dmc: DMCConfig) 
   b, l, h, d = q_BxLxHxD.shape
   kv = k_BxLxKxD.shape[2]
   ch = dmc.channel(d)
-  a_BxLxK = k_BxLxKxD[..., ch].astype(jnp.float32) - dmc.offset
-  q_ch_BxLxKxG = q_BxLxHxD[..., ch].astype(jnp.float32).reshape(b, l, kv, h // kv)
+  acc = jnp.promote_types(k_BxLxKxD.dtype, jnp.float32)
+  a_BxLxK = k_BxLxKxD[..., ch].astype(acc) - dmc.offset
+  q_ch_BxLxKxG = q_BxLxHxD[..., ch].astype(acc).reshape(b, l, kv, h // kv)
   omega_BxLxK = jax.nn.sigmoid(jnp.mean(q_ch_BxLxKxG, axis=-1) + dmc.offset) + dmc.epsilon
   return a_BxLxK, omega_BxLxK
 
@@ -98,10 +99,11 @@ def accumulate(k_BxLxKxD: Array, v_BxLxKxD: Array, alpha_BxLxK: Array, omega_BxL
   With P_{t,m} = Π_{r=t−m+1..t} α_r, sums run over m < W (windowed) or all m (W = None, the linear recurrence
   S_t = α_t S_{t−1} + ω_t x_t as an associative scan). k̃ = first / third. α must be 0 at every start.
   """
-  alpha = alpha_BxLxK.astype(jnp.float32)
-  omega = omega_BxLxK.astype(jnp.float32)
-  wk = omega[..., None] * k_BxLxKxD.astype(jnp.float32)
-  wv = omega[..., None] * v_BxLxKxD.astype(jnp.float32)
+  acc = jnp.promote_types(k_BxLxKxD.dtype, jnp.float32)
+  alpha = alpha_BxLxK.astype(acc)
+  omega = omega_BxLxK.astype(acc)
+  wk = omega[..., None] * k_BxLxKxD.astype(acc)
+  wv = omega[..., None] * v_BxLxKxD.astype(acc)
   if window is None:
     def combine(left, right):
       (a1, k1, v1, w1), (a2, k2, v2, w2) = left, right

@@ -51,9 +51,10 @@ class RMSNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    x32 = x.astype(acc)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (scale.astype(jnp.float32) * y).astype(self.dtype)
+    return (scale.astype(acc) * y).astype(self.dtype)
 
 
 class MLP(nn.Module):
@@ -158,10 +159,11 @@ class Llama(nn.Module):
   def _logits(self, x_BxLxD: Array) -> Array:
     x = self.final_norm(x_BxLxD)
     dt = jnp.dtype(self.cfg.dtype)
+    acc = jnp.promote_types(dt, jnp.float32)
     if self.cfg.tie_embeddings:
-      logits = jnp.einsum("bld,vd->blv", x, self.embed().astype(dt), preferred_element_type=jnp.float32)
+      logits = jnp.einsum("bld,vd->blv", x, self.embed().astype(dt), preferred_element_type=acc)
     else:
-      logits = jnp.einsum("bld,dv->blv", x, self.lm_head().astype(dt), preferred_element_type=jnp.float32)
+      logits = jnp.einsum("bld,dv->blv", x, self.lm_head().astype(dt), preferred_element_type=acc)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
   def _run_layers(self, x, ctx, layers_xs: dict):

@@ -52,8 +52,8 @@ def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def apply_rope(x_BxLxHxD: jnp.ndarray, cos_BxLxD: jnp.ndarray, sin_BxLxD: jnp.ndarray) -> jnp.ndarray:
-  """Rotates q or k; computed in float32, returned in the input dtype."""
-  x = x_BxLxHxD.astype(jnp.float32)
+  """Rotates q or k; computed in (at least) float32, returned in the input dtype."""
+  x = x_BxLxHxD.astype(jnp.promote_types(x_BxLxHxD.dtype, jnp.float32))
   cos, sin = cos_BxLxD[:, :, None, :], sin_BxLxD[:, :, None, :]
   return (x * cos + rotate_half(x) * sin).astype(x_BxLxHxD.dtype)
 

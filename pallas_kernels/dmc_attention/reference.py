@@ -18,12 +18,13 @@ def dmc_attention(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Arr
   b, l, h, d = q_BxLxHxD.shape
   kv = k_BxLxKxD.shape[2]
   scale = d ** -0.5 if scale is None else scale
+  acc = jnp.promote_types(q_BxLxHxD.dtype, jnp.float32)
   q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
-  logits = jnp.einsum("blkgd,bskd->bkgls", q, k_BxLxKxD, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("blkgd,bskd->bkgls", q, k_BxLxKxD, preferred_element_type=acc) * scale
   idx = jnp.arange(l)
   below = idx[:, None] > idx[None, :]
   diagonal = idx[:, None] == idx[None, :]
-  bias_BxKxS = jnp.moveaxis(key_bias_BxLxK.astype(jnp.float32), 1, 2)
+  bias_BxKxS = jnp.moveaxis(key_bias_BxLxK.astype(acc), 1, 2)
   logits = logits + jnp.where(below, bias_BxKxS[:, :, None, None, :], 0.0)
   allowed = below | diagonal
   if segment_ids_BxL is not None:
@@ -32,5 +33,5 @@ def dmc_attention(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Arr
     allowed = allowed[:, None, None]
   logits = jnp.where(allowed, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_BxLxKxD.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxLxKxD, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxLxKxD, preferred_element_type=acc)
   return out.reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
