@@ -43,16 +43,16 @@ test-fast: $(STAMP)
 
 demo: demo-dmc
 
-$(SMOLLM2)/config.json: $(STAMP)
+$(SMOLLM2)/checkpoint.json: $(STAMP)
 	$(VENV)/bin/dmc-jax convert --from gguf "$$($(VPY) -m experiments.assets smollm2-gguf)" --out $(SMOLLM2) --force
 
-demo-dmc: $(SMOLLM2)/config.json
+demo-dmc: $(SMOLLM2)/checkpoint.json
 	$(VENV)/bin/dmc-jax generate $(SMOLLM2) --max-new-tokens 32 \
 	  --prompt "The capital of France is" \
 	  --prompt "Gravity is the force that" \
 	  --prompt "def fibonacci(n):"
 
-bench: $(SMOLLM2)/config.json $(REFSTAMP)
+bench: $(SMOLLM2)/checkpoint.json $(REFSTAMP)
 	$(VPY) -m experiments.bench_generate --ckpt $(SMOLLM2) --ref-python $(REFPY) --out $(WORK)/bench
 
 $(REFSTAMP): tests/golden/requirements.txt

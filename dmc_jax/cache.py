@@ -176,61 +176,83 @@ def write_prefill(cache: DMCCache, states: dict[str, Array], lengths_B: Array) -
 # -- decode ---------------------------------------------------------------------------------------------------
 
 
-def decode_update(cache: DMCCache, layer: int, k_BxKxD: Array, v_BxKxD: Array, alpha_BxK: Array,
-                  omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int) -> DMCCache:
-  """One token per sequence through layer `layer`: merge into or append to each row's last slot (DMC.md §4).
+# The cache splits into the pool every layer shares and one slice per layer; a decode step threads the pool
+# through the layers (unrolled, or as the carry of a scan over layers) and updates each layer's slice.
+POOL_FIELDS = ("k_pages", "v_pages", "next_free", "overflow")
+LAYER_FIELDS = ("block_table", "lengths", "sum_k", "sum_v", "sum_w", "run", "ring_k", "ring_v", "ring_w")
+
+
+def pool_of(cache: DMCCache) -> dict[str, Array]:
+  return {f: getattr(cache, f) for f in POOL_FIELDS}
+
+
+def layers_of(cache: DMCCache) -> dict[str, Array]:
+  """Per-layer fields, stacked on axis 0 (index [layer] for one layer's slice)."""
+  return {f: getattr(cache, f) for f in LAYER_FIELDS}
+
+
+def decode_layer(pool: dict, state: dict, positions_B: Array, k_BxKxD: Array, v_BxKxD: Array, alpha_BxK: Array,
+                 omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int) -> tuple[dict, dict]:
+  """One token per sequence through one layer: merge into or append to each row's last slot (DMC.md §4).
 
   k is pre-RoPE with channel ch zeroed; the candidate slot is RoPE_t(S^k / Z) at the new token's position t.
+  Page size and window are read off the shapes (static under jit). Returns the updated (pool, layer state).
   """
-  t = cache.positions  # [B]
+  page_size = pool["k_pages"].shape[1]
+  window = state["ring_w"].shape[-1] or None
+  t = positions_B
   alpha_i = (alpha_BxK > 0.5).astype(jnp.int32)
   alpha = alpha_i.astype(jnp.float32)
-  run = alpha_i * cache.run[layer] + 1
+  run = alpha_i * state["run"] + 1
   wk = omega_BxK[..., None] * k_BxKxD.astype(jnp.float32)
   wv = omega_BxK[..., None] * v_BxKxD.astype(jnp.float32)
-  sum_k = alpha[..., None] * cache.sum_k[layer] + wk
-  sum_v = alpha[..., None] * cache.sum_v[layer] + wv
-  sum_w = alpha * cache.sum_w[layer] + omega_BxK
-  new = {}
-  w = cache.window or 0
+  sum_k = alpha[..., None] * state["sum_k"] + wk
+  sum_v = alpha[..., None] * state["sum_v"] + wv
+  sum_w = alpha * state["sum_w"] + omega_BxK
+  new = dict(state)
+  w = window or 0
   if w:
-    j = jnp.mod(t, w)[:, None, None]  # ring slot of t, which holds the entry of t − W
-    old_k = jnp.take_along_axis(cache.ring_k[layer], j[..., None], axis=2)[:, :, 0]
-    old_v = jnp.take_along_axis(cache.ring_v[layer], j[..., None], axis=2)[:, :, 0]
-    old_w = jnp.take_along_axis(cache.ring_w[layer], j, axis=2)[:, :, 0]
+    # Ring slot t mod W holds the entry of t − W; one-hot reads and writes (no gather/scatter to compile).
+    onehot = (jnp.arange(w)[None, None, :] == jnp.mod(t, w)[:, None, None]).astype(jnp.float32)  # [B, 1, W]
     drop = (run > w).astype(jnp.float32)
-    sum_k = sum_k - drop[..., None] * old_k
-    sum_v = sum_v - drop[..., None] * old_v
-    sum_w = sum_w - drop * old_w
-    onehot = (jnp.arange(w)[None, None, :] == j).astype(jnp.float32)  # [B, 1, W]
-    new["ring_k"] = cache.ring_k.at[layer].set(
-        cache.ring_k[layer] * (1 - onehot[..., None]) + onehot[..., None] * wk[:, :, None])
-    new["ring_v"] = cache.ring_v.at[layer].set(
-        cache.ring_v[layer] * (1 - onehot[..., None]) + onehot[..., None] * wv[:, :, None])
-    new["ring_w"] = cache.ring_w.at[layer].set(cache.ring_w[layer] * (1 - onehot) + onehot * omega_BxK[..., None])
+    sum_k = sum_k - drop[..., None] * jnp.einsum("bkw,bkwd->bkd", jnp.broadcast_to(onehot, state["ring_w"].shape),
+                                                 state["ring_k"])
+    sum_v = sum_v - drop[..., None] * jnp.einsum("bkw,bkwd->bkd", jnp.broadcast_to(onehot, state["ring_w"].shape),
+                                                 state["ring_v"])
+    sum_w = sum_w - drop * jnp.sum(onehot * state["ring_w"], axis=-1)
+    new["ring_k"] = state["ring_k"] * (1 - onehot[..., None]) + onehot[..., None] * wk[:, :, None]
+    new["ring_v"] = state["ring_v"] * (1 - onehot[..., None]) + onehot[..., None] * wv[:, :, None]
+    new["ring_w"] = state["ring_w"] * (1 - onehot) + onehot * omega_BxK[..., None]
 
   k_cand = sum_k / sum_w[..., None]
   k_cand = rope.apply_rope(k_cand[:, None], cos_BxD[:, None], sin_BxD[:, None])[:, 0]
   k_cand = k_cand.at[..., ch].set(0.0)
   v_cand = sum_v / sum_w[..., None]
 
-  length = cache.lengths[layer]
+  length = state["lengths"]
   slot = length - alpha_i  # merge: overwrite the last slot; append: the next one
-  need = ((1 - alpha_i) * (jnp.mod(length, cache.page_size) == 0)).astype(jnp.int32)
-  first, next_free, overflow = _allocate(cache.next_free, cache.num_pages, need)
-  table = cache.block_table[layer]
-  page_i = jnp.clip(length // cache.page_size, 0, table.shape[-1] - 1)
-  fresh = jnp.where((need > 0) & ~overflow, first, jnp.take_along_axis(table, page_i[..., None], axis=-1)[..., 0])
-  table = jnp.where(jnp.arange(table.shape[-1]) == page_i[..., None], fresh[..., None], table)
+  need = ((1 - alpha_i) * (jnp.mod(length, page_size) == 0)).astype(jnp.int32)
+  num_pages = pool["k_pages"].shape[0]
+  first, next_free, overflow = _allocate(pool["next_free"], num_pages, need)
+  table = state["block_table"]
+  page_i = jnp.clip(length // page_size, 0, table.shape[-1] - 1)
+  at_page_i = jnp.arange(table.shape[-1]) == page_i[..., None]
+  table = jnp.where(at_page_i & ((need > 0) & ~overflow)[..., None], first[..., None], table)
   write = ~(overflow & (need > 0))
-  k_pages = _write_slots(cache.k_pages, table, slot, k_cand, write)
-  v_pages = _write_slots(cache.v_pages, table, slot, v_cand, write)
-  return cache.replace(
-      k_pages=k_pages, v_pages=v_pages, block_table=cache.block_table.at[layer].set(table),
-      lengths=cache.lengths.at[layer].set(length + 1 - alpha_i), next_free=next_free,
-      overflow=cache.overflow | overflow, sum_k=cache.sum_k.at[layer].set(sum_k),
-      sum_v=cache.sum_v.at[layer].set(sum_v), sum_w=cache.sum_w.at[layer].set(sum_w),
-      run=cache.run.at[layer].set(run), **new)
+  new_pool = {"k_pages": _write_slots(pool["k_pages"], table, slot, k_cand, write),
+              "v_pages": _write_slots(pool["v_pages"], table, slot, v_cand, write),
+              "next_free": next_free, "overflow": pool["overflow"] | overflow}
+  new.update(block_table=table, lengths=length + 1 - alpha_i, sum_k=sum_k, sum_v=sum_v, sum_w=sum_w, run=run)
+  return new_pool, new
+
+
+def decode_update(cache: DMCCache, layer: int, k_BxKxD: Array, v_BxKxD: Array, alpha_BxK: Array,
+                  omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int) -> DMCCache:
+  """`decode_layer` on layer `layer` of a whole cache (the unrolled-layers path)."""
+  state = {f: v[layer] for f, v in layers_of(cache).items()}
+  pool, state = decode_layer(pool_of(cache), state, cache.positions, k_BxKxD, v_BxKxD, alpha_BxK, omega_BxK,
+                             cos_BxD, sin_BxD, ch)
+  return cache.replace(**pool, **{f: getattr(cache, f).at[layer].set(v) for f, v in state.items()})
 
 
 # -- bookkeeping ----------------------------------------------------------------------------------------------

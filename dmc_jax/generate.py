@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmc_jax import cache as dmc_cache
-from dmc_jax.config import LlamaConfig
+from dmc_jax.config import DMCConfig, LlamaConfig
+from dmc_jax.convert import layout
 from dmc_jax.model.llama import Llama, cache_bytes, init_cache
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ def sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class DMCOptions:
+  """Generate with the compressed DMC cache instead of the vanilla one."""
+
+  dmc: DMCConfig
+  page_size: int = 32
+  pool_pages: int | None = None  # None: the worst case (no compression), so the pool cannot run out
+  forced_merge_rate: float | None = None  # benchmarks: decisions forced to merge with this probability
+
+
 @dataclasses.dataclass
 class GenerationResult:
   tokens: list[list[int]]  # new tokens per sequence (up to and including EOS)
@@ -64,8 +75,9 @@ class GenerationResult:
   prefill_seconds: float
   decode_seconds: float
   decode_steps: int
-  cache_bytes: int
+  cache_bytes: int  # vanilla: the allocated cache; DMC: bytes in use at the end (pages, merge state, tables)
   compile_seconds: float  # compilation triggered by this call (0 when shapes were seen before)
+  dmc: dict | None = None  # DMC: realised CR (overall, per layer, per head), memory breakdown, vanilla bytes
 
   @property
   def decode_tokens_per_second(self) -> float:
@@ -78,15 +90,25 @@ def _bucket(n: int, multiple: int = 32) -> int:
   return -(-n // multiple) * multiple
 
 
+_FORCED_KEY = 20240306  # fixed: forced decisions depend on positions only, not on the sampling seed
+
+
 class Generator:
   """Holds the compiled prefill/decode functions for one model; reuse it across calls."""
 
-  def __init__(self, cfg: LlamaConfig, params: Any, cache_dtype: str | None = None):
-    if cfg.scan_layers:  # per-layer cache buffers update in place; a scanned cache would be copied every step
-      raise ValueError("generation needs an unscanned model (scan_layers=False)")
+  def __init__(self, cfg: LlamaConfig, params: Any, cache_dtype: str | None = None,
+               dmc: DMCOptions | None = None):
+    if dmc is None and cfg.scan_layers:
+      # Per-layer vanilla cache buffers update in place; a scanned cache would be copied every step.
+      raise ValueError("vanilla generation needs an unscanned model (scan_layers=False)")
+    if dmc is not None and not cfg.scan_layers:
+      # DMC decodes as a scan over layers (the page pool rides in the carry): one layer body to compile.
+      cfg = cfg.replace(scan_layers=True, remat_policy="none")
+      params = {"params": layout.stack_layers(params["params"], cfg.n_layers, stack=jnp.stack)}
     self.cfg = cfg
     self.params = params
-    self.model = Llama(cfg)
+    self.dmc = dmc
+    self.model = Llama(cfg) if dmc is None else Llama(cfg, dmc.dmc, "eval")
     self.cache_dtype = cache_dtype or cfg.dtype
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,), static_argnames=("sampling",))
     self._step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames=("sampling",))
@@ -101,15 +123,36 @@ class Generator:
       self._compile_seconds += time.perf_counter() - t0
     return self._executables[key]
 
+  def _forced(self, positions_BxL):
+    if self.dmc is None or self.dmc.forced_merge_rate is None:
+      return None
+    return forced_merge_decisions(jax.random.key(_FORCED_KEY), positions_BxL, self.cfg.n_layers,
+                                  self.cfg.n_kv_heads, self.dmc.forced_merge_rate)
+
+  def _new_cache(self, batch: int, max_len: int):
+    if self.dmc is None:
+      return init_cache(self.cfg, batch, max_len, self.cache_dtype)
+    return dmc_cache.init_cache(self.cfg, self.dmc.dmc, batch, max_len, self.dmc.page_size, self.dmc.pool_pages,
+                                self.cache_dtype)
+
   def _prefill_fn(self, params, tokens_BxP, cache, lengths_B, key, sampling: Sampling):
-    logits, cache = self.model.apply(params, tokens_BxP, cache, jnp.zeros_like(lengths_B),
-                                     method=Llama.forward_with_cache)
+    if self.dmc is None:
+      logits, cache = self.model.apply(params, tokens_BxP, cache, jnp.zeros_like(lengths_B),
+                                       method=Llama.forward_with_cache)
+    else:
+      positions = jnp.broadcast_to(jnp.arange(tokens_BxP.shape[1]), tokens_BxP.shape)
+      logits, cache = prefill_dmc(self.model, params, tokens_BxP, lengths_B, cache, self._forced(positions))
     last_BxV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     return sample(last_BxV, key, sampling), cache
 
   def _step_fn(self, params, cache, token_B, index_B, key, sampling: Sampling):
-    logits, cache = self.model.apply(params, token_B[:, None], cache, index_B, method=Llama.forward_with_cache)
-    return sample(logits[:, 0], key, sampling), cache
+    if self.dmc is None:
+      logits, cache = self.model.apply(params, token_B[:, None], cache, index_B, method=Llama.forward_with_cache)
+      logits = logits[:, 0]
+    else:
+      forced = self._forced(index_B[:, None])
+      logits, cache = decode_dmc(self.model, params, token_B, cache, None if forced is None else forced[:, :, 0])
+    return sample(logits, key, sampling), cache
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0, eos_ids: Sequence[int] = (), stop_at_eos: bool = True,
@@ -125,12 +168,11 @@ class Generator:
     if total > self.cfg.max_position_embeddings:
       # Not fatal (RoPE extrapolates), but worth knowing.
       log.warning("sequence length %d exceeds max_position_embeddings %d", total,
-                                          self.cfg.max_position_embeddings)
+                  self.cfg.max_position_embeddings)
     tokens = np.zeros((b, p_len), np.int32)
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
-    cache = init_cache(self.cfg, b, total, self.cache_dtype)
-    nbytes = cache_bytes(cache)
+    cache = self._new_cache(b, total)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
     self._compile_seconds = 0.0
@@ -165,7 +207,16 @@ class Generator:
       if on_step:
         on_step(steps)
     decode_s = time.perf_counter() - t0
-    return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, nbytes, self._compile_seconds)
+    if self.dmc is None:
+      return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, cache_bytes(cache),
+                              self._compile_seconds)
+    dmc_cache.check(cache)
+    memory = dmc_cache.memory_bytes(cache)
+    itemsize = jnp.dtype(self.cache_dtype).itemsize
+    stats = {"cr": dmc_cache.realised_cr(cache), "memory": memory,
+             "vanilla_bytes": int(np.asarray(cache.positions).sum()) * self.cfg.kv_bytes_per_token(itemsize)}
+    return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, memory["total"],
+                            self._compile_seconds, stats)
 
 
 # -- DMC: the compressed cache ---------------------------------------------------------------------------------

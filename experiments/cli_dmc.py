@@ -97,6 +97,14 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
                  help="compute dtype (default: float32; bfloat16 is faster on GPU, slower on CPU)")
   p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
   p.add_argument("--no-special-tokens", action="store_true", help="encode prompts without BOS/EOS")
+  g = p.add_argument_group("DMC (compressed KV cache)")
+  g.add_argument("--dmc", action="store_true",
+                 help="decode with the paged DMC cache, using the checkpoint's DMC settings (defaults if none)")
+  g.add_argument("--page-size", type=int, default=32, help="slots per cache page")
+  g.add_argument("--kv-budget-mb", type=float, default=None,
+                 help="size the page pool from this KV-memory budget (default: never run out)")
+  g.add_argument("--dmc-force-cr", type=float, default=None,
+                 help="force decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model)")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -111,7 +119,7 @@ def _run_generate(args: argparse.Namespace) -> None:
   t0 = time.perf_counter()
   params = jax.device_put(ckpt.load_params())
   load_s = time.perf_counter() - t0
-  gen = Generator(cfg, params)
+  gen = Generator(cfg, params, dmc=_dmc_options(args, ckpt, cfg))
   eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids)
   result = gen.generate(prompts, args.max_new_tokens, sampling, seed=args.seed, eos_ids=sorted(eos),
                         stop_at_eos=not args.ignore_eos)
@@ -126,6 +134,47 @@ def _run_generate(args: argparse.Namespace) -> None:
         f"decode {result.decode_steps} steps in {result.decode_seconds:.2f} s = "
         f"{result.decode_tokens_per_second:.1f} tokens/s; "
         f"KV cache {result.cache_bytes / 2**20:.2f} MiB on {jax.devices()[0].platform}", file=sys.stderr)
+  if result.dmc:
+    _report_dmc(gen.dmc, result.dmc)
+
+
+def _dmc_options(args, ckpt, cfg):
+  if not (args.dmc or args.dmc_force_cr or args.kv_budget_mb):
+    return None
+  from dmc_jax import cache as dmc_cache
+  from dmc_jax.config import DMCConfig
+  from dmc_jax.generate import DMCOptions
+  if ckpt.dmc:
+    dmc = DMCConfig.from_dict(ckpt.dmc, where=f"{ckpt.directory}/checkpoint.json: dmc")
+  else:
+    dmc = DMCConfig()
+    if args.dmc_force_cr is None:
+      log.warning("%s was not retrofitted with DMC: its decisions come from an untrained channel", args.ckpt)
+  rate = None
+  if args.dmc_force_cr is not None:
+    if args.dmc_force_cr < 1:
+      raise ValueError(f"--dmc-force-cr must be >= 1, got {args.dmc_force_cr}")
+    rate = 1.0 - 1.0 / args.dmc_force_cr
+  pages = None
+  if args.kv_budget_mb:
+    pages = dmc_cache.pages_for_budget(cfg, int(args.kv_budget_mb * 2**20), args.page_size, cfg.dtype)
+  return DMCOptions(dmc, page_size=args.page_size, pool_pages=pages, forced_merge_rate=rate)
+
+
+def _report_dmc(options, stats) -> None:
+  import numpy as np
+  cr, mem = stats["cr"], stats["memory"]
+  fmt = lambda xs: " ".join(f"{x:.2f}" for x in np.ravel(xs))
+  forced = "" if options.forced_merge_rate is None else f", decisions forced (merge rate {options.forced_merge_rate:.3f})"
+  print(f"[dmc] settings: {options.dmc.to_dict()}, page size {options.page_size}, pool "
+        f"{mem['pool'] / 2**20:.2f} MiB{forced}", file=sys.stderr)
+  print(f"[dmc] realised CR {cr['overall']:.2f}; cache in use {mem['total'] / 2**20:.2f} MiB "
+        f"(pages {mem['pages'] / 2**20:.2f} + merge state {mem['merge_state'] / 2**20:.2f} + tables "
+        f"{mem['tables'] / 2**20:.2f}) vs vanilla {stats['vanilla_bytes'] / 2**20:.2f} MiB "
+        f"= {mem['total'] / max(stats['vanilla_bytes'], 1):.2f}x", file=sys.stderr)
+  print(f"[dmc] CR per layer: {fmt(cr['per_layer'])}", file=sys.stderr)
+  for layer, heads in enumerate(cr["per_head"]):
+    print(f"[dmc] CR layer {layer:2d} per KV head: {fmt(heads)}", file=sys.stderr)
 
 
 # -- config -------------------------------------------------------------------------------------------------

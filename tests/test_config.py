@@ -49,7 +49,7 @@ def test_from_dict_round_trip_and_unknown_keys():
     ({"n_heads": 6, "n_kv_heads": 4}, "multiple of n_kv_heads"),
     ({"d_model": 30, "n_heads": 4, "n_kv_heads": 4}, "set head_dim"),
     ({"head_dim": 7}, "must be even"),
-    ({"dtype": "float64"}, "dtype"),
+    ({"dtype": "int8"}, "dtype"),
     ({"remat_policy": "some"}, "remat_policy"),
     ({"vocab_size": 0}, "vocab_size"),
 ])

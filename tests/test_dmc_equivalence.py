@@ -111,3 +111,16 @@ def test_always_append_is_vanilla_with_channel_ch_zeroed():
   np.testing.assert_allclose(dmc_logits, vanilla, atol=1e-5)
   # ... and it is not the untouched vanilla model (channel ch matters).
   assert not np.allclose(dmc_logits, Llama(cfg).apply(params, tokens), atol=1e-3)
+
+
+def test_scanned_layers_prefill_and_decode():
+  """A scanned model (one compiled layer body; the page pool rides in the scan carry) computes the same."""
+  from dmc_jax.convert import layout
+  dmc = DMCConfig(window=3)
+  params = random_params(GQA)
+  scanned = {"params": layout.stack_layers(params["params"], GQA.n_layers)}
+  forced = _forced(GQA, 0.6)
+  want, got, _ = run_both(GQA.replace(scan_layers=True), dmc, scanned, _tokens(), forced)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  unscanned_want, _, _ = run_both(GQA, dmc, params, _tokens(), forced)
+  np.testing.assert_allclose(want, unscanned_want, atol=1e-4)

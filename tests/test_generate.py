@@ -104,3 +104,54 @@ def test_cli_generate_errors_are_one_line(tmp_path):
                        capture_output=True, text=True)
   assert out.returncode == 2
   assert out.stderr.strip().count("\n") == 0 and "checkpoint.json: missing" in out.stderr
+
+
+def test_dmc_generation_equals_the_parallel_dmc_forward():
+  """Greedy decoding through the paged compressed cache == re-running the eval-mode parallel forward."""
+  from dmc_jax.config import DMCConfig
+  from dmc_jax.generate import _FORCED_KEY, DMCOptions, forced_merge_decisions
+  params = nn.unbox(Llama(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)
+  dmc = DMCConfig(window=3)
+  gen = Generator(CFG, params, dmc=DMCOptions(dmc, page_size=4, forced_merge_rate=0.6))
+  prompts = [[3, 7, 9], [5, 1, 2, 8, 8, 4, 0, 11]]
+  result = gen.generate(prompts, 10, stop_at_eos=False)
+  model = Llama(CFG, dmc, "eval")
+  width = 32
+  forced = forced_merge_decisions(jax.random.key(_FORCED_KEY), jnp.arange(width)[None], CFG.n_layers,
+                                  CFG.n_kv_heads, 0.6)
+  forward = jax.jit(lambda t: model.apply(params, t, forced_alpha=forced)[0])
+  for p, out in zip(prompts, result.tokens):
+    seq = list(p)
+    for _ in range(10):
+      logits = forward(jnp.asarray([seq + [0] * (width - len(seq))]))
+      seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    assert seq[len(p):] == out
+  assert 1.8 < result.dmc["cr"]["overall"] < 3.2
+  assert result.cache_bytes == result.dmc["memory"]["total"]
+
+
+def test_cli_generate_with_dmc_settings_from_the_checkpoint(tmp_path, smollm2_ckpt):
+  import json
+  import shutil
+  ckpt = tmp_path / "ck"
+  shutil.copytree(smollm2_ckpt, ckpt)
+  meta = json.load(open(ckpt / "checkpoint.json"))
+  meta["dmc"] = {"window": 5, "decision_channel": "first"}
+  json.dump(meta, open(ckpt / "checkpoint.json", "w"))
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.cli_dmc", "generate", str(ckpt), "--max-new-tokens", "12", "--dmc",
+       "--dmc-force-cr", "4", "--page-size", "16", "--prompt", "The capital of France is",
+       "--prompt", "Water boils at"], capture_output=True, text=True, check=True)
+  assert out.stdout.count("--- [") == 2
+  err = out.stderr
+  assert "'window': 5" in err and "'decision_channel': 'first'" in err and "page size 16" in err
+  line = next(l for l in err.splitlines() if l.startswith("[dmc] realised CR"))
+  cr = float(line.split()[3].rstrip(";"))
+  assert 2.5 < cr < 5.5, line  # short sequences: CR 4 forced, token 0 always appends
+  assert sum(l.startswith("[dmc] CR layer") for l in err.splitlines()) == 30
+  meta["dmc"] = {"window": 5, "tau": 1}
+  json.dump(meta, open(ckpt / "checkpoint.json", "w"))
+  bad = subprocess.run([sys.executable, "-m", "experiments.cli_dmc", "generate", str(ckpt), "--dmc", "--prompt", "x"],
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "checkpoint.json: dmc: unknown key(s) ['tau']" in bad.stderr

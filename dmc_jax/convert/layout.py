@@ -146,11 +146,13 @@ def flatten(tree: Mapping, prefix: str = "") -> dict:
   return out
 
 
-def stack_layers(params: dict, n_layers: int) -> dict:
-  """Unscanned tree (layers_i) → scanned tree (layers/layer with a leading layer axis)."""
+def stack_layers(params: dict, n_layers: int, stack=np.stack) -> dict:
+  """Unscanned tree (layers_i) → scanned tree (layers/layer with a leading layer axis).
+
+  `stack=jnp.stack` keeps device arrays on the device."""
   params = dict(params)
   layers = [params.pop(f"layers_{i}") for i in range(n_layers)]
-  params["layers"] = {"layer": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+  params["layers"] = {"layer": jax.tree.map(lambda *xs: stack(xs), *layers)}
   return params
 
 

@@ -45,16 +45,21 @@ class Kernel(nn.Module):
     return self.param("kernel", nn.with_logical_partitioning(self.init, self.axes), self.shape, self.param_dtype)
 
 
-def attend(q_BxLxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_BxLxS: Array) -> Array:
-  """Softmax attention with GQA (query head h uses KV head h // G); float32 softmax. Returns [B, L, H, D]."""
+def attend(q_BxLxHxD: Array, k: Array, v: Array, mask_BxLxS: Array, kv_layout: str = "bskd") -> Array:
+  """Softmax attention with GQA (query head h uses KV head h // G); float32 softmax. Returns [B, L, H, D].
+
+  k, v are [B, S, KV, D] ("bskd", fresh projections) or [B, KV, S, D] ("bksd", the vanilla cache's layout,
+  read as it lies: a transpose of the whole cache every decode step would cost more than the attention).
+  """
   b, l, h, d = q_BxLxHxD.shape
-  kv = k_BxSxKxD.shape[2]
+  kv = k.shape[2] if kv_layout == "bskd" else k.shape[1]
+  acc = jnp.promote_types(q_BxLxHxD.dtype, jnp.float32)
   q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
-  logits = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD, preferred_element_type=jnp.float32)
+  logits = jnp.einsum(f"blkgd,{kv_layout}->bkgls", q, k, preferred_element_type=acc)
   logits = logits * (d ** -0.5)
   logits = jnp.where(mask_BxLxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxD.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"bkgls,{kv_layout}->blkgd", probs, v, preferred_element_type=acc)
   return out.reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
 
 
@@ -118,7 +123,7 @@ class Attention(nn.Module):
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     if cache is not None:
       cache = write_cache(cache, k, v, ctx["cache_index"])
-      k, v = cache["k"].transpose(0, 2, 1, 3), cache["v"].transpose(0, 2, 1, 3)
+      return self._output(attend(q, cache["k"], cache["v"], ctx["mask"], kv_layout="bksd")), cache, None
     return self._output(attend(q, k, v, ctx["mask"])), cache, None
 
   def _dmc_parallel(self, q, k, v, ctx, forced_alpha):
@@ -151,9 +156,9 @@ class Attention(nn.Module):
                         "wv": omega[..., None] * v.astype(jnp.float32), "k_slot": k_rot, "v_slot": v_acc}
     return self._output(out), None, aux
 
-  def decode(self, x_Bx1xD: Array, ctx: dict, cache: dmc_cache.DMCCache, layer: int,
-             forced_alpha_BxK: Array | None = None):
-    """One token per sequence against the compressed cache. Returns (out, cache)."""
+  def decode(self, x_Bx1xD: Array, ctx: dict, pool: dict, state: dict, forced_alpha_BxK: Array | None = None):
+    """One token per sequence against the compressed cache: the shared page `pool` and this layer's `state`
+    (see dmc_jax.cache.decode_layer). Returns (out, pool, state)."""
     dmc, ch = self.dmc, self.ch
     q, k, v = self._project(x_Bx1xD)
     a, omega = dmc_math.decision_and_importance(q, k, dmc)
@@ -161,10 +166,11 @@ class Attention(nn.Module):
     # Decode never sees a sequence's first token (the prompt has at least one), so no start rule is needed.
     alpha = (a[:, 0] > 0).astype(jnp.float32) if forced_alpha_BxK is None else forced_alpha_BxK
     cos, sin = ctx["cos"], ctx["sin"]
-    cache = dmc_cache.decode_update(cache, layer, k[:, 0], v[:, 0], alpha, omega[:, 0], cos[:, 0], sin[:, 0], ch)
+    pool, state = dmc_cache.decode_layer(pool, state, ctx["positions"], k[:, 0], v[:, 0], alpha, omega[:, 0],
+                                         cos[:, 0], sin[:, 0], ch)
     q = dmc_math.scale_channel(rope.apply_rope(q, cos, sin), ch, 0)
     b, _, h, d = q.shape
     kv = self.cfg.n_kv_heads
-    out = paged_decode_attention(q.reshape(b * kv, h // kv, d), cache.k_pages, cache.v_pages,
-                                 cache.block_table[layer].reshape(b * kv, -1), cache.lengths[layer].reshape(-1))
-    return self._output(out.reshape(b, 1, h, d)), cache
+    out = paged_decode_attention(q.reshape(b * kv, h // kv, d), pool["k_pages"], pool["v_pages"],
+                                 state["block_table"].reshape(b * kv, -1), state["lengths"].reshape(-1))
+    return self._output(out.reshape(b, 1, h, d)), pool, state

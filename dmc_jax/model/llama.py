@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmc_jax import cache as dmc_cache
 from dmc_jax import dmc as dmc_math
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model import rope
@@ -97,13 +98,17 @@ class DecoderLayer(nn.Module):
     x_BxLxD = self._mlp_block(x_BxLxD + attn_out.astype(x_BxLxD.dtype))
     return x_BxLxD, {"cache": cache, "aux": aux}
 
-  def decode(self, x_Bx1xD: Array, ctx: dict, cache, layer: int, forced_alpha_BxK=None):
-    attn_out, cache = self.attn.decode(self.attn_norm(x_Bx1xD), ctx, cache, layer, forced_alpha_BxK)
-    return self._mlp_block(x_Bx1xD + attn_out.astype(x_Bx1xD.dtype)), cache
+  def decode(self, x_Bx1xD: Array, ctx: dict, pool: dict, state: dict, forced_alpha_BxK=None):
+    attn_out, pool, state = self.attn.decode(self.attn_norm(x_Bx1xD), ctx, pool, state, forced_alpha_BxK)
+    return self._mlp_block(x_Bx1xD + attn_out.astype(x_Bx1xD.dtype)), pool, state
 
 
 class _ScanBody(nn.Module):
-  """Adapts DecoderLayer to nn.scan's (carry, xs) -> (carry, ys) shape."""
+  """Adapts DecoderLayer to nn.scan's (carry, xs) -> (carry, ys) shape.
+
+  The carry's structure (static under tracing) selects the method: an array is the parallel forward; a dict
+  {"x", "pool"} is a DMC decode step threading the shared page pool through the layers.
+  """
 
   cfg: LlamaConfig
   dmc: DMCConfig | None = None
@@ -111,6 +116,10 @@ class _ScanBody(nn.Module):
 
   @nn.compact
   def __call__(self, x, ctx, layer_xs):
+    if isinstance(x, dict):
+      block = DecoderLayer(self.cfg, self.dmc, self.dmc_mode, name="layer")
+      y, pool, state = block.decode(x["x"], ctx, x["pool"], layer_xs["state"], layer_xs.get("forced_alpha"))
+      return {"x": y, "pool": pool}, {"state": state}
     layer = DecoderLayer
     if self.cfg.remat_policy != "none":
       layer = nn.remat(layer, policy=_REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False)
@@ -224,15 +233,26 @@ class Llama(nn.Module):
     return self._logits(x), new_cache
 
   def decode_dmc(self, tokens_Bx1: Array, cache, forced_alpha: Array | None = None):
-    """One token per sequence against the compressed cache (unscanned model). forced_alpha: [layers, B, K]."""
-    if self.cfg.scan_layers:
-      raise ValueError("decode_dmc needs an unscanned model (the cache pool is shared by all layers)")
+    """One token per sequence against the compressed cache. forced_alpha: [layers, B, K].
+
+    Scanned models compile one layer body (a scan whose carry threads the shared page pool); unscanned models
+    unroll the layers.
+    """
     cos, sin = rope.cos_sin(cache.positions[:, None], self.cfg)
-    ctx = {"cos": cos, "sin": sin}
+    ctx = {"cos": cos, "sin": sin, "positions": cache.positions}
     x = self._embed(tokens_Bx1)
-    for i, block in enumerate(self.blocks):
-      x, cache = block.decode(x, ctx, cache, i, None if forced_alpha is None else forced_alpha[i])
-    return self._logits(x), cache.replace(positions=cache.positions + 1)
+    pool, states = dmc_cache.pool_of(cache), dmc_cache.layers_of(cache)
+    if self.cfg.scan_layers:
+      carry, ys = self.layers({"x": x, "pool": pool}, ctx, {"state": states, "forced_alpha": forced_alpha})
+      x, pool, states = carry["x"], carry["pool"], ys["state"]
+    else:
+      new_states = []
+      for i, block in enumerate(self.blocks):
+        x, pool, state = block.decode(x, ctx, pool, {f: v[i] for f, v in states.items()},
+                                      None if forced_alpha is None else forced_alpha[i])
+        new_states.append(state)
+      states = {f: jnp.stack([s[f] for s in new_states]) for f in states}
+    return self._logits(x), cache.replace(**pool, **states, positions=cache.positions + 1)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:

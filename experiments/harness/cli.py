@@ -24,8 +24,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   from dmc_jax.tokenizer import TokenizerError
   from experiments.harness.checkpoint import CheckpointError
   from experiments.harness.config import ExperimentConfigError
+  from dmc_jax.cache import CachePoolExhausted
   return (ConfigError, ConversionError, TokenizerError, CheckpointError, ExperimentConfigError,
-          FileNotFoundError)
+          FileNotFoundError, CachePoolExhausted)
 
 
 @dataclasses.dataclass
