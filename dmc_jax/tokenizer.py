@@ -26,9 +26,9 @@ class TokenizerInfo:
   kind: str  # "hf" | "sentencepiece"
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
-  # SentencePiece only (an HF tokenizer.json's post-processor decides for itself).
-  add_bos: bool = True
-  add_eos: bool = False
+  # SentencePiece only; None for "hf" (a tokenizer.json's post-processor decides for itself).
+  add_bos: bool | None = None
+  add_eos: bool | None = None
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)

@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
           if ref_info else "") + ".",
       f"Model: {os.path.basename(ckpt.directory)}, {n_params / 1e6:.1f} M parameters, float32 "
       f"({param_bytes / 1e6:.0f} MB); prompt {len(prompt_ids)} tokens × batch, {args.new_tokens} new tokens "
-      f"(greedy, EOS ignored), decode only; median and best of {args.reps}, the two sides interleaved.",
+      f"(greedy, EOS ignored), decode only; median and best of {args.reps}"
+      + (", the two sides interleaved." if ref_info else "."),
       "Roofline bytes/step: " + ", ".join(f"B={b}: {roof[b]['bytes_per_step'] / 1e6:.0f} MB" for b in batches)
       + f" (weights once + KV cache at average context {context:.0f}).",
   ]

@@ -45,11 +45,12 @@ def _run_convert(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_from_file(path: str, cfg):
-  from dmc_jax.tokenizer import TOKENIZER_JSON, TokenizerInfo
+  from dmc_jax.tokenizer import TokenizerInfo
   with open(path, "rb") as f:
     data = f.read()
-  kind = "hf" if os.path.basename(path).endswith(".json") or path.endswith(TOKENIZER_JSON) else "sentencepiece"
-  return TokenizerInfo(kind, cfg.bos_token_id, cfg.eos_token_ids), data
+  if path.endswith(".json"):
+    return TokenizerInfo("hf", cfg.bos_token_id, cfg.eos_token_ids), data
+  return TokenizerInfo("sentencepiece", cfg.bos_token_id, cfg.eos_token_ids, add_bos=True, add_eos=False), data
 
 
 # -- export-hf ----------------------------------------------------------------------------------------------
