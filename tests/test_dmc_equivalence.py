@@ -111,6 +111,23 @@ def test_always_append_is_vanilla_with_channel_ch_zeroed():
   np.testing.assert_allclose(dmc_logits, vanilla, atol=1e-5)
   # ... and it is not the untouched vanilla model (channel ch matters).
   assert not np.allclose(dmc_logits, Llama(cfg).apply(params, tokens), atol=1e-3)
+  # The same cache contents: every DMC slot is the vanilla cache entry of its token.
+  n = tokens.shape[1]
+  from dmc_jax.model.llama import init_cache
+  _, vanilla_cache = Llama(cfg, dmc, "off").apply(
+      params, tokens, init_cache(cfg, tokens.shape[0], n), jnp.zeros(tokens.shape[0], jnp.int32),
+      fade=jnp.float32(0.0), method=Llama.forward_with_cache)
+  cache = dmc_cache.init_cache(cfg, dmc, tokens.shape[0], n, page_size=PAGE)
+  _, cache = prefill_dmc(Llama(cfg, dmc, "eval"), params, tokens, jnp.full(tokens.shape[0], n), cache, never)
+  bt, kp, vp = np.asarray(cache.block_table), np.asarray(cache.k_pages), np.asarray(cache.v_pages)
+  for layer in range(cfg.n_layers):
+    for b in range(tokens.shape[0]):
+      for h in range(cfg.n_kv_heads):
+        assert int(cache.lengths[layer, b, h]) == n
+        k = kp[bt[layer, b, h]].reshape(-1, cfg.head_dim)[:n]
+        v = vp[bt[layer, b, h]].reshape(-1, cfg.head_dim)[:n]
+        np.testing.assert_allclose(k, vanilla_cache[layer]["k"][b, h], atol=1e-5)
+        np.testing.assert_allclose(v, vanilla_cache[layer]["v"][b, h], atol=1e-5)
 
 
 def test_scanned_layers_prefill_and_decode():

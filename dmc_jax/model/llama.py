@@ -216,8 +216,10 @@ class Llama(nn.Module):
     return logits, aux
 
   def forward_with_cache(self, tokens_BxL: Array, cache: KVCache, cache_index_B: Array,
-                         positions_BxL: Array | None = None) -> tuple[Array, KVCache]:
-    """Prefill/decode with the vanilla cache: appends L tokens per sequence at its own index; (logits, cache)."""
+                         positions_BxL: Array | None = None, fade: Array | None = None) -> tuple[Array, KVCache]:
+    """Prefill/decode with the vanilla cache: appends L tokens per sequence at its own index; (logits, cache).
+
+    fade: as in `__call__` (channel ch scaled before and after RoPE; needs the model's DMCConfig)."""
     if self.dmc_mode != "off":
       raise ValueError("forward_with_cache is the vanilla cache path; DMC decodes with decode_dmc")
     l = tokens_BxL.shape[1]
@@ -227,7 +229,7 @@ class Llama(nn.Module):
       positions_BxL = slots_BxL
     cos, sin = rope.cos_sin(positions_BxL, self.cfg)
     ctx = {"cos": cos, "sin": sin, "mask": jnp.arange(s)[None, None, :] <= slots_BxL[:, :, None],
-           "cache_index": cache_index_B}
+           "cache_index": cache_index_B, "fade": fade}
     x, ys = self._run_layers(self._embed(tokens_BxL), ctx, {"cache": cache})
     new_cache = ys["cache"] if self.cfg.scan_layers else [y["cache"] for y in ys]
     return self._logits(x), new_cache
