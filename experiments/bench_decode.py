@@ -50,14 +50,26 @@ def random_params(cfg, seed=0):
   return init(jax.random.key(seed))
 
 
-def run(model: str, batches, prompt_len: int, new_tokens: int, dtype: str, repeats: int) -> dict:
-  from dmc_jax.generate import Generator
+def run(model: str, batches, prompt_len: int, new_tokens: int, dtype: str, repeats: int,
+        dmc_crs=()) -> dict:
+  from dmc_jax.config import DMCConfig
+  from dmc_jax.generate import DMCOptions, Generator
   from dmc_jax.presets import preset
   cfg = preset(model, param_dtype=dtype, dtype=dtype)
   params = random_params(cfg)
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   bw = copy_bandwidth()
-  gen = Generator(cfg, params)
+  rows = []
+  # cr 0 = the vanilla cache; cr ≥ 1 = the DMC cache with decisions forced to merge at rate 1 − 1/cr.
+  for cr in [0, *dmc_crs]:
+    dmc = None if cr == 0 else DMCOptions(DMCConfig(), forced_merge_rate=1 - 1 / cr)
+    rows += _run_one(Generator(cfg, params, dmc=dmc), cfg, cr, batches, prompt_len, new_tokens, dtype, repeats,
+                     param_bytes, bw, model)
+  return {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+          "jax": jax.__version__, "copy_bandwidth_GBps": bw / 1e9, "param_bytes": param_bytes, "rows": rows}
+
+
+def _run_one(gen, cfg, cr, batches, prompt_len, new_tokens, dtype, repeats, param_bytes, bw, model):
   rng = np.random.default_rng(0)
   rows = []
   for b in batches:
@@ -69,26 +81,28 @@ def run(model: str, batches, prompt_len: int, new_tokens: int, dtype: str, repea
         times.append(r.decode_seconds / r.decode_steps)
     step = float(np.median(times))
     avg_ctx = prompt_len + new_tokens / 2
-    kv_bytes = b * avg_ctx * cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize)
+    kv_bytes = b * avg_ctx * cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize) / max(cr, 1)
     bytes_per_step = param_bytes + kv_bytes
     roofline_step = bytes_per_step / bw
-    rows.append({"model": model, "batch": b, "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
+    realised = r.dmc["cr"]["overall"] if r.dmc else 1.0
+    rows.append({"model": model, "cache": "vanilla" if cr == 0 else f"dmc cr {cr:g}", "realised_cr": realised,
+                 "batch": b, "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
                  "ms_per_step": step * 1e3, "tokens_per_s": b / step, "bytes_per_step": bytes_per_step,
                  "roofline_ms": roofline_step * 1e3, "roofline_fraction": roofline_step / step,
-                 "cache_bytes_allocated": r.cache_bytes})
-  return {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
-          "jax": jax.__version__, "copy_bandwidth_GBps": bw / 1e9, "param_bytes": param_bytes, "rows": rows}
+                 "cache_bytes": r.cache_bytes, "compile_s": r.compile_seconds})
+  return rows
 
 
 def table(result: dict) -> str:
   lines = [f"device: {result['device']} ({result['platform']}), jax {result['jax']}, measured copy bandwidth "
            f"{result['copy_bandwidth_GBps']:.0f} GB/s",
-           "", "| model | dtype | batch | prompt+new | tokens/s | ms/step | roofline ms/step | of roofline |",
-           "|---|---|---:|---|---:|---:|---:|---:|"]
+           "", "| model | cache | realised CR | dtype | batch | prompt+new | tokens/s | ms/step | "
+           "roofline ms/step | of roofline |",
+           "|---|---|---:|---|---:|---|---:|---:|---:|---:|"]
   for r in result["rows"]:
-    lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['prompt_len']}+{r['new_tokens']} | "
-                 f"{r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | {r['roofline_ms']:.2f} | "
-                 f"{100 * r['roofline_fraction']:.0f}% |")
+    lines.append(f"| {r['model']} | {r['cache']} | {r['realised_cr']:.2f} | {r['dtype']} | {r['batch']} | "
+                 f"{r['prompt_len']}+{r['new_tokens']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
+                 f"{r['roofline_ms']:.2f} | {100 * r['roofline_fraction']:.0f}% |")
   return "\n".join(lines)
 
 
@@ -100,10 +114,12 @@ def main(argv=None) -> int:
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--dmc-cr", default="", help="also run the DMC cache with decisions forced to these CRs, e.g. 2,4")
   p.add_argument("--json", help="also write the result here")
   args = p.parse_args(argv)
+  crs = [float(c) for c in args.dmc_cr.split(",") if c]
   result = run(args.model, [int(b) for b in args.batch.split(",")], args.prompt_len, args.new_tokens, args.dtype,
-               args.repeats)
+               args.repeats, crs)
   print(table(result))
   if args.json:
     with open(args.json, "w") as f:
