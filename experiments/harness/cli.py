@@ -24,8 +24,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   from dmc_jax.tokenizer import TokenizerError
   from experiments.harness.checkpoint import CheckpointError
   from experiments.harness.config import ExperimentConfigError
+  from experiments.harness.mesh import MeshError
+  from experiments.harness.orbax_ckpt import TrainCheckpointError
+  from sdc_jax.errors import SDCError
   return (ConfigError, ConversionError, TokenizerError, CheckpointError, ExperimentConfigError,
-          FileNotFoundError)
+          FileNotFoundError, MeshError, TrainCheckpointError, SDCError)
 
 
 @dataclasses.dataclass
