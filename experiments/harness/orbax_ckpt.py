@@ -59,7 +59,7 @@ def restore_raw(workdir: str, step: int | None = None) -> tuple[int, Any]:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise TrainCheckpointError(f"{workdir}: no checkpoints/ folder (not a training run directory)")
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
     step = mgr.latest_step() if step is None else step
     if step is None:
       raise TrainCheckpointError(f"{directory}: holds no finished checkpoint")

