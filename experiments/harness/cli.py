@@ -24,9 +24,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   from dmc_jax.tokenizer import TokenizerError
   from experiments.harness.checkpoint import CheckpointError
   from experiments.harness.config import ExperimentConfigError
+  from experiments.harness.mesh import MeshError
+  from experiments.harness.orbax_ckpt import TrainCheckpointError
   from dmc_jax.cache import CachePoolExhausted
+  from sdc_jax.errors import SDCError
   return (ConfigError, ConversionError, TokenizerError, CheckpointError, ExperimentConfigError,
-          FileNotFoundError, CachePoolExhausted)
+          FileNotFoundError, CachePoolExhausted, MeshError, TrainCheckpointError, SDCError)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,92 @@
+"""Orbax training checkpoints (the one place that talks to Orbax): train state + data-iterator state, async,
+keep-N, resume; plus a small `run.json` beside them that describes the run (model config, normalisation,
+experiment config) so that eval/predict need only the directory.
+
+    WORKDIR/checkpoints/<step>/{state,data}   Orbax (state: params + optimizer + step; data: iterator JSON)
+    WORKDIR/run.json                          written by the task (format tag + whatever it needs to rebuild)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+RUN_JSON = "run.json"
+
+
+class TrainCheckpointError(ValueError):
+  pass
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict | None, force: bool = False) -> bool:
+    args = {"state": ocp.args.StandardSave(state)}
+    if data_state is not None:
+      args["data"] = ocp.args.JsonSave(data_state)
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None]:
+    """`abstract_state`: a tree of jax.ShapeDtypeStruct (with shardings) shaped like the saved state."""
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if os.path.isdir(os.path.join(self.directory, str(step), "data")):
+      args["data"] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return out["state"], out.get("data") if "data" in args else None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_raw(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """(step, state as nested dicts of numpy arrays) of the latest (or given) checkpoint — no target needed."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise TrainCheckpointError(f"{workdir}: no checkpoints/ folder (not a training run directory)")
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      raise TrainCheckpointError(f"{directory}: holds no finished checkpoint")
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, jax.tree.map(lambda x: x, out["state"])
+
+
+def write_run_json(workdir: str, meta: dict) -> str:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, RUN_JSON)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def read_run_json(workdir: str, expected_format: str) -> dict:
+  path = os.path.join(workdir, RUN_JSON)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise TrainCheckpointError(f"{path}: missing (not a training run directory)") from None
+  except json.JSONDecodeError as e:
+    raise TrainCheckpointError(f"{path}: invalid JSON ({e})") from None
+  if meta.get("format") != expected_format:
+    raise TrainCheckpointError(f"{path}: format {meta.get('format')!r}, expected {expected_format!r}")
+  return meta
