@@ -13,7 +13,8 @@ last W tokens of its run, exactly as the training-time windowed accumulation doe
 
 Prefill is parallel: the model's eval-mode forward gives every position's accumulated state; with hard decisions
 the run ids are the cumulative sum of 1 − α, and the state at each run's last token is its slot (a scatter, no
-loop over positions). Padding past each prompt's length never enters a slot or the merge state.
+loop over positions), written layer by layer inside the model's layer loop. Padding past each prompt's length
+never enters a slot or the merge state.
 """
 
 from __future__ import annotations
@@ -114,63 +115,59 @@ def _write_slots(pages: Array, block_table: Array, rows_slots: Array, values: Ar
 # -- prefill --------------------------------------------------------------------------------------------------
 
 
-def write_prefill(cache: DMCCache, states: dict[str, Array], lengths_B: Array) -> DMCCache:
-  """Fills an empty cache from the eval-mode forward of right-padded prompts (all layers at once).
+def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: Array) -> tuple[dict, dict]:
+  """Fills one layer's rows of an empty cache from its eval-mode forward over right-padded prompts.
 
-  `states` (stacked over layers, [Ly, B, L, K, ...]): alpha (hard), omega, wk = ω·k, wv = ω·v, num_k, num_v,
-  den (the windowed sums at every position), k_slot = RoPE_t(k̃_t) with ch zeroed, v_slot = ṽ_t.
+  `states` ([B, L, K, ...]): alpha (hard), omega, wk = ω·k, wv = ω·v, num_k, num_v, den (the windowed sums at
+  every position), k_slot = RoPE_t(k̃_t) with ch zeroed, v_slot = ṽ_t. Layers are filled one after the other
+  (the model calls this inside its layer loop), so only one layer's states ever exist at once.
+  Returns the updated (pool, layer state).
   """
+  page_size = pool["k_pages"].shape[1]
+  w = state["ring_w"].shape[-1]
   alpha = states["alpha"]
-  ly, b, l, kv = alpha.shape
+  b, l, kv = alpha.shape
   t = jnp.arange(l)
-  valid_BxL = t[None, :] < lengths_B[:, None]
-  valid = jnp.broadcast_to(valid_BxL[None, :, :, None], alpha.shape)
+  valid = jnp.broadcast_to((t[None, :] < lengths_B[:, None])[..., None], alpha.shape)
   appends = jnp.where(valid, 1 - (alpha > 0.5).astype(jnp.int32), 0)
-  run_id = jnp.cumsum(appends, axis=2) - 1  # slot of every valid token
-  n_slots = jnp.sum(appends, axis=2)  # [Ly, B, K]
-  next_alpha = jnp.concatenate([alpha[:, :, 1:], jnp.zeros_like(alpha[:, :, :1])], axis=2)
-  is_last = t[None, None, :, None] == (lengths_B[None, :, None, None] - 1)
+  run_id = jnp.cumsum(appends, axis=1) - 1  # slot of every valid token
+  n_slots = jnp.sum(appends, axis=1)  # [B, K]
+  next_alpha = jnp.concatenate([alpha[:, 1:], jnp.zeros_like(alpha[:, :1])], axis=1)
+  is_last = t[None, :, None] == (lengths_B[:, None, None] - 1)
   is_end = valid & (is_last | (next_alpha < 0.5))
 
-  need = -(-n_slots // cache.page_size)
-  first, next_free, overflow = _allocate(cache.next_free, cache.num_pages, need)
-  m = cache.block_table.shape[-1]
+  need = -(-n_slots // page_size)
+  first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
+  m = state["block_table"].shape[-1]
   page_i = jnp.arange(m)
   block_table = jnp.where(page_i < need[..., None], first[..., None] + page_i, -1).astype(jnp.int32)
   block_table = jnp.where(overflow, -1, block_table)  # never point past the pool
 
-  # Slots: the state at the last token of each run. Token axis moves next to its row for the scatter.
-  bt = jnp.broadcast_to(block_table[:, :, None], (ly, b, l, kv, m))
-  k_pages = _write_slots(cache.k_pages, bt, run_id, states["k_slot"], is_end)
-  v_pages = _write_slots(cache.v_pages, bt, run_id, states["v_slot"], is_end)
+  # Slots: the state at the last token of each run (one scatter per pool; other tokens are dropped).
+  bt = jnp.broadcast_to(block_table[:, None], (b, l, kv, m))
+  new_pool = {"k_pages": _write_slots(pool["k_pages"], bt, run_id, states["k_slot"], is_end),
+              "v_pages": _write_slots(pool["v_pages"], bt, run_id, states["v_slot"], is_end),
+              "next_free": next_free, "overflow": pool["overflow"] | overflow}
 
   # Merge state at each prompt's last token, and the run length there.
   last = jnp.maximum(lengths_B - 1, 0)
-  def at_last(x):  # [Ly, B, L, K, ...] -> [Ly, B, K, ...]
-    idx = last.reshape((1, b, 1) + (1,) * (x.ndim - 3))
-    return jnp.take_along_axis(x, idx, axis=2)[:, :, 0]
-  last_append = jax.lax.cummax(jnp.where(appends > 0, t[None, None, :, None], 0), axis=2)
-  run = at_last(t[None, None, :, None] - last_append + 1)
-
-  w = cache.window or 0
+  def at_last(x):  # [B, L, K, ...] -> [B, K, ...]
+    return jnp.take_along_axis(x, last.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+  last_append = jax.lax.cummax(jnp.where(appends > 0, t[None, :, None], 0), axis=1)
+  new = dict(state, block_table=block_table, lengths=n_slots.astype(jnp.int32), sum_k=at_last(states["num_k"]),
+             sum_v=at_last(states["num_v"]), sum_w=at_last(states["den"]),
+             run=at_last(t[None, :, None] - last_append + 1).astype(jnp.int32))
   if w:
     # Ring slot j holds the entry of the position p ≡ j (mod W) among the last W tokens (zero before the start).
     j = jnp.arange(w)
     p_BxW = last[:, None] - jnp.mod(last[:, None] - j[None, :], w)
-    ok = (p_BxW >= 0)[None, :, None, :]
-    def ring(x):  # [Ly, B, L, K, ...] -> [Ly, B, K, W, ...]
-      idx = jnp.clip(p_BxW, 0, l - 1).reshape((1, b, w) + (1,) * (x.ndim - 3))
-      g = jnp.moveaxis(jnp.take_along_axis(x, idx, axis=2), 2, 3)
-      return jnp.where(ok.reshape(ok.shape + (1,) * (g.ndim - 4)), g, 0.0)
-    ring_k, ring_v, ring_w = ring(states["wk"]), ring(states["wv"]), ring(states["omega"])
-  else:
-    ring_k, ring_v, ring_w = cache.ring_k, cache.ring_v, cache.ring_w
-  return cache.replace(
-      k_pages=k_pages, v_pages=v_pages, block_table=block_table, lengths=n_slots.astype(jnp.int32),
-      next_free=next_free, overflow=cache.overflow | overflow,
-      sum_k=at_last(states["num_k"]), sum_v=at_last(states["num_v"]), sum_w=at_last(states["den"]),
-      run=run.astype(jnp.int32), ring_k=ring_k, ring_v=ring_v, ring_w=ring_w,
-      positions=lengths_B.astype(jnp.int32))
+    ok = (p_BxW >= 0)[:, None, :]  # [B, 1, W]
+    def ring(x):  # [B, L, K, ...] -> [B, K, W, ...]
+      idx = jnp.clip(p_BxW, 0, l - 1).reshape((b, w) + (1,) * (x.ndim - 2))
+      g = jnp.moveaxis(jnp.take_along_axis(x, idx, axis=1), 1, 2)
+      return jnp.where(ok.reshape(ok.shape + (1,) * (g.ndim - 3)), g, 0.0)
+    new.update(ring_k=ring(states["wk"]), ring_v=ring(states["wv"]), ring_w=ring(states["omega"]))
+  return new_pool, new
 
 
 # -- decode ---------------------------------------------------------------------------------------------------

@@ -228,8 +228,8 @@ def prefill_dmc(model: Llama, params: Any, tokens_BxP: jax.Array, lengths_B: jax
 
   `model` must be in dmc_mode="eval". Returns (logits [B, P, V], cache).
   """
-  logits, aux = model.apply(params, tokens_BxP, forced_alpha=forced_alpha, collect_prefill=True)
-  return logits, dmc_cache.write_prefill(cache, aux["prefill"], lengths_B)
+  logits, cache, _ = model.apply(params, tokens_BxP, lengths_B, cache, forced_alpha, method=Llama.prefill_dmc)
+  return logits, cache
 
 
 def decode_dmc(model: Llama, params: Any, tokens_B: jax.Array, cache, forced_alpha: jax.Array | None = None):

@@ -98,6 +98,12 @@ class DecoderLayer(nn.Module):
     x_BxLxD = self._mlp_block(x_BxLxD + attn_out.astype(x_BxLxD.dtype))
     return x_BxLxD, {"cache": cache, "aux": aux}
 
+  def prefill(self, x_BxLxD: Array, ctx: dict, pool: dict, state: dict, forced_alpha_BxLxK=None):
+    """Eval-mode parallel forward that also fills this layer's rows of the compressed cache."""
+    attn_out, _, aux = self.attn(self.attn_norm(x_BxLxD), dict(ctx, collect_prefill=True), None, forced_alpha_BxLxK)
+    pool, state = dmc_cache.prefill_layer(pool, state, aux.pop("prefill"), ctx["lengths"])
+    return self._mlp_block(x_BxLxD + attn_out.astype(x_BxLxD.dtype)), pool, state, aux
+
   def decode(self, x_Bx1xD: Array, ctx: dict, pool: dict, state: dict, forced_alpha_BxK=None):
     attn_out, pool, state = self.attn.decode(self.attn_norm(x_Bx1xD), ctx, pool, state, forced_alpha_BxK)
     return self._mlp_block(x_Bx1xD + attn_out.astype(x_Bx1xD.dtype)), pool, state
@@ -107,7 +113,8 @@ class _ScanBody(nn.Module):
   """Adapts DecoderLayer to nn.scan's (carry, xs) -> (carry, ys) shape.
 
   The carry's structure (static under tracing) selects the method: an array is the parallel forward; a dict
-  {"x", "pool"} is a DMC decode step threading the shared page pool through the layers.
+  {"x", "pool"} threads the shared DMC page pool through the layers — a prefill when ctx has the prompt
+  "lengths", else a decode step.
   """
 
   cfg: LlamaConfig
@@ -118,6 +125,9 @@ class _ScanBody(nn.Module):
   def __call__(self, x, ctx, layer_xs):
     if isinstance(x, dict):
       block = DecoderLayer(self.cfg, self.dmc, self.dmc_mode, name="layer")
+      if "lengths" in ctx:
+        y, pool, state, aux = block.prefill(x["x"], ctx, x["pool"], layer_xs["state"], layer_xs.get("forced_alpha"))
+        return {"x": y, "pool": pool}, {"state": state, "aux": aux}
       y, pool, state = block.decode(x["x"], ctx, x["pool"], layer_xs["state"], layer_xs.get("forced_alpha"))
       return {"x": y, "pool": pool}, {"state": state}
     layer = DecoderLayer
@@ -194,9 +204,19 @@ class Llama(nn.Module):
     """Parallel forward: float32 logits [B, L, V]; with a DMC mode, (logits, aux).
 
     forced_alpha [layers, B, L, K]: hard decisions to use instead of the model's (tests, benchmarks).
-    fade: stage-1 multiplier of channel ch (vanilla mode). collect_prefill: aux["prefill"] holds the per-layer
-    states `dmc_jax.cache.write_prefill` needs.
+    fade: stage-1 multiplier of channel ch (vanilla mode). collect_prefill: aux["prefill"] holds every layer's
+    per-position DMC states (what `dmc_jax.cache.prefill_layer` consumes; `prefill_dmc` never stacks them).
     """
+    ctx = self._parallel_ctx(tokens_BxL, positions_BxL, segment_ids_BxL)
+    ctx.update(fade=fade, collect_prefill=collect_prefill)
+    x, ys = self._run_layers(self._embed(tokens_BxL), ctx, {"forced_alpha": forced_alpha})
+    logits = self._logits(x)
+    if self.dmc_mode == "off":
+      return logits
+    aux = ys["aux"] if self.cfg.scan_layers else jax.tree.map(lambda *a: jnp.stack(a), *[y["aux"] for y in ys])
+    return logits, aux
+
+  def _parallel_ctx(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> dict:
     b, l = tokens_BxL.shape
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones((b, l), jnp.int32)
@@ -206,14 +226,35 @@ class Llama(nn.Module):
     mask_BxLxL = (idx[None, :, None] >= idx[None, None, :]) & (
         segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
     cos, sin = rope.cos_sin(positions_BxL, self.cfg)
-    ctx = {"cos": cos, "sin": sin, "mask": mask_BxLxL, "segment_ids": segment_ids_BxL,
-           "starts": dmc_math.document_starts(segment_ids_BxL), "fade": fade, "collect_prefill": collect_prefill}
-    x, ys = self._run_layers(self._embed(tokens_BxL), ctx, {"forced_alpha": forced_alpha})
-    logits = self._logits(x)
-    if self.dmc_mode == "off":
-      return logits
-    aux = ys["aux"] if self.cfg.scan_layers else jax.tree.map(lambda *a: jnp.stack(a), *[y["aux"] for y in ys])
-    return logits, aux
+    return {"cos": cos, "sin": sin, "mask": mask_BxLxL, "segment_ids": segment_ids_BxL,
+            "starts": dmc_math.document_starts(segment_ids_BxL)}
+
+  def prefill_dmc(self, tokens_BxP: Array, lengths_B: Array, cache, forced_alpha: Array | None = None):
+    """Eval-mode forward over right-padded prompts that fills the compressed cache layer by layer.
+
+    Returns (logits [B, P, V], cache, aux) with aux["alpha"] [layers, B, P, K]. Only one layer's per-position
+    states exist at a time (a stacked collection would be ~6 × layers × B·P·K·D floats).
+    """
+    if self.dmc_mode != "eval":
+      raise ValueError("prefill_dmc needs dmc_mode='eval' (hard, noiseless decisions)")
+    ctx = self._parallel_ctx(tokens_BxP)
+    ctx["lengths"] = lengths_B
+    x = self._embed(tokens_BxP)
+    pool, states = dmc_cache.pool_of(cache), dmc_cache.layers_of(cache)
+    if self.cfg.scan_layers:
+      carry, ys = self.layers({"x": x, "pool": pool}, ctx, {"state": states, "forced_alpha": forced_alpha})
+      x, pool, states, aux = carry["x"], carry["pool"], ys["state"], ys["aux"]
+    else:
+      new_states, auxes = [], []
+      for i, block in enumerate(self.blocks):
+        x, pool, state, aux = block.prefill(x, ctx, pool, {f: v[i] for f, v in states.items()},
+                                            None if forced_alpha is None else forced_alpha[i])
+        new_states.append(state)
+        auxes.append(aux)
+      states = {f: jnp.stack([s[f] for s in new_states]) for f in states}
+      aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+    cache = cache.replace(**pool, **states, positions=lengths_B.astype(jnp.int32))
+    return self._logits(x), cache, aux
 
   def forward_with_cache(self, tokens_BxL: Array, cache: KVCache, cache_index_B: Array,
                          positions_BxL: Array | None = None, fade: Array | None = None) -> tuple[Array, KVCache]:
