@@ -18,6 +18,14 @@ class ConfigError(ValueError):
   """A configuration value or key is invalid; the message names it and what was expected."""
 
 
+def check_keys(cls, d: Mapping[str, Any], where: str, error: type[Exception] = ConfigError) -> None:
+  """Refuses keys of `d` that are not fields of the dataclass `cls` (a typo must not pass silently)."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise error(f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama 3.1 (`llama3`) or linear RoPE frequency scaling."""
@@ -117,10 +125,7 @@ class LlamaConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], where: str = "model config") -> "LlamaConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ConfigError(f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    check_keys(cls, d, where)
     kwargs = dict(d)
     if kwargs.get("rope_scaling") is not None:
       kwargs["rope_scaling"] = _rope_scaling_from_dict(kwargs["rope_scaling"], where)
@@ -133,10 +138,7 @@ class LlamaConfig:
 
 
 def _rope_scaling_from_dict(d: Mapping[str, Any], where: str) -> RopeScaling:
-  known = {f.name for f in dataclasses.fields(RopeScaling)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise ConfigError(f"{where}: rope_scaling has unknown key(s) {unknown}; expected {sorted(known)}")
+  check_keys(RopeScaling, d, f"{where}: rope_scaling")
   return RopeScaling(**d)
 
 
@@ -288,8 +290,5 @@ class DMCConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], where: str = "dmc config") -> "DMCConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ConfigError(f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    check_keys(cls, d, where)
     return cls(**d)

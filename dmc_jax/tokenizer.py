@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from dmc_jax.config import check_keys
+
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
 
@@ -37,10 +39,7 @@ class TokenizerInfo:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], where: str) -> "TokenizerInfo":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise TokenizerError(f"{where}: unknown tokenizer key(s) {unknown}; expected {sorted(known)}")
+    check_keys(cls, d, where, TokenizerError)
     d = dict(d)
     d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
     return cls(**d)

@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import threading
 import time
 

@@ -41,7 +41,7 @@ def test_from_dict_round_trip_and_unknown_keys():
   assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
   with pytest.raises(ConfigError, match=r"unknown key\(s\) \['n_layer'\]"):
     LlamaConfig.from_dict(dict(cfg.to_dict(), n_layer=3))
-  with pytest.raises(ConfigError, match="rope_scaling has unknown key"):
+  with pytest.raises(ConfigError, match=r"rope_scaling: unknown key\(s\) \[.bogus.\]"):
     LlamaConfig.from_dict(dict(cfg.to_dict(), rope_scaling={"factor": 2.0, "bogus": 1}))
 
 

@@ -1,6 +1,5 @@
 """Meta consolidated.*.pth checkpoints, read without torch, compute the same function as their HF twins."""
 
-import io
 import os
 import pickle
 import zipfile

@@ -8,19 +8,12 @@ import os
 from dmc_jax.config import ConfigError, from_hf_config, to_hf_config
 from dmc_jax.convert import Converted
 from dmc_jax.convert import layout
-from dmc_jax.convert.tensors import ConversionError, read_sharded
+from dmc_jax.convert.tensors import ConversionError, read_json, read_sharded
 from dmc_jax import tokenizer as tok
 
 
 def read_hf_config(src: str) -> dict:
-  path = os.path.join(src, "config.json")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise ConversionError(f"{path}: not found (an HF model directory needs config.json)") from None
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{path}: invalid JSON ({e})") from None
+  return read_json(os.path.join(src, "config.json"), "not found (an HF model directory needs config.json)")
 
 
 def read(src: str) -> Converted:

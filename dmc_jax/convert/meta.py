@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
 import logging
 import os
 import pickle
@@ -26,7 +25,7 @@ import numpy as np
 
 from dmc_jax.config import LlamaConfig, RopeScaling
 from dmc_jax.convert import Converted, layout
-from dmc_jax.convert.tensors import ConversionError, LazyTensor
+from dmc_jax.convert.tensors import ConversionError, LazyTensor, read_json
 from dmc_jax.model.rope import meta_to_hf_permutation
 
 log = logging.getLogger(__name__)
@@ -161,13 +160,7 @@ def read_pth(path: str) -> dict[str, LazyTensor]:
 
 def _read_params(src: str) -> dict:
   path = os.path.join(src, "params.json")
-  try:
-    with open(path) as f:
-      params = json.load(f)
-  except FileNotFoundError:
-    raise ConversionError(f"{path}: not found (a Meta checkpoint directory needs params.json)") from None
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{path}: invalid JSON ({e})") from None
+  params = read_json(path, "not found (a Meta checkpoint directory needs params.json)")
   missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
   if missing:
     raise ConversionError(f"{path}: missing key(s) {missing}")

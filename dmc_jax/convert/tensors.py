@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -203,6 +203,17 @@ def read_sharded(directory: str, stem: str) -> dict[str, LazyTensor]:
   if os.path.exists(single):
     return read_safetensors(single)
   raise ConversionError(f"{directory}: no {stem}.safetensors or {stem}.safetensors.index.json")
+
+
+def read_json(path: str, missing: str, error: type[Exception] = ConversionError) -> Any:
+  """A JSON file, or one line naming the file: `{path}: {missing}` when absent, `invalid JSON` when broken."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise error(f"{path}: {missing}") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{path}: invalid JSON ({e})") from None
 
 
 def total_bytes(tensors: Iterable[LazyTensor]) -> int:

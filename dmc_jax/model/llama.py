@@ -29,7 +29,7 @@ from dmc_jax import cache as dmc_cache
 from dmc_jax import dmc as dmc_math
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model import rope
-from dmc_jax.model.attention import Attention, Kernel, attend, constrain, write_cache  # noqa: F401 (re-exported)
+from dmc_jax.model.attention import Attention, Kernel, constrain
 
 Array = jax.Array
 # Vanilla KV cache. Unscanned model: one {'k','v'} dict per layer, each [B, KV, S, Dh] (separate buffers, so

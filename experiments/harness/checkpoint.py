@@ -28,7 +28,8 @@ import numpy as np
 
 from dmc_jax.config import ConfigError, LlamaConfig
 from dmc_jax.convert import Converted, layout
-from dmc_jax.convert.tensors import FLOAT_DTYPES, ConversionError, LazyTensor, read_sharded, write_sharded
+from dmc_jax.convert.tensors import (FLOAT_DTYPES, ConversionError, LazyTensor, read_json, read_sharded,
+                                     write_sharded)
 from dmc_jax.tokenizer import Tokenizer, TokenizerInfo
 from experiments.harness import progress
 
@@ -136,14 +137,8 @@ class Checkpoint:
     path = os.path.join(self.directory, CHECKPOINT_JSON)
     if not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory}: not a directory")
-    try:
-      with open(path) as f:
-        self.meta = json.load(f)
-    except FileNotFoundError:
-      raise CheckpointError(f"{path}: missing (not a dmc-jax checkpoint; convert one with `dmc-jax convert`)") \
-          from None
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    self.meta = read_json(path, "missing (not a dmc-jax checkpoint; convert one with `dmc-jax convert`)",
+                          CheckpointError)
     if self.meta.get("format") != FORMAT:
       raise CheckpointError(f"{path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
     try:

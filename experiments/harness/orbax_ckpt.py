@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from dmc_jax.convert.tensors import read_json
+
 RUN_JSON = "run.json"
 
 
@@ -80,13 +82,7 @@ def write_run_json(workdir: str, meta: dict) -> str:
 
 def read_run_json(workdir: str, expected_format: str) -> dict:
   path = os.path.join(workdir, RUN_JSON)
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-  except FileNotFoundError:
-    raise TrainCheckpointError(f"{path}: missing (not a training run directory)") from None
-  except json.JSONDecodeError as e:
-    raise TrainCheckpointError(f"{path}: invalid JSON ({e})") from None
+  meta = read_json(path, "missing (not a training run directory)", TrainCheckpointError)
   if meta.get("format") != expected_format:
     raise TrainCheckpointError(f"{path}: format {meta.get('format')!r}, expected {expected_format!r}")
   return meta

@@ -15,7 +15,6 @@ NEG_INF = -1e30
 def paged_decode_attention(q_RxGxD: jax.Array, k_pages_PxSxD: jax.Array, v_pages_PxSxD: jax.Array,
                            block_table_RxM: jax.Array, lengths_R: jax.Array, scale: float | None = None) -> jax.Array:
   r, g, d = q_RxGxD.shape
-  page = k_pages_PxSxD.shape[1]
   scale = d ** -0.5 if scale is None else scale
   pages = jnp.clip(block_table_RxM, 0, k_pages_PxSxD.shape[0] - 1)
   k = k_pages_PxSxD[pages].reshape(r, -1, d)  # [R, M·S, D]
