@@ -102,3 +102,46 @@ def scale_decision_rows(factor: float, dmc: DMCConfig) -> optax.GradientTransfor
     mask = decision_rows_mask(updates, dmc)
     return jax.tree.map(lambda u, m: jnp.where(m, u * factor, u), updates, mask), state
   return optax.GradientTransformation(init, update)
+
+
+def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTransformation, stage1_steps: int,
+                       ramp_steps: int, target_cr: float) -> Callable:
+  """The three-stage retrofit as one pure step over state {"step", "params", "opt_state"} (DMC.md §6):
+
+  steps [0, stage1_steps): vanilla model, channel ch faded out; at step == stage1_steps the decision rows are
+  zeroed (surgery) and DMC takes over with the target CR ramped 1 → target over `ramp_steps`, then held
+  (stage 3). Being a function of the step counter alone, a resumed run continues exactly where it stopped.
+  """
+  stage1_loss, later_loss = vanilla_loss(cfg, dmc), dmc_loss(cfg, dmc)
+  zero = jnp.zeros((), jnp.float32)
+
+  def with_all_metrics(m):  # both stages report the same keys (lax.cond needs one output structure)
+    out = {"lm_loss": m["lm_loss"], "cr_loss": m.get("cr_loss", zero), "fade": m.get("fade", zero),
+           "target_cr": m.get("target_cr", jnp.ones((), jnp.float32)),
+           "realised_cr": m.get("realised_cr", jnp.ones((), jnp.float32)),
+           "merge_fraction_per_head": m.get("merge_fraction_per_head",
+                                            jnp.zeros((cfg.n_layers, cfg.n_kv_heads), jnp.float32))}
+    return out
+
+  def step(state, batch: Batch, rng: Array):
+    s = state["step"]
+    params = jax.lax.cond(s == stage1_steps, lambda p: dmc_math.zero_decision_rows(p, dmc), lambda p: p,
+                          state["params"])
+
+    def loss_fn(p):
+      def stage1(p):
+        loss, m = stage1_loss(p, batch, dmc_math.stage1_fade(s, stage1_steps))
+        return loss, with_all_metrics(m)
+
+      def later(p):
+        loss, m = later_loss(p, batch, rng, dmc_math.cr_schedule(s, stage1_steps, ramp_steps, target_cr))
+        return loss, with_all_metrics(m)
+      return jax.lax.cond(s < stage1_steps, stage1, later, p)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), stage=1 + (s >= stage1_steps)
+                   + (s >= stage1_steps + ramp_steps))
+    return {"step": s + 1, "params": params, "opt_state": opt_state}, metrics
+  return step

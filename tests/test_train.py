@@ -75,3 +75,24 @@ def test_cr_loss_drives_merges_after_stage1_surgery():
   moved_ch = float(jnp.mean(jnp.abs(q1[..., -1] - q0[..., -1])))
   moved_rest = float(jnp.mean(jnp.abs(q1[..., :-1] - q0[..., :-1])))
   assert moved_ch > 5 * moved_rest, (moved_ch, moved_rest)
+
+
+def test_retrofit_step_runs_the_three_stages():
+  dmc = DMCConfig(window=4)
+  params = nn.unbox(Llama(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  tx = optax.adamw(1e-3)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  step = jax.jit(train.make_retrofit_step(CFG, dmc, tx, stage1_steps=3, ramp_steps=4, target_cr=3.0))
+  seen = []
+  for i in range(9):
+    state, m = step(state, _batch(seed=i), jax.random.key(i))
+    seen.append((int(m["stage"]), float(m["fade"]), float(m["target_cr"])))
+    k = state["params"]["params"]["layers_0"]["attn"]["k_proj"]["kernel"]
+    if i == 2:  # stage 1 trains the decision rows like any other weight
+      assert float(jnp.max(jnp.abs(k[..., -1]))) > 0.01
+    if i == 3:  # the first DMC step zeroed them (surgery), then one Adam update (|step| <= lr) moved them
+      assert float(jnp.max(jnp.abs(k[..., -1]))) <= 1.1e-3 < float(jnp.max(jnp.abs(k[..., :-1])))
+  assert [s for s, _, _ in seen] == [1, 1, 1, 2, 2, 2, 2, 3, 3]
+  np.testing.assert_allclose([f for _, f, _ in seen[:3]], [1.0, 1 - 1 / 2.4, 1 - 2 / 2.4], rtol=1e-5)
+  np.testing.assert_allclose([c for _, _, c in seen[3:]], [1.0, 1.5, 2.0, 2.5, 3.0, 3.0], rtol=1e-5)
+  assert int(state["step"]) == 9
