@@ -106,9 +106,12 @@ def _write_slots(pages: Array, block_table: Array, rows_slots: Array, values: Ar
   block_table: [..., M]; rows_slots, write: [...]; values: [..., D] (leading axes shared).
   """
   s = pages.shape[1]
-  page_idx = jnp.clip(rows_slots // s, 0, block_table.shape[-1] - 1)
-  page = jnp.take_along_axis(block_table, page_idx[..., None], axis=-1)[..., 0]
-  page = jnp.where(write & (page >= 0), page, pages.shape[0])  # out of range: dropped by mode="drop"
+  m = block_table.shape[-1]
+  page_idx = rows_slots // s
+  page = jnp.take_along_axis(block_table, jnp.clip(page_idx, 0, m - 1)[..., None], axis=-1)[..., 0]
+  # A slot past the row's block table (or in no page) is dropped, never folded onto another page.
+  ok = write & (page >= 0) & (page_idx >= 0) & (page_idx < m)
+  page = jnp.where(ok, page, pages.shape[0])  # out of range: dropped by mode="drop"
   return pages.at[page, rows_slots % s].set(values.astype(pages.dtype), mode="drop")
 
 
@@ -137,8 +140,9 @@ def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: 
   is_end = valid & (is_last | (next_alpha < 0.5))
 
   need = -(-n_slots // page_size)
-  first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
   m = state["block_table"].shape[-1]
+  first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
+  overflow = overflow | jnp.any(need > m)  # a prompt longer than the cache was sized for
   page_i = jnp.arange(m)
   block_table = jnp.where(page_i < need[..., None], first[..., None] + page_i, -1).astype(jnp.int32)
   block_table = jnp.where(overflow, -1, block_table)  # never point past the pool
@@ -198,7 +202,8 @@ def decode_layer(pool: dict, state: dict, positions_B: Array, k_BxKxD: Array, v_
   page_size = pool["k_pages"].shape[1]
   window = state["ring_w"].shape[-1] or None
   t = positions_B
-  alpha_i = (alpha_BxK > 0.5).astype(jnp.int32)
+  # A sequence's first token always appends (decode normally starts after a prefill, but need not).
+  alpha_i = (alpha_BxK > 0.5).astype(jnp.int32) * (t[:, None] > 0)
   alpha = alpha_i.astype(jnp.float32)
   run = alpha_i * state["run"] + 1
   wk = omega_BxK[..., None] * k_BxKxD.astype(jnp.float32)
@@ -228,14 +233,16 @@ def decode_layer(pool: dict, state: dict, positions_B: Array, k_BxKxD: Array, v_
 
   length = state["lengths"]
   slot = length - alpha_i  # merge: overwrite the last slot; append: the next one
-  need = ((1 - alpha_i) * (jnp.mod(length, page_size) == 0)).astype(jnp.int32)
+  table = state["block_table"]
+  m = table.shape[-1]
+  beyond = (alpha_i == 0) & (length >= m * page_size)  # the row's block table is full: nowhere to append
+  need = ((1 - alpha_i) * (jnp.mod(length, page_size) == 0) * ~beyond).astype(jnp.int32)
   num_pages = pool["k_pages"].shape[0]
   first, next_free, overflow = _allocate(pool["next_free"], num_pages, need)
-  table = state["block_table"]
-  page_i = jnp.clip(length // page_size, 0, table.shape[-1] - 1)
-  at_page_i = jnp.arange(table.shape[-1]) == page_i[..., None]
+  overflow = overflow | jnp.any(beyond)
+  at_page_i = jnp.arange(m) == (length // page_size)[..., None]
   table = jnp.where(at_page_i & ((need > 0) & ~overflow)[..., None], first[..., None], table)
-  write = ~(overflow & (need > 0))
+  write = ~(overflow & (need > 0)) & ~beyond
   new_pool = {"k_pages": _write_slots(pool["k_pages"], table, slot, k_cand, write),
               "v_pages": _write_slots(pool["v_pages"], table, slot, v_cand, write),
               "next_free": next_free, "overflow": pool["overflow"] | overflow}
@@ -259,8 +266,9 @@ def check(cache: DMCCache) -> None:
   """Raises if the pool ran out at any point (host-side; call after a batch of steps)."""
   if bool(cache.overflow):
     raise CachePoolExhausted(
-        f"DMC cache pool exhausted: {cache.num_pages} pages of {cache.page_size} slots were not enough "
-        f"(outputs after that point are invalid); raise the memory budget or lower the batch")
+        f"DMC cache pool exhausted: {cache.num_pages} pages of {cache.page_size} slots were not enough, or a "
+        f"row outgrew the {cache.block_table.shape[-1] * cache.page_size} slots it was sized for (outputs after "
+        f"that point are invalid); raise the memory budget or max length, or lower the batch")
 
 
 def realised_cr(cache: DMCCache) -> dict[str, Any]:

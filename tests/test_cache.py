@@ -159,3 +159,32 @@ def test_pool_sized_from_a_memory_budget():
   assert pages == 10 * 2**20 // (2 * 32 * 12 * 2)
   cache = dmc_cache.init_cache(CFG, DMC, 2, 100, page_size=32, num_pages=pages, dtype=jnp.bfloat16)
   assert dmc_cache.memory_bytes(cache)["pool"] <= 10 * 2**20
+
+
+def test_rows_outgrowing_their_block_table_are_flagged_not_folded(params):
+  """A pool with spare pages must not hide a row that outgrew max_len (writes would land on other slots)."""
+  model = Llama(CFG, DMC, "eval")
+  tokens = jax.random.randint(jax.random.key(7), (1, 9), 0, CFG.vocab_size)
+  never = jnp.zeros((CFG.n_layers, 1, 9, CFG.n_kv_heads))
+  cache = dmc_cache.init_cache(CFG, DMC, 1, 8, page_size=4, num_pages=64)  # room in the pool, 2 pages per row
+  _, cache = prefill_dmc(model, params, tokens[:, :8], jnp.array([8]), cache, never[:, :, :8])
+  dmc_cache.check(cache)
+  table, before = np.asarray(cache.block_table).copy(), np.asarray(cache.k_pages).copy()
+  _, cache = decode_dmc(model, params, tokens[:, 8], cache, never[:, :, 8])
+  with pytest.raises(dmc_cache.CachePoolExhausted, match="outgrew the 8 slots"):
+    dmc_cache.check(cache)
+  np.testing.assert_array_equal(np.asarray(cache.block_table), table)  # no slot re-pointed
+  np.testing.assert_array_equal(np.asarray(cache.k_pages), before)  # nothing overwritten
+  # A prompt longer than the cache was sized for.
+  small = dmc_cache.init_cache(CFG, DMC, 1, 4, page_size=4, num_pages=64)
+  _, small = prefill_dmc(model, params, tokens[:, :8], jnp.array([8]), small, never[:, :, :8])
+  with pytest.raises(dmc_cache.CachePoolExhausted):
+    dmc_cache.check(small)
+
+
+def test_first_token_appends_even_without_a_prefill(params):
+  model = Llama(CFG, DMC, "eval")
+  cache = dmc_cache.init_cache(CFG, DMC, 2, 8, page_size=4)
+  merge = jnp.ones((CFG.n_layers, 2, CFG.n_kv_heads))
+  _, cache = decode_dmc(model, params, jnp.array([3, 4]), cache, merge)
+  assert np.all(np.asarray(cache.lengths) == 1)

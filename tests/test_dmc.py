@@ -73,9 +73,9 @@ def test_relaxed_mask_tends_to_the_hard_mask():
   a = jnp.array([[[-2.0], [1.5], [-0.3], [0.7], [3.0]]])  # [B=1, L=5, K=1]
   starts = jnp.array([[True, False, False, True, False]])
   hard = dmc_math.key_bias_hard(jnp.where(starts[..., None], 0.0, (a > 0).astype(jnp.float32)))
-  for tau in (1.0, 0.1, 1e-3):
-    soft = dmc_math.key_bias_relaxed(a / tau, starts)
-    assert soft.shape == hard.shape
+  # As τ shrinks the soft bias approaches 0 / −∞ monotonically on the blocked keys.
+  blocked = [float(dmc_math.key_bias_relaxed(a / tau, starts)[0, 0, 0]) for tau in (1.0, 0.1, 1e-3)]
+  assert blocked[0] > blocked[1] > blocked[2]
   soft = np.asarray(dmc_math.key_bias_relaxed(a / 1e-4, starts))[0, :, 0]
   # Key j is blocked iff token j+1 merged (and j+1 is not a document start); the last key is never blocked.
   np.testing.assert_array_equal(soft < -1000, np.asarray(hard)[0, :, 0] < -1000)
@@ -193,3 +193,69 @@ def test_config_validation():
   with pytest.raises(ConfigError, match=r"unknown key\(s\) \['tau'\]"):
     DMCConfig.from_dict({"tau": 0.2})
   assert DMCConfig.from_dict(DMCConfig(window=None).to_dict()) == DMCConfig(window=None)
+
+
+def test_train_mode_attention_equals_the_dense_formula(monkeypatch):
+  """One relaxed DMC attention layer (float64) against DMC.md §5 written out as loops: same noise in the
+  accumulation and the bias, bias log(1 − α̃_{j+1}) with the diagonal exempt, α̃ = 0 at document starts."""
+  from dmc_jax.model import attention, rope
+  jax.config.update("jax_enable_x64", True)
+  try:
+    cfg = LlamaConfig(vocab_size=61, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=32, head_dim=8,
+                      dtype="float64", param_dtype="float64")
+    dmc = DMCConfig(window=3, temperature=0.7, offset=0.0)
+    l, g, ch, w, tau = 9, 2, 7, 3, 0.7
+    noise = np.random.default_rng(0).logistic(size=(1, l, 2))
+    monkeypatch.setattr(dmc_math, "logistic_noise", lambda key, shape: jnp.asarray(noise))
+    seg = jnp.array([[1] * 5 + [2] * 4])
+    pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    cos, sin = rope.cos_sin(pos, cfg)
+    ctx = {"cos": cos, "sin": sin, "starts": dmc_math.document_starts(seg), "segment_ids": seg}
+    x = jax.random.normal(jax.random.key(1), (1, l, 16), jnp.float64)
+    att = attention.Attention(cfg, dmc, "train")
+    params = nn.unbox(att.init({"params": jax.random.key(0), "dmc": jax.random.key(2)}, x, ctx))
+    params = jax.tree.map(lambda p: p * 3, params)
+    out, _, _ = att.apply(params, x, ctx, rngs={"dmc": jax.random.key(3)})
+
+    p = params["params"]
+    wq, wk, wv, wo = (np.asarray(p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    xn = np.asarray(x)[0]
+    q, k, v = (np.einsum("ld,dhk->lhk", xn, m) for m in (wq, wk, wv))
+    a = k[..., ch]
+    om = 1 / (1 + np.exp(-q[..., ch].reshape(l, 2, g).mean(-1))) + 2 ** -7
+    al = 1 / (1 + np.exp(-(a + noise[0]) / tau))
+    al[np.asarray(ctx["starts"][0])] = 0
+    q[..., ch] = 0
+    k[..., ch] = 0
+    inv = np.asarray(rope.inverse_frequencies(cfg), np.float64)
+
+    def rot(y, t):
+      ang = np.concatenate([t * inv, t * inv])
+      return y * np.cos(ang) + np.concatenate([-y[..., 4:], y[..., :4]], -1) * np.sin(ang)
+    kt, vt = np.zeros((l, 2, 8)), np.zeros((l, 2, 8))
+    for t in range(l):
+      for h in range(2):
+        nk, nv, dz = 0, 0, 0
+        for m in range(min(w, t + 1)):
+          pr = np.prod(al[t - m + 1:t + 1, h]) if m else 1.0
+          nk, nv, dz = nk + pr * om[t - m, h] * k[t - m, h], nv + pr * om[t - m, h] * v[t - m, h], dz + pr * om[t - m, h]
+        kt[t, h] = rot(nk / dz, pos[0, t])
+        kt[t, h, ch] = 0
+        vt[t, h] = nv / dz
+    s = np.asarray(seg[0])
+    heads = np.zeros((l, 4, 8))
+    for i in range(l):
+      for hq in range(4):
+        h = hq // g  # query head h uses KV head h // G
+        qi = rot(q[i, hq], pos[0, i])
+        qi[ch] = 0
+        logits = np.full(l, -np.inf)
+        for j in range(i + 1):
+          if s[j] == s[i]:
+            logits[j] = qi @ kt[j, h] / np.sqrt(8) + (0.0 if j == i else np.log(1 - al[j + 1, h]))
+        pr = np.exp(logits - logits.max())
+        heads[i, hq] = (pr / pr.sum()) @ vt[:, h]
+    ref = np.einsum("lhk,hkd->ld", heads, wo)
+    np.testing.assert_allclose(np.asarray(out)[0], ref, atol=1e-9)
+  finally:
+    jax.config.update("jax_enable_x64", False)
