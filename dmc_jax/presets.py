@@ -8,6 +8,10 @@ PRESETS: dict[str, LlamaConfig] = {
     "smollm2-135m": LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                                 rope_theta=100000.0, max_position_embeddings=8192, tie_embeddings=True,
                                 bos_token_id=1, eos_token_ids=(2,)),
+    # SmolLM2's vocabulary (and tokenizer) on a toy body: CPU tests and `tiny` experiment variants.
+    "smollm2-tiny": LlamaConfig(vocab_size=49152, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                                rope_theta=100000.0, max_position_embeddings=8192, tie_embeddings=True,
+                                bos_token_id=1, eos_token_ids=(2,)),
     "llama2-7b": LlamaConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                              ffn_dim=11008, max_position_embeddings=4096),
     "llama2-13b": LlamaConfig(vocab_size=32000, d_model=5120, n_layers=40, n_heads=40, n_kv_heads=40,

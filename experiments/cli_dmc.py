@@ -1,4 +1,4 @@
-"""`dmc-jax`: convert checkpoints, export to HF, generate text, inspect experiment configs."""
+"""`dmc-jax`: convert checkpoints, export to HF, generate text, retrofit to DMC, inspect experiment configs."""
 
 from __future__ import annotations
 
@@ -190,6 +190,18 @@ def run_config(args: argparse.Namespace) -> None:
   print(config.load(args.config, args.config_overrides))
 
 
+def _configure_train(p: argparse.ArgumentParser) -> None:
+  cli.add_config_argument(p)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+  import json
+  from experiments import dmc_run
+  from experiments.harness import config
+  summary = dmc_run.train(config.load(args.config, args.config_overrides))
+  print(json.dumps(summary, indent=2, default=str))
+
+
 COMMANDS = [
     cli.Command("convert", "convert an HF / Meta / GGUF Llama checkpoint into a dmc-jax checkpoint",
                 _configure_convert, _run_convert),
@@ -197,6 +209,8 @@ COMMANDS = [
                 _configure_export, _run_export),
     cli.Command("generate", "generate text from a checkpoint (batched, vanilla KV cache)",
                 _configure_generate, _run_generate),
+    cli.Command("train", "retrofit a checkpoint to DMC (three stages) from an experiment config",
+                _configure_train, _run_train, takes_config_overrides=True),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

@@ -150,7 +150,7 @@ class Attention(nn.Module):
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     out = dmc_attention(q, k_rot, v_acc, bias, ctx["segment_ids"])
     aux = {"alpha": alpha_st}
-    if ctx.get("collect_prefill"):
+    if "collect_prefill" in ctx:  # key presence, not a value: ctx is traced under remat
       aux["prefill"] = {"alpha": alpha, "omega": omega, "num_k": num_k, "num_v": num_v, "den": den,
                         "wk": omega[..., None] * k.astype(jnp.float32),
                         "wv": omega[..., None] * v.astype(jnp.float32), "k_slot": k_rot, "v_slot": v_acc}

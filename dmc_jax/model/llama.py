@@ -208,7 +208,9 @@ class Llama(nn.Module):
     per-position DMC states (what `dmc_jax.cache.prefill_layer` consumes; `prefill_dmc` never stacks them).
     """
     ctx = self._parallel_ctx(tokens_BxL, positions_BxL, segment_ids_BxL)
-    ctx.update(fade=fade, collect_prefill=collect_prefill)
+    ctx["fade"] = fade
+    if collect_prefill:  # signalled by the key's presence (a bool leaf would be traced under remat)
+      ctx["collect_prefill"] = True
     x, ys = self._run_layers(self._embed(tokens_BxL), ctx, {"forced_alpha": forced_alpha})
     logits = self._logits(x)
     if self.dmc_mode == "off":

@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -269,7 +270,8 @@ def prepare(src: TextSource, data_dir: str | None = None):
     # A first pass checks every input (one-line errors before TFDS writes anything) and fixes the split.
     builder = cls(source=src, name=name, held_out=_held_out_key(src), data_dir=data_dir,
                   file_format="array_record")
-    builder.download_and_prepare()
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress; stdout is for results
+      builder.download_and_prepare()
   return builder
 
 

@@ -42,6 +42,9 @@ class Task:
   eval_fn: Callable[[Any], Mapping[str, float]] | None = None
   # written to WORKDIR/run.json before training (what eval/predict need to rebuild the model)
   describe: Mapping[str, Any] | None = None
+  # (state shardings) -> the initial state of a fresh run placed with those shardings, e.g. weights loaded from a
+  # converted checkpoint (jit-compiling `init` would bake them in as constants); default: jit(init)
+  load: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +93,10 @@ def train(task: Task, cfg: LoopConfig, workdir: str,
         data_it.set_state(data_state)
       log.info("resumed %s at step %d", workdir, start)
     else:
-      state = jax.jit(lambda k: nn.unbox(task.init(k)), out_shardings=state_sh)(init_key)
+      if task.load is not None:
+        state = task.load(state_sh)
+      else:
+        state = jax.jit(lambda k: nn.unbox(task.init(k)), out_shardings=state_sh)(init_key)
     step_fn = jax.jit(task.train_step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                       donate_argnums=(0,))
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start)

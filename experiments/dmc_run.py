@@ -1,0 +1,162 @@
+"""`dmc-jax train`: retrofit a Llama checkpoint to DMC on the shared training harness.
+
+Three stages as one step function of the step counter (dmc_jax.train.make_retrofit_step); Orbax checkpoints of
+params + optimizer state + step + data-iterator state (a killed run resumes); metrics to TensorBoard and
+metrics.jsonl; at the end a self-describing DMC checkpoint in WORKDIR/dmc_checkpoint (usable by
+`dmc-jax generate --dmc`) and a PNG heatmap of the realised CR per layer × KV head on validation text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+log = logging.getLogger("dmc_jax")
+FORMAT = "dmc-jax-retrofit/1"
+
+
+def _model_and_tokenizer(cfg):
+  from dmc_jax.config import DMCConfig
+  from dmc_jax.presets import preset
+  from experiments.harness import checkpoint
+  dmc = DMCConfig(decision_channel=cfg.dmc.decision_channel, window=cfg.dmc.window,
+                  temperature=cfg.dmc.temperature, offset=cfg.dmc.offset)
+  source = checkpoint.Checkpoint(cfg.model.init_from) if cfg.model.init_from else None
+  tok_dir = cfg.model.tokenizer_from or cfg.model.init_from
+  if not tok_dir:
+    raise checkpoint.CheckpointError("model.tokenizer_from: needed when model.init_from is not set")
+  tok_ckpt = source if tok_dir == cfg.model.init_from else checkpoint.Checkpoint(tok_dir)
+  tokenizer = tok_ckpt.tokenizer()
+  llama = source.config if source else preset(cfg.model.preset)
+  llama = llama.replace(param_dtype="float32", dtype=cfg.model.dtype, scan_layers=True,
+                        remat_policy=cfg.model.remat)
+  if tokenizer.vocab_size > llama.vocab_size:
+    raise checkpoint.CheckpointError(f"{tok_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model's "
+                                     f"embedding only {llama.vocab_size}")
+  return llama, dmc, source, tokenizer
+
+
+def make_optimizer(cfg, dmc):
+  import optax
+  from dmc_jax import train as dmc_train
+  t = cfg.train
+  schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.warmup_steps, 1), max(t.steps, 2))
+  return optax.chain(optax.clip_by_global_norm(t.clip),
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t.weight_decay),
+                     dmc_train.scale_decision_rows(t.decision_lr / t.lr, dmc))
+
+
+def train(cfg) -> dict:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from dmc_jax import train as dmc_train
+  from dmc_jax.convert import layout
+  from dmc_jax.model.llama import Llama
+  from experiments.harness import text_data, trainer
+  llama, dmc, source, tokenizer = _model_and_tokenizer(cfg)
+  workdir = cfg.workdir or os.path.join("runs", cfg.name)
+  trainer.batch_size_check(cfg.train.batch_size, cfg.mesh.shape)
+  src = text_data.TextSource(kind=cfg.data.kind, paths=tuple(cfg.data.paths), tfds_name=cfg.data.tfds_name,
+                             text_key=cfg.data.text_key)
+  splits = text_data.open_splits(src, cfg.data.data_dir)
+  tx = make_optimizer(cfg, dmc)
+  retrofit = dmc_train.make_retrofit_step(llama, dmc, tx, cfg.train.stage1_steps, cfg.train.ramp_steps,
+                                          cfg.train.target_cr)
+
+  def train_step(state, batch, rng):  # the loop logs scalars; the per-head fractions go to the eval heatmap
+    state, m = retrofit(state, batch, rng)
+    m.pop("merge_fraction_per_head")
+    return state, m
+
+  def init(rng):
+    params = nn.unbox(Llama(llama).init(rng, jnp.zeros((1, 8), jnp.int32)))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  def load(shardings):
+    params = {"params": layout.stack_layers(source.load_params()["params"], llama.n_layers)}
+    params = jax.device_put(params, shardings["params"])
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+
+  eval_model = Llama(llama, dmc, "eval")
+
+  @jax.jit
+  def eval_batch(params, batch):
+    logits, aux = eval_model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    valid = batch["segment_ids"] > 0
+    weights = valid.astype(jnp.float32)[None, :, :, None]
+    per_head = jnp.sum(aux["alpha"] * weights, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1.0)
+    return dmc_train.lm_loss(logits, batch["targets"], batch["loss_mask"]), per_head
+
+  validation = list(text_data.eval_batches(splits["validation"], tokenizer, seq_len=cfg.train.seq_len,
+                                           batch_size=cfg.train.batch_size, max_batches=cfg.train.eval_batches))
+  last_heads = {}
+
+  def eval_fn(state):
+    losses, heads = zip(*(eval_batch(state["params"], b) for b in validation))
+    frac = np.mean(np.stack([np.asarray(h) for h in heads]), axis=0)
+    last_heads["fraction"] = frac
+    return {"lm_loss": float(np.mean(losses)), "realised_cr": float(1 / (1 - frac.mean()))}
+
+  task = trainer.Task(
+      init=init, train_step=train_step, load=load if source else None, eval_fn=eval_fn,
+      data=lambda: text_data.train_iterator(splits["train"], tokenizer, seq_len=cfg.train.seq_len,
+                                            batch_size=cfg.train.batch_size, seed=cfg.seed),
+      describe={"format": FORMAT, "model": llama.to_dict(), "dmc": dmc.to_dict(),
+                "experiment": json.loads(cfg.to_json_best_effort())})
+  loop = trainer.LoopConfig(steps=cfg.train.steps, seed=cfg.seed, log_every=cfg.train.log_every,
+                            ckpt_every=cfg.train.ckpt_every, eval_every=cfg.train.eval_every, keep=cfg.train.keep,
+                            mesh_shape=tuple(cfg.mesh.shape))
+  t0 = time.perf_counter()
+  res = trainer.train(task, loop, workdir)
+  out = _export(res.state["params"], llama, dmc, tokenizer, cfg, workdir)
+  heatmap = _plot_heatmap(last_heads.get("fraction"), os.path.join(workdir, "cr_heatmap.png"))
+  tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+  summary = {"workdir": os.path.abspath(workdir), "dmc_checkpoint": out, "heatmap": heatmap,
+             "steps": cfg.train.steps, "resumed_from": res.start_step, "tokens": tokens,
+             "seconds": round(time.perf_counter() - t0, 1), "steps_per_second": round(res.steps_per_second, 3),
+             "final": res.history[-1] if res.history else {}}
+  log.info("retrofit done: %s", summary)
+  return summary
+
+
+def _export(params, llama, dmc, tokenizer, cfg, workdir) -> str:
+  """The trained weights as a self-describing checkpoint with the DMC settings (unscanned, float32)."""
+  import jax
+  from dmc_jax.convert import Converted, layout
+  from dmc_jax.convert.tensors import LazyTensor
+  from experiments.harness import checkpoint
+  tree = layout.unstack_layers(jax.device_get(params)["params"], llama.n_layers)
+  flat = {k: np.asarray(v) for k, v in layout.flatten(tree).items()}
+  tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
+  tok_info = tokenizer.info
+  with open(os.path.join(cfg.model.tokenizer_from or cfg.model.init_from, tok_info.filename), "rb") as f:
+    tok = (tok_info, f.read())
+  converted = Converted(llama.replace(scan_layers=False, remat_policy="none"), tensors, tok,
+                        {"format": "dmc-jax retrofit", "path": os.path.abspath(workdir)})
+  return checkpoint.write(os.path.join(workdir, "dmc_checkpoint"), converted, force=True, dmc=dmc.to_dict(),
+                          experiment=json.loads(cfg.to_json_best_effort()), show_progress=False)
+
+
+def _plot_heatmap(fraction, path) -> str | None:
+  if fraction is None:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cr = 1.0 / np.maximum(1.0 - np.asarray(fraction), 1e-6)
+  fig, ax = plt.subplots(figsize=(2 + 0.5 * cr.shape[1], 1 + 0.25 * cr.shape[0]))
+  im = ax.imshow(cr, aspect="auto", cmap="viridis")
+  ax.set_xlabel("KV head")
+  ax.set_ylabel("layer")
+  ax.set_title("realised CR (validation, eval mode)")
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
