@@ -155,6 +155,12 @@ def stage1_fade(step, stage1_steps: int) -> Array:
   return jnp.maximum(0.0, 1.0 - jnp.asarray(step, jnp.float32) / (0.8 * stage1_steps))
 
 
+def is_decision_kernel(path) -> bool:
+  """Whether a parameter-tree path names a q_proj/k_proj kernel (scanned or not; head dim is its last axis)."""
+  names = [getattr(p, "key", None) for p in path]
+  return "attn" in names and ("q_proj" in names or "k_proj" in names) and names[-1] == "kernel"
+
+
 def zero_decision_rows(params: Any, dmc: DMCConfig) -> Any:
   """Stage-1 surgery: zero the q/k weight rows that produce channel ch (a = −c, ω ≈ 1 afterwards).
 
@@ -162,8 +168,5 @@ def zero_decision_rows(params: Any, dmc: DMCConfig) -> Any:
   the last axis of q_proj/k_proj kernels.
   """
   def fix(path, x):
-    names = [getattr(p, "key", None) for p in path]
-    if "attn" in names and ("q_proj" in names or "k_proj" in names) and names[-1] == "kernel":
-      return x.at[..., dmc.channel(x.shape[-1])].set(0)
-    return x
+    return x.at[..., dmc.channel(x.shape[-1])].set(0) if is_decision_kernel(path) else x
   return jax.tree_util.tree_map_with_path(fix, params)

@@ -82,10 +82,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Call
 def decision_rows_mask(params: Any, dmc: DMCConfig) -> Any:
   """True for the q/k weight entries that produce channel ch (for a separate decision-row learning rate)."""
   def mark(path, x):
-    names = [getattr(p, "key", None) for p in path]
-    if "attn" in names and ("q_proj" in names or "k_proj" in names) and names[-1] == "kernel":
-      return jnp.zeros(x.shape, bool).at[..., dmc.channel(x.shape[-1])].set(True)
-    return jnp.zeros(x.shape, bool)
+    mask = jnp.zeros(x.shape, bool)
+    return mask.at[..., dmc.channel(x.shape[-1])].set(True) if dmc_math.is_decision_kernel(path) else mask
   return jax.tree_util.tree_map_with_path(mark, params)
 
 

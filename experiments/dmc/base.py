@@ -52,6 +52,25 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   return cfg
 
 
+SMOLLM2_CKPT = ".work/ckpt/smollm2-135m-instruct"  # where `make demo-dmc` converts the bundled GGUF
+VARIANTS = (None, "tiny")
+
+
+def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict:
+  """SmolLM2-135M retrofitted at `target_cr`; `tiny` keeps the target CR, tokenizer and data on a toy body."""
+  from experiments.harness.config import variant_error
+  cfg = base_config(f"smollm2_135m_cr{target_cr:g}", target_cr)
+  cfg.model.init_from = SMOLLM2_CKPT
+  if variant is None:
+    return cfg
+  if variant == "tiny":
+    cfg = tiny(cfg)
+    cfg.model.init_from = None
+    cfg.model.tokenizer_from = SMOLLM2_CKPT
+    return cfg
+  raise variant_error(path, variant, VARIANTS)
+
+
 def tiny(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
   """A laptop-CPU run of the same experiment: toy body, real tokenizer and data, the real target CR."""
   cfg.model.preset = "smollm2-tiny"

@@ -1,19 +1,7 @@
 """Retrofit SmolLM2-135M to DMC at CR 4 (init from `dmc-jax convert --from gguf` of the bundled model)."""
 
 from experiments.dmc import base
-from experiments.harness.config import variant_error
-
-VARIANTS = (None, "tiny")
 
 
 def get_config(variant=None):
-  cfg = base.base_config("smollm2_135m_cr4", target_cr=4)
-  cfg.model.init_from = ".work/ckpt/smollm2-135m-instruct"
-  if variant is None:
-    return cfg
-  if variant == "tiny":
-    cfg = base.tiny(cfg)
-    cfg.model.init_from = None
-    cfg.model.tokenizer_from = ".work/ckpt/smollm2-135m-instruct"
-    return cfg
-  raise variant_error(__file__, variant, VARIANTS)
+  return base.smollm2_135m(4, variant, __file__)
