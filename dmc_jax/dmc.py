@@ -165,7 +165,7 @@ def zero_decision_rows(params: Any, dmc: DMCConfig) -> Any:
   """Stage-1 surgery: zero the q/k weight rows that produce channel ch (a = −c, ω ≈ 1 afterwards).
 
   Works on unscanned (layers_i) and scanned (layers/layer, leading layer axis) trees alike: the head-dim axis is
-  the last axis of q_proj/k_proj kernels.
+  the last axis of q_proj/k_proj kernels. Any tree that mirrors the parameters works too (optimizer moments).
   """
   def fix(path, x):
     return x.at[..., dmc.channel(x.shape[-1])].set(0) if is_decision_kernel(path) else x

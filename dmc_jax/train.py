@@ -103,13 +103,24 @@ def scale_decision_rows(factor: float, dmc: DMCConfig) -> optax.GradientTransfor
 
 
 def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTransformation, stage1_steps: int,
-                       ramp_steps: int, target_cr: float) -> Callable:
+                       ramp_steps: int, target_cr: float, mode: str = "dmc", grad_accum: int = 1,
+                       cr_weight: float = 1.0) -> Callable:
   """The three-stage retrofit as one pure step over state {"step", "params", "opt_state"} (DMC.md §6):
 
   steps [0, stage1_steps): vanilla model, channel ch faded out; at step == stage1_steps the decision rows are
   zeroed (surgery) and DMC takes over with the target CR ramped 1 → target over `ramp_steps`, then held
   (stage 3). Being a function of the step counter alone, a resumed run continues exactly where it stopped.
+
+  mode="vanilla" is the continued-training baseline: the same optimizer, data and metrics, no DMC at all.
+  grad_accum > 1 splits the batch into that many microbatches (a scan: activations of one microbatch live at a
+  time); token- and sequence-weighted, so the gradient equals the whole batch's.
+  cr_weight multiplies the CR loss (the paper: 1). Per decision, the CR gradient is 1/(rows·length·heads·layers)
+  while the LM gradient through a noise-triggered merge is of order 1/(rows·length): at 1 the CR signal only
+  emerges from the LM noise over thousands of steps (on SmolLM2 the LM gradient on the decision rows measured
+  ≈10× the CR gradient), so short runs raise it.
   """
+  if mode not in ("dmc", "vanilla"):
+    raise ValueError(f"train.mode: expected 'dmc' or 'vanilla', got {mode!r}")
   stage1_loss, later_loss = vanilla_loss(cfg, dmc), dmc_loss(cfg, dmc)
   zero = jnp.zeros((), jnp.float32)
 
@@ -121,25 +132,53 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
                                             jnp.zeros((cfg.n_layers, cfg.n_kv_heads), jnp.float32))}
     return out
 
+  def micro_loss(p, micro: Batch, rng: Array, s: Array, lm_weight: Array, seq_weight: Array):
+    """The microbatch's share of the whole batch's loss: LM loss by its token share, CR loss by its row share."""
+    def stage1(p):
+      fade = 1.0 if mode == "vanilla" else dmc_math.stage1_fade(s, stage1_steps)
+      return with_all_metrics(stage1_loss(p, micro, fade)[1])
+
+    def later(p):
+      return with_all_metrics(later_loss(p, micro, rng, dmc_math.cr_schedule(s, stage1_steps, ramp_steps,
+                                                                             target_cr))[1])
+    m = stage1(p) if mode == "vanilla" else jax.lax.cond(s < stage1_steps, stage1, later, p)
+    return m["lm_loss"] * lm_weight + cr_weight * m["cr_loss"] * seq_weight, m
+
   def step(state, batch: Batch, rng: Array):
     s = state["step"]
-    params = jax.lax.cond(s == stage1_steps, lambda p: dmc_math.zero_decision_rows(p, dmc), lambda p: p,
-                          state["params"])
+    params, opt_state = state["params"], state["opt_state"]
+    if mode == "dmc":
+      # The surgery also clears the rows' Adam moments: they hold stage-1 statistics of a different objective,
+      # and a second moment built from stage-1 LM gradients would damp the (much smaller) post-surgery decision
+      # gradients for tens of steps (β2 = 0.95).
+      params, opt_state = jax.lax.cond(s == stage1_steps, lambda t: dmc_math.zero_decision_rows(t, dmc),
+                                       lambda t: t, (params, opt_state))
+    rows = batch["tokens"].shape[0]
+    if rows % grad_accum:
+      raise ValueError(f"train.grad_accum {grad_accum} does not divide the per-step batch of {rows} rows")
+    micro = jax.tree.map(lambda x: x.reshape((grad_accum, rows // grad_accum) + x.shape[1:]), dict(batch))
+    tokens_A = jnp.sum(micro["loss_mask"].astype(jnp.float32), axis=(1, 2))
+    lm_weight_A = tokens_A / jnp.maximum(jnp.sum(tokens_A), 1.0)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def loss_fn(p):
-      def stage1(p):
-        loss, m = stage1_loss(p, batch, dmc_math.stage1_fade(s, stage1_steps))
-        return loss, with_all_metrics(m)
+    def accumulate(carry, xs):
+      grads, loss, metrics = carry
+      mb, i, lm_weight = xs
+      (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), s, lm_weight, 1.0 / grad_accum)
+      metrics = {k: metrics[k] + (m[k] * lm_weight if k == "lm_loss" else m[k] / grad_accum) for k in metrics}
+      return (jax.tree.map(jnp.add, grads, g), loss + l, metrics), None
 
-      def later(p):
-        loss, m = later_loss(p, batch, rng, dmc_math.cr_schedule(s, stage1_steps, ramp_steps, target_cr))
-        return loss, with_all_metrics(m)
-      return jax.lax.cond(s < stage1_steps, stage1, later, p)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    if grad_accum == 1:  # no scan: keeps the single-batch step's HLO (and its RNG draws) unchanged
+      (loss, metrics), grads = grad_fn(params, dict(batch), rng, s, jnp.ones((), jnp.float32), 1.0)
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      m0 = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, s, zero, zero)[0][1])
+      m0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), m0)
+      (grads, loss, metrics), _ = jax.lax.scan(accumulate, (zeros, zero, m0),
+                                               (micro, jnp.arange(grad_accum), lm_weight_A))
+    updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), stage=1 + (s >= stage1_steps)
-                   + (s >= stage1_steps + ramp_steps))
+    stage = jnp.asarray(0 if mode == "vanilla" else 1 + (s >= stage1_steps) + (s >= stage1_steps + ramp_steps))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), stage=stage)
     return {"step": s + 1, "params": params, "opt_state": opt_state}, metrics
   return step

@@ -192,13 +192,24 @@ def run_config(args: argparse.Namespace) -> None:
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
   cli.add_config_argument(p)
+  p.add_argument("--init-from", metavar="CKPT",
+                 help="converted checkpoint to retrofit (same as --config.model.init_from=CKPT)")
+  p.add_argument("--workdir", help="run directory (same as --config.workdir=DIR)")
 
 
 def _run_train(args: argparse.Namespace) -> None:
   import json
   from experiments import dmc_run
   from experiments.harness import config
-  summary = dmc_run.train(config.load(args.config, args.config_overrides))
+  overrides = list(args.config_overrides)
+  if args.init_from:
+    if not os.path.exists(os.path.join(args.init_from, "checkpoint.json")):
+      raise FileNotFoundError(f"--init-from {args.init_from}: not a dmc-jax checkpoint (no checkpoint.json); "
+                          "convert one with `dmc-jax convert`")
+    overrides.append(f"--config.model.init_from={args.init_from}")
+  if args.workdir:
+    overrides.append(f"--config.workdir={args.workdir}")
+  summary = dmc_run.train(config.load(args.config, overrides))
   print(json.dumps(summary, indent=2, default=str))
 
 

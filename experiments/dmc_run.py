@@ -57,7 +57,7 @@ def train(cfg) -> dict:
   from dmc_jax import train as dmc_train
   from dmc_jax.convert import layout
   from dmc_jax.model.llama import Llama
-  from experiments.harness import text_data, trainer
+  from experiments.harness import mfu, text_data, trainer
   llama, dmc, source, tokenizer = _model_and_tokenizer(cfg)
   workdir = cfg.workdir or os.path.join("runs", cfg.name)
   trainer.batch_size_check(cfg.train.batch_size, cfg.mesh.shape)
@@ -65,68 +65,111 @@ def train(cfg) -> dict:
                              text_key=cfg.data.text_key)
   splits = text_data.open_splits(src, cfg.data.data_dir)
   tx = make_optimizer(cfg, dmc)
+  vanilla = cfg.train.mode == "vanilla"
   retrofit = dmc_train.make_retrofit_step(llama, dmc, tx, cfg.train.stage1_steps, cfg.train.ramp_steps,
-                                          cfg.train.target_cr)
+                                          cfg.train.target_cr, mode=cfg.train.mode,
+                                          grad_accum=cfg.train.grad_accum, cr_weight=cfg.train.cr_weight)
 
-  def train_step(state, batch, rng):  # the loop logs scalars; the per-head fractions go to the eval heatmap
+  def train_step(state, batch, rng):
     state, m = retrofit(state, batch, rng)
-    m.pop("merge_fraction_per_head")
+    frac = m.pop("merge_fraction_per_head")  # [layers, KV heads]
+    if not vanilla:
+      m["cr_per_head"] = 1.0 / jnp.maximum(1.0 - frac, 1e-6)
+      m["cr_per_layer"] = 1.0 / jnp.maximum(1.0 - jnp.mean(frac, axis=-1), 1e-6)
     return state, m
 
   def init(rng):
     params = nn.unbox(Llama(llama).init(rng, jnp.zeros((1, 8), jnp.int32)))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
+  def source_params(shardings):
+    return jax.device_put({"params": layout.stack_layers(source.load_params()["params"], llama.n_layers)},
+                          shardings)
+
   def load(shardings):
-    params = {"params": layout.stack_layers(source.load_params()["params"], llama.n_layers)}
-    params = jax.device_put(params, shardings["params"])
+    params = source_params(shardings["params"])
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
 
   eval_model = Llama(llama, dmc, "eval")
+  vanilla_model = Llama(llama)
 
   @jax.jit
-  def eval_batch(params, batch):
+  def vanilla_eval_batch(params, batch):
+    logits = vanilla_model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    return dmc_train.lm_loss(logits, batch["targets"], batch["loss_mask"]), jnp.zeros((llama.n_layers,
+                                                                                       llama.n_kv_heads))
+
+  @jax.jit
+  def dmc_eval_batch(params, batch):
     logits, aux = eval_model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
     valid = batch["segment_ids"] > 0
     weights = valid.astype(jnp.float32)[None, :, :, None]
     per_head = jnp.sum(aux["alpha"] * weights, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1.0)
     return dmc_train.lm_loss(logits, batch["targets"], batch["loss_mask"]), per_head
 
+  tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
   validation = list(text_data.eval_batches(splits["validation"], tokenizer, seq_len=cfg.train.seq_len,
                                            batch_size=cfg.train.batch_size, max_batches=cfg.train.eval_batches))
   last_heads = {}
 
-  def eval_fn(state):
-    losses, heads = zip(*(eval_batch(state["params"], b) for b in validation))
+  def evaluate(params, dmc_mode: bool) -> dict:
+    """Held-out loss/perplexity on the fixed validation tokens; realised CR with hard, noiseless decisions."""
+    losses, heads = zip(*((dmc_eval_batch if dmc_mode else vanilla_eval_batch)(params, b) for b in validation))
     frac = np.mean(np.stack([np.asarray(h) for h in heads]), axis=0)
-    last_heads["fraction"] = frac
-    return {"lm_loss": float(np.mean(losses)), "realised_cr": float(1 / (1 - frac.mean()))}
+    loss = float(np.mean(losses))
+    return {"lm_loss": loss, "perplexity": float(np.exp(loss)), "realised_cr": float(1 / (1 - frac.mean())),
+            "merge_fraction": frac}
+
+  def eval_fn(state):
+    # DMC runs are evaluated with DMC only once decisions exist (after the stage-1 surgery).
+    ev = evaluate(state["params"], not vanilla and int(state["step"]) > cfg.train.stage1_steps)
+    last_heads["fraction"] = ev.pop("merge_fraction")
+    return ev
 
   task = trainer.Task(
       init=init, train_step=train_step, load=load if source else None, eval_fn=eval_fn,
       data=lambda: text_data.train_iterator(splits["train"], tokenizer, seq_len=cfg.train.seq_len,
                                             batch_size=cfg.train.batch_size, seed=cfg.seed),
       describe={"format": FORMAT, "model": llama.to_dict(), "dmc": dmc.to_dict(),
-                "experiment": json.loads(cfg.to_json_best_effort())})
+                "experiment": json.loads(cfg.to_json_best_effort())},
+      items_per_step=tokens_per_step,
+      flops_per_step=tokens_per_step * mfu.llama_train_flops_per_token(llama, cfg.train.seq_len))
+  peak = cfg.train.peak_tflops * 1e12 or mfu.peak_flops(dtype=cfg.model.dtype)
   loop = trainer.LoopConfig(steps=cfg.train.steps, seed=cfg.seed, log_every=cfg.train.log_every,
                             ckpt_every=cfg.train.ckpt_every, eval_every=cfg.train.eval_every, keep=cfg.train.keep,
-                            mesh_shape=tuple(cfg.mesh.shape))
+                            mesh_shape=tuple(cfg.mesh.shape), peak_flops=peak)
   t0 = time.perf_counter()
   res = trainer.train(task, loop, workdir)
-  out = _export(res.state["params"], llama, dmc, tokenizer, cfg, workdir)
-  heatmap = _plot_heatmap(last_heads.get("fraction"), os.path.join(workdir, "cr_heatmap.png"))
-  tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
-  summary = {"workdir": os.path.abspath(workdir), "dmc_checkpoint": out, "heatmap": heatmap,
-             "steps": cfg.train.steps, "resumed_from": res.start_step, "tokens": tokens,
+  eval_rows = [r for r in res.history if "eval/lm_loss" in r]
+  final_eval = {k.split("/", 1)[1]: v for k, v in eval_rows[-1].items() if k.startswith("eval/")} if eval_rows else {}
+  summary = {"workdir": os.path.abspath(workdir), "mode": cfg.train.mode, "steps": cfg.train.steps,
+             "resumed_from": res.start_step, "tokens": cfg.train.steps * tokens_per_step,
+             "validation_tokens": int(sum(int(np.sum(b["loss_mask"])) for b in validation)),
              "seconds": round(time.perf_counter() - t0, 1), "steps_per_second": round(res.steps_per_second, 3),
-             "final": res.history[-1] if res.history else {}}
+             "eval": final_eval}
+  if source is not None and cfg.train.eval_baseline:
+    # The unretrofitted model on the same validation tokens: what "quality preserved" is measured against.
+    before = evaluate(source_params(jax.tree.map(lambda x: x.sharding, res.state["params"])), False)
+    summary["eval_before"] = {k: v for k, v in before.items() if k != "merge_fraction"}
+    summary["perplexity_ratio"] = round(final_eval["perplexity"] / before["perplexity"], 4)
+  if vanilla:
+    summary["checkpoint"] = _export(res.state["params"], llama, None, tokenizer, cfg, workdir)
+  else:
+    summary["dmc_checkpoint"] = _export(res.state["params"], llama, dmc, tokenizer, cfg, workdir)
+    summary["heatmap"] = _plot_heatmap(last_heads.get("fraction"), os.path.join(workdir, "cr_heatmap.png"))
+  summary["curves"] = _plot_curves(res.history, cfg, os.path.join(workdir, "loss_cr_curves.png"))
   log.info("retrofit done: %s", summary)
+  if "eval_before" in summary:
+    log.info("held-out perplexity on %d tokens: %s %.3f (realised CR %.2f, hard decisions) vs unretrofitted %.3f "
+             "(%.2f×)", summary["validation_tokens"], cfg.train.mode, final_eval["perplexity"],
+             final_eval["realised_cr"], summary["eval_before"]["perplexity"], summary["perplexity_ratio"])
   return summary
 
 
 def _export(params, llama, dmc, tokenizer, cfg, workdir) -> str:
-  """The trained weights as a self-describing checkpoint with the DMC settings (unscanned, float32)."""
+  """The trained weights as a self-describing checkpoint (unscanned, float32): WORKDIR/dmc_checkpoint with the
+  DMC settings, or WORKDIR/checkpoint for a vanilla run (dmc None)."""
   import jax
   from dmc_jax.convert import Converted, layout
   from dmc_jax.convert.tensors import LazyTensor
@@ -139,7 +182,8 @@ def _export(params, llama, dmc, tokenizer, cfg, workdir) -> str:
     tok = (tok_info, f.read())
   converted = Converted(llama.replace(scan_layers=False, remat_policy="none"), tensors, tok,
                         {"format": "dmc-jax retrofit", "path": os.path.abspath(workdir)})
-  return checkpoint.write(os.path.join(workdir, "dmc_checkpoint"), converted, force=True, dmc=dmc.to_dict(),
+  name, dmc_fields = ("checkpoint", None) if dmc is None else ("dmc_checkpoint", dmc.to_dict())
+  return checkpoint.write(os.path.join(workdir, name), converted, force=True, dmc=dmc_fields,
                           experiment=json.loads(cfg.to_json_best_effort()), show_progress=False)
 
 
@@ -156,6 +200,42 @@ def _plot_heatmap(fraction, path) -> str | None:
   ax.set_ylabel("layer")
   ax.set_title("realised CR (validation, eval mode)")
   fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def _plot_curves(history, cfg, path) -> str | None:
+  """Two panels: LM loss (train, held-out) and compression (target, realised in training and held-out), with
+  the stage boundaries."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  def series(name):
+    pts = [(r["step"], r[name]) for r in history if name in r]
+    return tuple(zip(*pts)) if pts else ((), ())
+  if not history:
+    return None
+  fig, (ax_loss, ax_cr) = plt.subplots(1, 2, figsize=(10, 3.6))
+  for name, label in (("train/lm_loss", "train LM loss"), ("eval/lm_loss", "held-out LM loss")):
+    xs, ys = series(name)
+    ax_loss.plot(xs, ys, marker="o" if name.startswith("eval") else None, label=label)
+  for name, label in (("train/target_cr", "target CR"), ("train/realised_cr", "realised CR (train, relaxed)"),
+                      ("eval/realised_cr", "realised CR (held-out, hard)")):
+    xs, ys = series(name)
+    ax_cr.plot(xs, ys, marker="o" if name.startswith("eval") else None, label=label)
+  if cfg.train.mode == "dmc":
+    for ax in (ax_loss, ax_cr):
+      for x in (cfg.train.stage1_steps, cfg.train.stage1_steps + cfg.train.ramp_steps):
+        ax.axvline(x, color="grey", lw=0.8, ls=":")
+  ax_loss.set_title(f"{cfg.name}: LM loss")
+  ax_cr.set_title("compression ratio")
+  for ax in (ax_loss, ax_cr):
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

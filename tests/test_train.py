@@ -92,7 +92,43 @@ def test_retrofit_step_runs_the_three_stages():
       assert float(jnp.max(jnp.abs(k[..., -1]))) > 0.01
     if i == 3:  # the first DMC step zeroed them (surgery), then one Adam update (|step| <= lr) moved them
       assert float(jnp.max(jnp.abs(k[..., -1]))) <= 1.1e-3 < float(jnp.max(jnp.abs(k[..., :-1])))
+      # ... and cleared their Adam moments, which now hold the one post-surgery gradient g: mu = 0.1 g and
+      # nu = 0.001 g² (optax defaults), so nu = 0.1 mu² — stage-1 history would break this.
+      adam = state["opt_state"][0]
+      mu = adam.mu["params"]["layers_0"]["attn"]["k_proj"]["kernel"]
+      nu = adam.nu["params"]["layers_0"]["attn"]["k_proj"]["kernel"]
+      np.testing.assert_allclose(nu[..., -1], 0.1 * mu[..., -1] ** 2, rtol=1e-4, atol=1e-30)
+      assert not np.allclose(nu[..., :-1], 0.1 * mu[..., :-1] ** 2, rtol=1e-2, atol=0)
   assert [s for s, _, _ in seen] == [1, 1, 1, 2, 2, 2, 2, 3, 3]
   np.testing.assert_allclose([f for _, f, _ in seen[:3]], [1.0, 1 - 1 / 2.4, 1 - 2 / 2.4], rtol=1e-5)
   np.testing.assert_allclose([c for _, _, c in seen[3:]], [1.0, 1.5, 2.0, 2.5, 3.0, 3.0], rtol=1e-5)
   assert int(state["step"]) == 9
+
+
+def _state(tx, cfg=CFG):
+  params = nn.unbox(Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+  # Rows with different token counts: the microbatch losses must be token-weighted to match the full batch.
+  tx = optax.sgd(1.0)
+  batch = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), _batch(seed=1), _batch(seed=2))
+  outs = []
+  for accum in (1, 4):  # stage 1 of a DMC run (faded channel, no Gumbel noise): deterministic
+    step = jax.jit(train.make_retrofit_step(CFG, DMC, tx, 3, 4, 2.0, grad_accum=accum))
+    new, m = step(_state(tx) | {"step": jnp.ones((), jnp.int32)}, batch, jax.random.key(0))
+    outs.append((new["params"], float(m["loss"]), float(m["lm_loss"]), float(m["grad_norm"])))
+  np.testing.assert_allclose(outs[1][1:], outs[0][1:], rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), outs[1][0], outs[0][0])
+
+
+def test_vanilla_mode_never_touches_the_decision_rows_and_reports_stage_0():
+  tx = optax.adamw(1e-3)
+  step = jax.jit(train.make_retrofit_step(CFG, DMC, tx, 1, 2, 2.0, mode="vanilla"))
+  state = _state(tx)
+  for i in range(3):  # passes the step where a DMC run would do its surgery
+    state, m = step(state, _batch(seed=i), jax.random.key(i))
+    assert int(m["stage"]) == 0 and float(m["target_cr"]) == 1.0 and float(m["cr_loss"]) == 0.0
+  k = state["params"]["params"]["layers_0"]["attn"]["k_proj"]["kernel"]
+  assert float(jnp.min(jnp.max(jnp.abs(k[..., -1]), axis=0))) > 0.01

@@ -23,22 +23,27 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.dmc.offset = 5.0  # c in a = k[ch] - c
 
   cfg.train = config_dict.ConfigDict()
+  cfg.train.mode = "dmc"  # dmc | vanilla (the continued-training baseline: same LR, data and tokens, no DMC)
   cfg.train.target_cr = float(target_cr)  # compression ratio reached at the end of stage 2
   cfg.train.steps = 1000  # total optimizer steps (stages 1 + 2 + 3)
   cfg.train.stage1_steps = 50  # stage 1: channel fade-out, then decision-row surgery
   cfg.train.ramp_steps = 700  # stage 2: target CR ramps 1 -> target_cr; the rest is stage 3 at target_cr
   cfg.train.lr = 3e-5  # peak learning rate (warmup then cosine)
   cfg.train.decision_lr = 1e-3  # learning rate of the q/k rows producing channel ch (DMC.md §6: small budgets)
+  cfg.train.cr_weight = 1.0  # weight of the CR loss (paper: 1; short runs need more, see dmc_jax/train.py)
   cfg.train.warmup_steps = 20  # linear warmup
   cfg.train.weight_decay = 0.1  # AdamW weight decay
   cfg.train.clip = 1.0  # global gradient-norm clip
-  cfg.train.batch_size = 8  # sequences per step (split over data-parallel devices)
+  cfg.train.batch_size = 8  # sequences per optimizer step (split over data-parallel devices)
+  cfg.train.grad_accum = 1  # microbatches per optimizer step (activations of batch_size/grad_accum rows at a time)
   cfg.train.seq_len = 512  # packed tokens per sequence
   cfg.train.log_every = 10  # metrics interval (steps)
   cfg.train.ckpt_every = 100  # Orbax checkpoint interval (steps)
   cfg.train.eval_every = 0  # validation interval (0: only at the end)
   cfg.train.eval_batches = 4  # validation batches per evaluation
   cfg.train.keep = 2  # Orbax checkpoints kept
+  cfg.train.peak_tflops = 0.0  # all devices' peak TFLOP/s for the MFU estimate (0: from the device kind)
+  cfg.train.eval_baseline = True  # also evaluate the unretrofitted init_from model on the same validation tokens
 
   cfg.data = config_dict.ConfigDict()
   cfg.data.kind = "stdlib"  # stdlib (offline English corpus) | files | tfds
@@ -53,26 +58,56 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
 
 
 SMOLLM2_CKPT = ".work/ckpt/smollm2-135m-instruct"  # where `make demo-dmc` converts the bundled GGUF
-VARIANTS = (None, "tiny")
+VARIANTS = (None, "tiny", "cpu", "toy")
 
 
 def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict:
-  """SmolLM2-135M retrofitted at `target_cr`; `tiny` keeps the target CR, tokenizer and data on a toy body."""
+  """SmolLM2-135M retrofitted at `target_cr`. Variants keep the target CR:
+
+  tiny  the real model, a few minutes of a 2-core CPU (`make demo-dmc`): enough steps for the decisions to reach
+        the target, not enough to recover quality
+  cpu   the real model, ≈0.2 M tokens (about half an hour of a 2-core CPU): the README's CPU-budget retrofit
+  toy   a random 2-layer body with the real tokenizer and data (tests of the harness itself)
+  """
   from experiments.harness.config import variant_error
   cfg = base_config(f"smollm2_135m_cr{target_cr:g}", target_cr)
   cfg.model.init_from = SMOLLM2_CKPT
   if variant is None:
     return cfg
   if variant == "tiny":
-    cfg = tiny(cfg)
+    return small_budget(cfg, steps=36, batch_size=2, seq_len=256, stage1_steps=4, ramp_steps=20)
+  if variant == "cpu":
+    return small_budget(cfg, steps=200, batch_size=4, seq_len=256, stage1_steps=10, ramp_steps=120)
+  if variant == "toy":
+    cfg = toy(cfg)
     cfg.model.init_from = None
     cfg.model.tokenizer_from = SMOLLM2_CKPT
     return cfg
   raise variant_error(path, variant, VARIANTS)
 
 
-def tiny(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
-  """A laptop-CPU run of the same experiment: toy body, real tokenizer and data, the real target CR."""
+def small_budget(cfg, steps: int, batch_size: int, seq_len: int, stage1_steps: int, ramp_steps: int):
+  """A run of a few hundred steps at most: DMC.md §6 — the decision rows need a large LR to reach the target in
+  time, and the rest of the model a larger LR than the paper's 3e-5 to adapt at all (the vanilla baseline gets
+  the same)."""
+  cfg.train.steps = steps
+  cfg.train.batch_size = batch_size
+  cfg.train.seq_len = seq_len
+  cfg.train.stage1_steps = stage1_steps
+  cfg.train.ramp_steps = ramp_steps
+  cfg.train.lr = 1e-4
+  cfg.train.decision_lr = 5e-2
+  cfg.train.cr_weight = 30.0
+  cfg.train.warmup_steps = max(2, steps // 20)
+  cfg.train.log_every = max(2, steps // 20)
+  cfg.train.ckpt_every = max(10, steps // 4)
+  cfg.train.eval_every = max(10, steps // 4)
+  cfg.train.eval_batches = 8
+  return cfg
+
+
+def toy(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """A test-sized run of the same experiment: toy body, real tokenizer and data, the real target CR."""
   cfg.model.preset = "smollm2-tiny"
   cfg.train.steps = 8
   cfg.train.stage1_steps = 2

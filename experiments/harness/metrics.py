@@ -1,8 +1,13 @@
 """Training metrics: TensorBoard event files (tensorboardX, no TensorFlow), a JSONL history, PNG curves.
 
     WORKDIR/tb/                 TensorBoard events (`tensorboard --logdir WORKDIR/tb`)
-    WORKDIR/metrics.jsonl       one {"step": ..., name: value, ...} per logging event
-    WORKDIR/curves.png          one panel per metric (matplotlib Agg)
+    WORKDIR/metrics.jsonl       one {"step": ..., name: value, ...} per logging event (scalars)
+    WORKDIR/arrays.jsonl        one {"step", "name", "values"} per array metric and event (e.g. CR per layer × head)
+    WORKDIR/curves.png          one panel per top-level scalar (matplotlib Agg); per-index scalars
+                                (`a/b/07`) stay in TensorBoard and metrics.jsonl
+
+Array metrics also go to TensorBoard: a 1-D array as one scalar per index (`name/07`); a 2-D array (a tag per
+entry would be hundreds) as a heatmap image, rows = first axis, plus a histogram.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import os
 from collections import defaultdict
 from typing import Mapping
 
+import numpy as np
+
 
 class MetricsWriter:
   def __init__(self, workdir: str, resume_step: int = 0):
@@ -20,11 +27,9 @@ class MetricsWriter:
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     self.path = os.path.join(self.workdir, "metrics.jsonl")
-    # A killed run may have logged past its last checkpoint: keep only what the resumed run will not redo.
-    self.history = [r for r in read_history(self.path) if r["step"] <= resume_step]
-    with open(self.path, "w") as f:
-      for r in self.history:
-        f.write(json.dumps(r) + "\n")
+    self.arrays_path = os.path.join(self.workdir, "arrays.jsonl")
+    self.history = _truncate(self.path, resume_step)
+    _truncate(self.arrays_path, resume_step)
     self.tb = SummaryWriter(os.path.join(self.workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, values: Mapping[str, float]) -> None:
@@ -35,11 +40,39 @@ class MetricsWriter:
     for k, v in values.items():
       self.tb.add_scalar(k, float(v), step)
 
+  def write_array(self, step: int, name: str, values) -> None:
+    values = np.asarray(values, np.float64)
+    with open(self.arrays_path, "a") as f:
+      f.write(json.dumps({"step": int(step), "name": name, "values": values.tolist()}) + "\n")
+    if values.ndim == 1:
+      for i, v in enumerate(values):
+        self.tb.add_scalar(f"{name}/{i:02d}", float(v), step)
+    elif values.ndim == 2:
+      self.tb.add_image(name, heatmap_rgb(values), step, dataformats="HWC")
+      self.tb.add_histogram(name, values.ravel(), step)
+
   def close(self) -> None:
     self.tb.close()
 
   def plot(self, path: str | None = None) -> str | None:
     return plot_history(self.history, path or os.path.join(self.workdir, "curves.png"))
+
+
+def _truncate(path: str, resume_step: int) -> list[dict]:
+  """A killed run may have logged past its last checkpoint: keep only what the resumed run will not redo."""
+  rows = [r for r in read_history(path) if r["step"] <= resume_step]
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  return rows
+
+
+def heatmap_rgb(values, cell: int = 8):
+  """A 2-D array as a uint8 RGB image (viridis, min..max), each entry a cell×cell block."""
+  import matplotlib
+  lo, hi = float(np.min(values)), float(np.max(values))
+  rgb = matplotlib.colormaps["viridis"]((values - lo) / (hi - lo if hi > lo else 1.0))[..., :3]
+  return (np.kron(rgb, np.ones((cell, cell, 1))) * 255).astype(np.uint8)
 
 
 def read_history(path: str) -> list[dict]:
@@ -56,7 +89,7 @@ def plot_history(history: list[dict], path: str) -> str | None:
   series = defaultdict(list)
   for row in history:
     for k, v in row.items():
-      if k != "step" and v is not None and math.isfinite(v):
+      if k != "step" and k.count("/") < 2 and v is not None and math.isfinite(v):
         series[k].append((row["step"], v))
   if not series:
     return None

@@ -45,6 +45,10 @@ class Task:
   # (state shardings) -> the initial state of a fresh run placed with those shardings, e.g. weights loaded from a
   # converted checkpoint (jit-compiling `init` would bake them in as constants); default: jit(init)
   load: Callable[[Any], Any] | None = None
+  # throughput accounting per optimizer step: tokens (or frames) and model FLOPs (for the MFU estimate)
+  items_per_step: float = 0.0
+  flops_per_step: float = 0.0
+  items_name: str = "tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +63,8 @@ class LoopConfig:
   mesh_shape: tuple[int, int, int] = (-1, 1, 1)
   # RBG keys: initialising ~40 arrays with threefry compiles for 10-20 s on a 2-core CPU, RBG in ~2 s.
   prng_impl: str = "rbg"
+  # peak FLOP/s of ALL devices together, for MFU (None: throughput only)
+  peak_flops: float | None = None
 
 
 @dataclasses.dataclass
@@ -100,29 +106,42 @@ def train(task: Task, cfg: LoopConfig, workdir: str,
     step_fn = jax.jit(task.train_step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                       donate_argnums=(0,))
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-    sums: dict[str, float] = {}
+    sums: dict[str, Any] = {}
     count = 0
     t0 = time.perf_counter()
-    t_first = None
+    t_first = t_interval = None
+    timed_steps = 0
     try:
       with progress.bar(total=cfg.steps, initial=start, desc="train", unit="step") as bar:
         for step in range(start + 1, cfg.steps + 1):
           batch = jax.device_put(next(data_it), batch_sh)
           state, m = step_fn(state, batch, jax.random.fold_in(step_key, step))
+          m = {k: np.asarray(v, np.float64) for k, v in jax.device_get(m).items()}
           if t_first is None:
-            jax.block_until_ready(m)
-            t_first = time.perf_counter()  # exclude compilation from the throughput
-          m = {k: float(v) for k, v in jax.device_get(m).items()}
+            t_first = t_interval = time.perf_counter()  # exclude compilation from the throughput
+          else:
+            timed_steps += 1
           for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
           count += 1
           bar.update(1)
           if step % cfg.log_every == 0 or step == cfg.steps:
             means = {f"train/{k}": v / count for k, v in sums.items()}
-            writer.write(step, means)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(means.items())[:3]})
+            now = time.perf_counter()
+            if timed_steps and task.items_per_step:
+              per_s = timed_steps / (now - t_interval)
+              means[f"train/{task.items_name}_per_s"] = np.float64(per_s * task.items_per_step)
+              if cfg.peak_flops and task.flops_per_step:
+                means["train/mfu"] = np.float64(per_s * task.flops_per_step / cfg.peak_flops)
+            t_interval, timed_steps = now, 0
+            scalars = {k: float(v) for k, v in means.items() if v.ndim == 0}
+            writer.write(step, scalars)
+            for k, v in means.items():
+              if v.ndim:
+                writer.write_array(step, k, v)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(scalars.items())[:3]})
             if not progress.enabled():
-              log.info("step %d/%d %s", step, cfg.steps, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+              log.info("step %d/%d %s", step, cfg.steps, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
             sums, count = {}, 0
           if task.eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             ev = {f"eval/{k}": float(v) for k, v in task.eval_fn(state).items()}
