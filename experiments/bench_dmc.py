@@ -38,7 +38,7 @@ PRESETS = {
     # make gpu-check: the whole Llama-2-7B shape, bf16, a 30 GiB KV budget (fits on an H100 beside the weights and
     # the scan-stacked copy of them that DMC generation makes).
     "gpu": dict(models=["llama2-7b"], budget_mb=[30 * 1024], context=1024, steps=16, dtype="bfloat16",
-                train_model="llama2-7b@4", train_batch=1, train_len=4096, bw_context=2048, bw_batch=None),
+                train_model="llama2-7b@2", train_batch=1, train_len=4096, bw_context=2048, bw_batch=None),
 }
 
 
