@@ -143,9 +143,9 @@ def test_model_attention_impl_setting():
   from dmc_jax.config import DMCConfig, LlamaConfig
   from dmc_jax.model.llama import Llama
   cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=32, head_dim=16)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 24)))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 16)))
   dmc = DMCConfig(window=4)
-  params = Llama(cfg, dmc, "train").init({"params": jax.random.key(0), "dmc": jax.random.key(1)}, tokens)
+  params = jax.jit(Llama(cfg, dmc, "train").init)({"params": jax.random.key(0), "dmc": jax.random.key(1)}, tokens)
 
   def loss(p, impl):
     logits, aux = Llama(cfg.replace(attention_impl=impl), dmc, "train").apply(p, tokens,
