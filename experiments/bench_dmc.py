@@ -4,9 +4,9 @@ step time (fused DMC vs vanilla vs dense-bias DMC). Random weights: speed does n
 * Equal memory: each method gets the same KV budget and the largest batch that fits it, computed analytically —
   vanilla: tokens × bytes per token; DMC (decisions forced to merge at rate 1 − 1/CR): per (layer, sequence, KV
   head) row, its expected pages (rounded up, plus a 6-sigma margin over the whole pool), its float32 merge state
-  (sums and the W-entry ring) and its block table (see `plan`). The caches are synthesised at the given context (prefill is not what is being
-  measured), then `--steps` decode steps run through `Generator`'s compiled step; afterwards the DMC cache must not
-  have overflowed and must fit the budget.
+  (sums and the W-entry ring) and its block table (see `plan`). The caches are synthesised at the given context
+  (prefill is not what is being measured), then `--steps` decode steps run through `Generator`'s compiled step;
+  afterwards the DMC cache must not have overflowed and must fit the budget.
 * Kernel bandwidth: the paged decode attention alone over one layer's rows at the DMC batch; bytes = the pages in
   use (K and V) + q + output, against the device's measured copy bandwidth (read + write).
 * Training: value-and-grad of the LM loss, vanilla attention vs DMC with the dense-bias XLA reference vs DMC with
@@ -285,7 +285,8 @@ def tables(result: dict) -> str:
                    f"{r['bytes'] / 2**20:.1f} MiB | {r['us']:.0f} | {r['GBps']:.1f} | "
                    f"{100 * r['GBps'] / result['copy_bandwidth_GBps']:.0f}% |")
   if result["train"]:
-    lines += ["", "| training step (loss + grad) | model | batch × length | ms | tokens/s |", "|---|---|---|---:|---:|"]
+    lines += ["", "| training step (loss + grad) | model | batch × length | ms | tokens/s |",
+              "|---|---|---|---:|---:|"]
     for r in result["train"]:
       lines.append(f"| {r['variant']} | {r['model']} | {r['batch']} × {r['length']} | {r['ms']:.0f} | "
                    f"{r['tokens_per_s']:.0f} |")

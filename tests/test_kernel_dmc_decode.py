@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _backend
-from pallas_kernels.dmc_decode import api, gpu, reference
+from pallas_kernels.dmc_decode import api, gpu
 
 IMPLS = ["xla", "pallas"]
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
