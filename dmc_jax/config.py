@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: gradient checks in tests
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = (None, "xla", "pallas")  # None: Pallas kernels on a GPU, the XLA references elsewhere
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,7 @@ class LlamaConfig:
   dtype: str = "float32"  # activations / matmul inputs; softmax, norms and logits stay float32
   scan_layers: bool = False
   remat_policy: str = "none"
+  attention_impl: str | None = None  # DMC attention and decode kernels (pallas_kernels/dmc_*/api.py)
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
@@ -95,6 +97,8 @@ class LlamaConfig:
         raise ConfigError(f"{name}: expected one of {DTYPES}, got {getattr(self, name)!r}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"remat_policy: expected one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention_impl: expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
   @property
   def n_groups(self) -> int:

@@ -213,6 +213,16 @@ def _run_train(args: argparse.Namespace) -> None:
   print(json.dumps(summary, indent=2, default=str))
 
 
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+  from experiments import bench_dmc
+  bench_dmc.configure(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+  from experiments import bench_dmc
+  return bench_dmc.run(args)
+
+
 COMMANDS = [
     cli.Command("convert", "convert an HF / Meta / GGUF Llama checkpoint into a dmc-jax checkpoint",
                 _configure_convert, _run_convert),
@@ -222,6 +232,8 @@ COMMANDS = [
                 _configure_generate, _run_generate),
     cli.Command("train", "retrofit a checkpoint to DMC (three stages) from an experiment config",
                 _configure_train, _run_train, takes_config_overrides=True),
+    cli.Command("bench", "DMC vs vanilla decode tokens/s at equal KV memory, decode-kernel bandwidth, train step time",
+                _configure_bench, _run_bench),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

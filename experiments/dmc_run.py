@@ -33,7 +33,8 @@ def _model_and_tokenizer(cfg):
   tokenizer = tok_ckpt.tokenizer()
   llama = source.config if source else preset(cfg.model.preset)
   llama = llama.replace(param_dtype="float32", dtype=cfg.model.dtype, scan_layers=True,
-                        remat_policy=cfg.model.remat)
+                        remat_policy=cfg.model.remat,
+                        attention_impl=None if cfg.model.attention_impl == "auto" else cfg.model.attention_impl)
   if tokenizer.vocab_size > llama.vocab_size:
     raise checkpoint.CheckpointError(f"{tok_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model's "
                                      f"embedding only {llama.vocab_size}")

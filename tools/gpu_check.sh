@@ -28,14 +28,28 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 $PY -m pytest -q -p no:cachepro
   | tee "$OUT/pytest.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
-# 2. Decode throughput with random weights, bf16 (speed does not depend on the values): the vanilla cache and
-#    the DMC cache (XLA reference attention over the block table) with decisions forced to CR 2 and 4.
-timeout 200 $PY -m experiments.bench_decode --model llama2-7b --batch 8,32 --prompt-len 512 --new-tokens 64 \
-  --dtype bfloat16 --repeats 1 --dmc-cr 2,4 --json "$OUT/bench_llama2_7b.json" > "$OUT/bench_llama2_7b.md" \
+# 1b. The Pallas kernels natively (Triton): the CPU suites (here "pallas" compiles for the GPU) + the gpu-marked tests.
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 $PY -m pytest -q -p no:cacheprovider \
+  tests/test_kernel_dmc_decode.py tests/test_kernel_dmc_attention.py 2>&1 | tee "$OUT/pytest_kernels.log" | tail -5
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+# 2. Decode throughput with random weights, bf16 (speed does not depend on the values), prefill included: the
+#    vanilla cache and the DMC cache (Pallas decode kernel) with decisions forced to CR 4, at the same batch.
+timeout 200 $PY -m experiments.bench_decode --model llama2-7b --batch 32 --prompt-len 512 --new-tokens 64 \
+  --dtype bfloat16 --repeats 1 --dmc-cr 4 --json "$OUT/bench_llama2_7b.json" > "$OUT/bench_llama2_7b.md" \
   2> "$OUT/bench_7b.err" || { status=1; tail -5 "$OUT/bench_7b.err"; }
+
+# 3. `dmc-jax bench --preset gpu`: Llama-2-7B shape, DMC (Pallas decode kernel) vs vanilla at an equal 30 GiB KV
+#    budget with analytic batches, CR 2/4/8; decode-kernel bandwidth vs copy bandwidth; train step fused vs dense.
+#    (Add --profile DIR for a jax.profiler trace; not here, so that the timings carry no tracing overhead.)
+timeout 300 $PY -m experiments.cli_dmc bench --preset gpu --json "$OUT/bench_dmc.json" \
+  > "$OUT/bench_dmc.md" 2> "$OUT/bench_dmc.err" || { status=1; tail -5 "$OUT/bench_dmc.err"; }
 
 echo
 echo "== gpu-check summary =="
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -1
+grep -E "passed|failed|error" "$OUT/pytest_kernels.log" | tail -1
 cat "$OUT/bench_llama2_7b.md" 2>/dev/null
+echo
+cat "$OUT/bench_dmc.md" 2>/dev/null
 exit $status

@@ -148,7 +148,7 @@ class Attention(nn.Module):
     q = dmc_math.scale_channel(rope.apply_rope(q, ctx["cos"], ctx["sin"]), ch, 0)
     k_rot = dmc_math.scale_channel(rope.apply_rope(k_acc, ctx["cos"], ctx["sin"]), ch, 0)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-    out = dmc_attention(q, k_rot, v_acc, bias, ctx["segment_ids"])
+    out = dmc_attention(q, k_rot, v_acc, bias, ctx["segment_ids"], implementation=self.cfg.attention_impl)
     aux = {"alpha": alpha_st}
     if "collect_prefill" in ctx:  # key presence, not a value: ctx is traced under remat
       aux["prefill"] = {"alpha": alpha, "omega": omega, "num_k": num_k, "num_v": num_v, "den": den,
@@ -172,5 +172,6 @@ class Attention(nn.Module):
     b, _, h, d = q.shape
     kv = self.cfg.n_kv_heads
     out = paged_decode_attention(q.reshape(b * kv, h // kv, d), pool["k_pages"], pool["v_pages"],
-                                 state["block_table"].reshape(b * kv, -1), state["lengths"].reshape(-1))
+                                 state["block_table"].reshape(b * kv, -1), state["lengths"].reshape(-1),
+                                 implementation=self.cfg.attention_impl)
     return self._output(out.reshape(b, 1, h, d)), pool, state

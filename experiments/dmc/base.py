@@ -15,6 +15,7 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.model.tokenizer_from = config_dict.placeholder(str)  # checkpoint whose tokenizer to use (default init_from)
   cfg.model.dtype = "float32"  # compute dtype (float32 on CPU, where bf16 steps are slower; bfloat16 on GPU)
   cfg.model.remat = "full"  # remat policy: none | full | dots | dots_no_batch
+  cfg.model.attention_impl = "auto"  # DMC attention: auto (Pallas on GPU, XLA elsewhere) | xla | pallas
 
   cfg.dmc = config_dict.ConfigDict()
   cfg.dmc.decision_channel = "last"  # "last" (NVIDIA's code) or "first" (the paper)

@@ -89,7 +89,7 @@ def write(out: str, converted: Converted, *, dtype: str = "auto", force: bool = 
   cfg = converted.config
   param_dtype = {np.dtype(np.float32): "float32", FLOAT_DTYPES["bfloat16"]: "bfloat16",
                  FLOAT_DTYPES["float16"]: "float16"}.get(tensors[0].dtype, "float32")
-  cfg = cfg.replace(param_dtype=param_dtype, scan_layers=False, remat_policy="none")
+  cfg = cfg.replace(param_dtype=param_dtype, scan_layers=False, remat_policy="none", attention_impl=None)
   meta = {"format": FORMAT, "model": cfg.to_dict(),
           "tokenizer": converted.tokenizer[0].to_dict() if converted.tokenizer else None,
           "dmc": dict(dmc) if dmc else None, "experiment": dict(experiment) if experiment else None}

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import jax
+
+from pallas_kernels import _backend
 from pallas_kernels.dmc_attention import reference
+
+OP = "dmc_attention"
 
 
 def dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_BxL=None, scale=None,
-                  implementation: str | None = None):
-  if implementation not in (None, "xla", "pallas"):
-    raise ValueError(f"implementation: expected None, 'xla' or 'pallas', got {implementation!r}")
-  if implementation == "pallas":
-    raise NotImplementedError("the fused Pallas DMC attention arrives with the kernels issue; use 'xla'")
-  return reference.dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_BxL, scale)
+                  implementation: str | None = None, interpret: bool | None = None):
+  """Causal attention with the per-key bias log(1 − α̃_{j+1}) below the diagonal (see reference.py). "xla" forms
+  L×L logits; "pallas" is the fused flash kernel (custom VJP: gradients for q, k, v and the bias). `interpret`
+  only matters for "pallas" (None: interpret unless on a GPU)."""
+  impl = _backend.resolve(OP, implementation)
+  with jax.named_scope(f"dmc_attention_{impl}"):
+    if impl == "pallas":
+      from pallas_kernels.dmc_attention import gpu
+      return gpu.dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_BxL, scale,
+                               interpret=_backend.interpret(interpret))
+    return reference.dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_BxL, scale)

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import jax
+
+from pallas_kernels import _backend
 from pallas_kernels.dmc_decode import reference
+
+OP = "paged_decode_attention"
 
 
 def paged_decode_attention(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, block_table_RxM, lengths_R, scale=None,
-                           implementation: str | None = None):
-  if implementation not in (None, "xla", "pallas"):
-    raise ValueError(f"implementation: expected None, 'xla' or 'pallas', got {implementation!r}")
-  if implementation == "pallas":
-    raise NotImplementedError("the Pallas paged decode kernel arrives with the kernels issue; use 'xla'")
-  return reference.paged_decode_attention(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, block_table_RxM, lengths_R, scale)
+                           implementation: str | None = None, interpret: bool | None = None):
+  """q: [R, G, D] (the G query heads of each row's KV head); pages: [P, S, D]; block_table: [R, M] page ids (−1:
+  none); lengths: [R] slots in use. Returns [R, G, D]. `interpret` only matters for "pallas" (None: interpret
+  unless on a GPU)."""
+  impl = _backend.resolve(OP, implementation)
+  with jax.named_scope(f"dmc_decode_attention_{impl}"):
+    if impl == "pallas":
+      from pallas_kernels.dmc_decode import gpu
+      return gpu.paged_decode_attention(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, block_table_RxM, lengths_R, scale,
+                                        interpret=_backend.interpret(interpret))
+    return reference.paged_decode_attention(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, block_table_RxM, lengths_R,
+                                            scale)

@@ -1,0 +1,167 @@
+"""pallas_kernels/dmc_decode: every implementation against an independent float64 oracle and the jnp reference.
+
+The cache is built as the real one is laid out (pages scattered through one pool, a block table and a length per
+row) and everything a correct kernel must not use is NaN: unused pages, slots past each row's length in the last
+page, and block-table entries past each length are garbage page ids. Reading-then-masking would propagate the NaN.
+On the CPU "pallas" runs in interpret mode, whose output buffers start as NaN (checked below), so a block the
+kernel fails to write is caught too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _backend
+from pallas_kernels.dmc_decode import api, gpu
+
+IMPLS = ["xla", "pallas"]
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def make_case(lengths, g=3, d=32, page_size=8, max_pages=6, dtype=jnp.float32, seed=0, spare_pages=3):
+  rng = np.random.default_rng(seed)
+  lengths = np.asarray(lengths, np.int32)
+  r = len(lengths)
+  need = -(-lengths // page_size)
+  num_pages = int(need.sum()) + spare_pages
+  order = rng.permutation(num_pages)  # rows' pages interleaved through the pool, as the bump allocator leaves them
+  table = rng.integers(-5, 10 * num_pages, (r, max_pages)).astype(np.int32)  # garbage past each length
+  used = np.zeros((num_pages, page_size), bool)
+  n = 0
+  for i in range(r):
+    table[i, :need[i]] = order[n:n + need[i]]
+    n += need[i]
+    for t in range(lengths[i]):
+      used[table[i, t // page_size], t % page_size] = True
+  k = rng.standard_normal((num_pages, page_size, d))
+  v = rng.standard_normal((num_pages, page_size, d))
+  k[~used] = np.nan
+  v[~used] = np.nan
+  q = rng.standard_normal((r, g, d))
+  return q, k, v, table, lengths, dtype
+
+
+def oracle(q, k, v, table, lengths):
+  """Row by row in float64 over exactly the slots in use (zeros for an empty row)."""
+  r, g, d = q.shape
+  s = k.shape[1]
+  out = np.zeros((r, g, d))
+  for i in range(r):
+    slots = [(table[i, t // s], t % s) for t in range(lengths[i])]
+    if not slots:
+      continue
+    ks = np.stack([k[p, j] for p, j in slots])
+    vs = np.stack([v[p, j] for p, j in slots])
+    logits = q[i] @ ks.T / np.sqrt(d)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    out[i] = (w / w.sum(-1, keepdims=True)) @ vs
+  return out
+
+
+def run(case, implementation, **kwargs):
+  q, k, v, table, lengths, dtype = case
+  args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(table), jnp.asarray(lengths)]
+  if kwargs:  # kernel tiling options go to the Pallas kernel itself
+    return gpu.paged_decode_attention(*args, interpret=_backend.interpret(), **kwargs)
+  return api.paged_decode_attention(*args, implementation=implementation)
+
+
+def as64(case):
+  q, k, v, table, lengths, dtype = case
+  # Compare against inputs rounded to the tested dtype: the tolerance then covers only the kernel's arithmetic.
+  rnd = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+  return rnd(q), rnd(k), rnd(v), table, lengths
+
+
+# Lengths 0, 1, a page boundary (S − 1, S, S + 1), full (all M pages), and a partial last page.
+LENGTHS = [0, 1, 7, 8, 9, 48, 13, 30]
+
+
+@pytest.mark.parametrize("implementation", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_matches_oracle(implementation, dtype):
+  case = make_case(LENGTHS, dtype=dtype)
+  out = np.asarray(run(case, implementation).astype(jnp.float32))
+  assert np.isfinite(out).all()
+  np.testing.assert_allclose(out, oracle(*as64(case)), atol=TOL[dtype], rtol=TOL[dtype])
+  assert not np.any(out[0]), "a row with no slots attends to nothing: zeros, as in the reference"
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_pallas_matches_reference_mha_and_wide_groups(g):
+  case = make_case([5, 16, 17, 40], g=g, d=16, page_size=16, max_pages=3, seed=1)
+  out = run(case, "pallas")
+  ref = run(case, "xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("pages_per_block,k_splits", [(1, 1), (1, 4), (2, 3), (4, 2), (8, 1)])
+def test_pallas_tilings_agree(pages_per_block, k_splits):
+  """Split-K combination and multi-page blocks: every tiling gives the oracle's answer (splits with no pages
+  in use, a last block only partly in use)."""
+  case = make_case(LENGTHS, seed=2)
+  out = np.asarray(run(case, "pallas", pages_per_block=pages_per_block, k_splits=k_splits))
+  np.testing.assert_allclose(out, oracle(*as64(case)), atol=2e-5, rtol=2e-5)
+
+
+def test_interpret_mode_poisons_outputs():
+  """The tests above rely on interpret mode starting every output as NaN: a block never written stays NaN."""
+  from jax.experimental import pallas as pl
+
+  def kernel(x_ref, o_ref):
+    @pl.when(pl.program_id(0) == 0)
+    def _():
+      o_ref[...] = x_ref[...]
+
+  out = pl.pallas_call(kernel, grid=(2,), in_specs=[pl.BlockSpec((16,), lambda i: (i,))],
+                       out_specs=pl.BlockSpec((16,), lambda i: (i,)),
+                       out_shape=jax.ShapeDtypeStruct((32,), jnp.float32), interpret=True)(jnp.ones(32))
+  assert np.all(np.asarray(out[:16]) == 1) and np.all(np.isnan(np.asarray(out[16:])))
+
+
+def test_api_rejects_unknown_implementation():
+  case = make_case([3])
+  with pytest.raises(ValueError, match="implementation"):
+    run(case, "triton")
+
+
+def test_none_resolves_to_xla_off_gpu():
+  if jax.default_backend() == "gpu":
+    pytest.skip("on a GPU None means pallas")
+  assert _backend.resolve(api.OP, None) == "xla"
+
+
+@pytest.mark.parametrize("shape,dtype", [((5, 3, 32, 20, 8, 6), jnp.float32),  # the CPU tests' shape
+                                         ((4096, 1, 128, 9000, 32, 18), jnp.bfloat16),  # Llama-2-7B rows (MHA)
+                                         ((256, 4, 128, 700, 16, 40), jnp.bfloat16)])  # GQA, many pages
+def test_lowers_for_abstract_h100(shape, dtype):
+  """The real Triton lowering (not the interpreter), which rejects what interpret mode lets through."""
+  r, g, d, p, s, m = shape
+  args = [jax.ShapeDtypeStruct((r, g, d), dtype), jax.ShapeDtypeStruct((p, s, d), dtype),
+          jax.ShapeDtypeStruct((p, s, d), dtype), jax.ShapeDtypeStruct((r, m), jnp.int32),
+          jax.ShapeDtypeStruct((r,), jnp.int32)]
+  lowered = _backend.lower_for_abstract_gpu(lambda *a: gpu.paged_decode_attention(*a, interpret=False), *args)
+  assert "dmc_paged_decode" in lowered.as_text()
+
+
+def test_rejects_non_power_of_two_head_dim():
+  case = make_case([3], d=24)
+  with pytest.raises(ValueError, match="head_dim=24"):
+    run(case, "pallas", pages_per_block=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_native_gpu_matches_reference(dtype):
+  rng = np.random.default_rng(3)
+  lengths = np.concatenate([[0, 1, 31, 32, 33, 32 * 24], rng.integers(0, 32 * 24, 250)])
+  case = make_case(lengths, g=4, d=128, page_size=32, max_pages=24, dtype=dtype, seed=3)
+  out = run(case, "pallas")
+  assert jax.default_backend() == "gpu" and not _backend.interpret()
+  np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), oracle(*as64(case)), atol=TOL[dtype],
+                             rtol=TOL[dtype])
+  np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), np.asarray(run(case, "xla").astype(jnp.float32)),
+                             atol=TOL[dtype], rtol=TOL[dtype])
