@@ -76,9 +76,11 @@ def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict
   if variant is None:
     return cfg
   if variant == "tiny":
-    return small_budget(cfg, steps=36, batch_size=2, seq_len=256, stage1_steps=4, ramp_steps=20)
+    return small_budget(cfg, steps=36, batch_size=2, seq_len=256, stage1_steps=4, ramp_steps=20,
+                        decision_lr=5e-2, cr_weight=30.0)
   if variant == "cpu":
-    return small_budget(cfg, steps=200, batch_size=4, seq_len=256, stage1_steps=10, ramp_steps=120)
+    return small_budget(cfg, steps=200, batch_size=4, seq_len=256, stage1_steps=10, ramp_steps=120,
+                        decision_lr=2e-2, cr_weight=10.0)
   if variant == "toy":
     cfg = toy(cfg)
     cfg.model.init_from = None
@@ -87,18 +89,20 @@ def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict
   raise variant_error(path, variant, VARIANTS)
 
 
-def small_budget(cfg, steps: int, batch_size: int, seq_len: int, stage1_steps: int, ramp_steps: int):
+def small_budget(cfg, steps: int, batch_size: int, seq_len: int, stage1_steps: int, ramp_steps: int,
+                 decision_lr: float, cr_weight: float):
   """A run of a few hundred steps at most: DMC.md §6 — the decision rows need a large LR to reach the target in
   time, and the rest of the model a larger LR than the paper's 3e-5 to adapt at all (the vanilla baseline gets
-  the same)."""
+  the same). The CR loss weight is raised so that its consistent push on the decision rows is not drowned by the
+  LM gradient's noise within so few steps (dmc_jax/train.py)."""
   cfg.train.steps = steps
   cfg.train.batch_size = batch_size
   cfg.train.seq_len = seq_len
   cfg.train.stage1_steps = stage1_steps
   cfg.train.ramp_steps = ramp_steps
   cfg.train.lr = 1e-4
-  cfg.train.decision_lr = 5e-2
-  cfg.train.cr_weight = 30.0
+  cfg.train.decision_lr = decision_lr
+  cfg.train.cr_weight = cr_weight
   cfg.train.warmup_steps = max(2, steps // 20)
   cfg.train.log_every = max(2, steps // 20)
   cfg.train.ckpt_every = max(10, steps // 4)
