@@ -119,7 +119,12 @@ def model_fps(size, impl, n=11):
 
 
 def run(sizes, ns, time_all, run_budget, model_sizes):
-  rows = [measure(size, n, impl, time_all, run_budget) for size in sizes for n in ns for impl in IMPLS]
+  rows = []
+  for size in sizes:
+    for n in ns:
+      for impl in IMPLS:
+        rows.append(measure(size, n, impl, time_all, run_budget))
+        print(f"bench_sdc: {rows[-1]}", file=sys.stderr, flush=True)  # progress; the table comes at the end
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
             "jax": jax.__version__, "time_all": time_all, "rows": rows}
   if time_all:
