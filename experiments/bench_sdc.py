@@ -66,12 +66,8 @@ def random_inputs(h, w, n, seed=0):
   return frame, uv, kh, kv
 
 
-MIN_SECONDS = 1.0
-
-
-def timed(fn, args, min_runs=3, min_seconds=None) -> float:
+def timed(fn, args, min_seconds, min_runs=3) -> float:
   """Median seconds per call after one warm-up call (runs until min_runs and min_seconds are both reached)."""
-  min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
   jax.block_until_ready(fn(*args))
   times = []
   while len(times) < min_runs or sum(times) < min_seconds:
@@ -83,7 +79,7 @@ def timed(fn, args, min_runs=3, min_seconds=None) -> float:
   return float(np.median(times))
 
 
-def measure(size, n, impl, time_all, run_budget):
+def measure(size, n, impl, time_all, run_budget, min_seconds):
   h, w = frame_size(size)
   row = {"size": size, "h": h, "w": w, "n": n, "impl": impl}
   progs = programs(impl)
@@ -97,7 +93,7 @@ def measure(size, n, impl, time_all, run_budget):
     runnable = (time_all or impl != "pallas") and row[f"{kind}_peak_MB"] * 1e6 <= run_budget
     if runnable:
       args = args if args is not None else random_inputs(h, w, n)
-      row[f"{kind}_ms"] = 1e3 * timed(fn, args)
+      row[f"{kind}_ms"] = 1e3 * timed(fn, args, min_seconds)
   if "fwd_ms" in row:
     # Bytes the forward must move at least: every input once, the output once (float32).
     row["fwd_min_bytes"] = 4 * h * w * (CHANNELS + 2 + 2 * n + CHANNELS)
@@ -105,7 +101,7 @@ def measure(size, n, impl, time_all, run_budget):
   return row
 
 
-def model_fps(size, impl, n=11):
+def model_fps(size, impl, min_seconds, n=11):
   """SDC-Net (released widths, SDC head, N = 11), batch 1: predicted frames per second of the forward pass."""
   from sdc_jax.model import SDCNet, SDCNetConfig
   h, w = frame_size(size)
@@ -115,21 +111,21 @@ def model_fps(size, impl, n=11):
   flows = 2.0 * jax.random.normal(k[1], (1, 1, h, w, 2), jnp.float32)
   params = jax.jit(model.init)(jax.random.key(0), frames, flows)
   predict = jax.jit(lambda p, f, fl: model.apply(p, f, fl)["pred"])
-  return 1.0 / timed(predict, (params, frames, flows))
+  return 1.0 / timed(predict, (params, frames, flows), min_seconds)
 
 
-def run(sizes, ns, time_all, run_budget, model_sizes):
+def run(sizes, ns, time_all, run_budget, model_sizes, min_seconds):
   rows = []
   for size in sizes:
     for n in ns:
       for impl in IMPLS:
-        rows.append(measure(size, n, impl, time_all, run_budget))
+        rows.append(measure(size, n, impl, time_all, run_budget, min_seconds))
         print(f"bench_sdc: {rows[-1]}", file=sys.stderr, flush=True)  # progress; the table comes at the end
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
             "jax": jax.__version__, "time_all": time_all, "rows": rows}
   if time_all:
     result["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
-    result["model_fps"] = {size: {impl: model_fps(size, impl) for impl in ("pallas", "xla_taps")}
+    result["model_fps"] = {size: {impl: model_fps(size, impl, min_seconds) for impl in ("pallas", "xla_taps")}
                            for size in model_sizes}
   return result
 
@@ -177,11 +173,9 @@ def main(argv=None) -> int:
                  help="time Pallas too and add the model and bandwidth rows (default on a GPU; on a CPU the "
                       "kernel runs interpreted: only to check this script at small sizes)")
   p.add_argument("--model-sizes", default="720p,1080p", help="frame sizes for SDC-Net frames/s (with --time-all)")
-  p.add_argument("--min-seconds", type=float, default=MIN_SECONDS, help="time each program for at least this")
+  p.add_argument("--min-seconds", type=float, default=1.0, help="time each program for at least this")
   p.add_argument("--json", help="also write the results here")
   a = p.parse_args(argv)
-  global MIN_SECONDS
-  MIN_SECONDS = a.min_seconds
   sizes = [s for s in a.sizes.split(",") if s]
   model_sizes = [s for s in a.model_sizes.split(",") if s]
   try:
@@ -190,7 +184,8 @@ def main(argv=None) -> int:
   except ValueError as e:
     p.error(str(e))
   time_all = a.time_all or jax.devices()[0].platform == "gpu"
-  result = run(sizes, [int(n) for n in a.ns.split(",")], time_all, a.run_budget_gb * 1e9, model_sizes)
+  result = run(sizes, [int(n) for n in a.ns.split(",")], time_all, a.run_budget_gb * 1e9, model_sizes,
+               a.min_seconds)
   if a.json:
     with open(a.json, "w") as f:
       json.dump(result, f, indent=1)
