@@ -86,9 +86,13 @@ def test_integer_and_infinite_displacements_at_borders(impl):
 
 
 def test_api_and_model_select_the_pallas_kernel():
-  assert api.resolve("pallas") == "pallas" and api.resolve("xla_taps") == "xla_taps"
+  hd = (1, 1080, 1920, 3)
+  assert api.resolve("pallas", hd, 11) == "pallas" and api.resolve("xla", hd, 11) == "xla"
+  if jax.default_backend() != "gpu":  # None: the window path while its window is small, the tap loop above
+    assert api.window_bytes((1, 256, 256, 3), 11) == 113_246_208  # the ≈113 MB of docs/SDC.md
+    assert api.resolve(None, (8, 128, 128, 3), 11) == "xla" and api.resolve(None, hd, 11) == "xla_taps"
   with pytest.raises(ValueError, match="implementation must be one of"):
-    api.resolve("triton")
+    api.resolve("triton", hd, 11)
   # The model's setting reaches the op: only "pallas" traces a pallas_call (values: the op tests above).
   for impl in ("pallas", "xla_taps"):
     model, params, frames, flows = tiny_model(impl, 5, 16, 32)
