@@ -4,7 +4,7 @@
   forward + backward hold ≈2.6× the (N+1)² window (9.3 GB of temporaries for a 1080p RGB frame at N = 11).
   The test oracle.
 * "xla_taps": an XLA loop over the (N+1)² taps with a custom VJP (taps.py) — O(frame) temporaries (124 MB there);
-  on the CPU within ≈1.5× of the reference's time either way (`make bench`).
+  on the CPU from 2.6× faster (N = 1) to 1.7× slower (N ≥ 5 on large frames) than the reference (`make bench`).
 * "pallas": the fused Pallas (Triton) kernels (gpu.py); interpreted off a GPU (a correctness tool, slow).
 * None: "pallas" on a GPU; elsewhere "xla" while the window B·H·W·(N+1)²·C float32 is at most
   WINDOW_BUDGET_BYTES (small training crops: the reference's speed, and today's behaviour), "xla_taps" above.
