@@ -146,7 +146,7 @@ def test_native_pallas_matches_reference(case):
 def test_native_model_with_pallas_equals_xla():
   preds = []
   for impl in ("pallas", "xla"):
-    model, shapes, frames, flows = tiny_model(impl, 11, 72, 136)
+    model, _, frames, flows = tiny_model(impl, 11, 72, 136)
     params = model.init(jax.random.key(0), frames, flows)
     preds.append(jax.jit(model.apply)(params, frames, flows)["pred"])
   np.testing.assert_allclose(preds[0], preds[1], rtol=1e-4, atol=1e-2)

@@ -37,8 +37,8 @@ NUM_WARPS = 4
 
 
 def _tile_geometry(h, w, th, tw):
-  """Tile-padded sizes and the (TH, TW) coordinates of this program's pixels: padded (for stores) and clamped
-  (for loads). `valid` marks lanes inside the image."""
+  """This program's pixels as (TH, TW) tensors: image index, clamped coordinates and flat index (for loads), flat
+  index into the tile-padded outputs (for stores), and `valid` (inside the image)."""
   hp, wp = -(-h // th) * th, -(-w // tw) * tw
   img = pl.program_id(0)
   ys = pl.program_id(1) * th + lax.broadcasted_iota(jnp.int32, (th, tw), 0)
