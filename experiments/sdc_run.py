@@ -30,7 +30,8 @@ def model_config(cfg) -> "SDCNetConfig":
     raise SDCError(f"model.width_div: must divide every released width (1, 2, 4 or 8), got {d}")
   return SDCNetConfig(frames=cfg.model.frames, head=cfg.model.head, kernel_size=cfg.model.kernel_size,
                       encoder_widths=tuple(w // d for w in ENCODER), decoder_widths=tuple(w // d for w in DECODER),
-                      center_logit_init=cfg.model.center_logit_init)
+                      center_logit_init=cfg.model.center_logit_init,
+                      implementation=cfg.model.get("implementation"))
 
 
 def data_settings(cfg) -> "DataSettings":

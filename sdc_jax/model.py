@@ -43,7 +43,7 @@ class SDCNetConfig:
   flow_mean: tuple[float, float] = (-0.944, -1.231)  # reference flow statistics (u, v), pixels
   flow_std: tuple[float, float] = (13.77, 7.47)
   dtype: str = "float32"  # compute dtype
-  implementation: str | None = None  # SDC op implementation (None | "xla" | "pallas")
+  implementation: str | None = None  # SDC op implementation (None | "xla" | "xla_taps" | "pallas")
 
   def __post_init__(self):
     from sdc_jax.errors import SDCError

@@ -136,10 +136,10 @@ def test_gradients_match_finite_differences():
 
 def test_api_dispatch_and_errors():
   frame, uv, kh, kv = (jnp.asarray(a, jnp.float32) for a in random_inputs(7, 1, 4, 4, 1, 3, 1.0))
+  default = api.resolve(None, frame.shape, 3)
+  assert default == ("pallas" if jax.default_backend() == "gpu" else "xla")
   np.testing.assert_array_equal(api.displaced_conv(frame, uv, kh, kv),
-                                api.displaced_conv(frame, uv, kh, kv, implementation="xla"))
-  with pytest.raises(NotImplementedError, match="issue 7"):
-    api.displaced_conv(frame, uv, kh, kv, implementation="pallas")
+                                api.displaced_conv(frame, uv, kh, kv, implementation=default))
   with pytest.raises(ValueError, match="implementation"):
     api.displaced_conv(frame, uv, kh, kv, implementation="cuda")
   with pytest.raises(ValueError, match="uv must be"):

