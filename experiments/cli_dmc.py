@@ -202,6 +202,22 @@ def _run_train(args: argparse.Namespace) -> None:
   print(json.dumps(summary, indent=2, default=str))
 
 
+def _configure_plan(p: argparse.ArgumentParser) -> None:
+  cli.add_config_argument(p)
+  p.add_argument("--devices", type=int, default=None,
+                 help="fake CPU devices (default: the product of the mesh sizes; needed when one is -1)")
+  p.add_argument("--layers", type=int, default=None, help="plan only this many layers (same widths; quick checks)")
+  p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+  import json
+  from experiments import plan
+  from experiments.harness import config
+  p = plan.plan(config.load(args.config, args.config_overrides), devices=args.devices, n_layers=args.layers)
+  print(json.dumps(p.to_dict(), indent=2) if args.json else plan.report(p))
+
+
 COMMANDS = [
     cli.Command("convert", "convert an HF / Meta / GGUF Llama checkpoint into a dmc-jax checkpoint",
                 _configure_convert, _run_convert),
@@ -211,6 +227,8 @@ COMMANDS = [
                 _configure_generate, _run_generate),
     cli.Command("train", "retrofit a checkpoint to DMC (three stages) from an experiment config",
                 _configure_train, _run_train, takes_config_overrides=True),
+    cli.Command("plan", "AOT-compile an experiment's train step on fake CPU devices; per-device memory vs analytic",
+                _configure_plan, _run_plan, takes_config_overrides=True),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

@@ -57,10 +57,11 @@ def train(cfg) -> dict:
   from dmc_jax import train as dmc_train
   from dmc_jax.convert import layout
   from dmc_jax.model.llama import Llama
+  from experiments.harness import mesh as mesh_lib
   from experiments.harness import text_data, trainer
   llama, dmc, source, tokenizer = _model_and_tokenizer(cfg)
   workdir = cfg.workdir or os.path.join("runs", cfg.name)
-  trainer.batch_size_check(cfg.train.batch_size, cfg.mesh.shape)
+  trainer.batch_size_check(cfg.train.batch_size, mesh_lib.mesh_shape(cfg.mesh))
   src = text_data.TextSource(kind=cfg.data.kind, paths=tuple(cfg.data.paths), tfds_name=cfg.data.tfds_name,
                              text_key=cfg.data.text_key)
   splits = text_data.open_splits(src, cfg.data.data_dir)
@@ -111,7 +112,7 @@ def train(cfg) -> dict:
                 "experiment": json.loads(cfg.to_json_best_effort())})
   loop = trainer.LoopConfig(steps=cfg.train.steps, seed=cfg.seed, log_every=cfg.train.log_every,
                             ckpt_every=cfg.train.ckpt_every, eval_every=cfg.train.eval_every, keep=cfg.train.keep,
-                            mesh_shape=tuple(cfg.mesh.shape))
+                            mesh_shape=mesh_lib.mesh_shape(cfg.mesh))
   t0 = time.perf_counter()
   res = trainer.train(task, loop, workdir)
   out = _export(res.state["params"], llama, dmc, tokenizer, cfg, workdir)

@@ -31,7 +31,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     # weights
     ("embed", "fsdp"),
     ("mlp", "tensor"),
-    ("heads", "tensor"),
+    ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
@@ -63,6 +63,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.M
   if int(np.prod(shape)) != len(devices):
     raise MeshError(f"mesh.shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
   return jax.make_mesh(tuple(shape), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_shape(mesh_cfg) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) from an experiment config's `mesh` block (fields `data`, `fsdp`, `tensor`)."""
+  return (int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor))
 
 
 def logical_shardings(abstract_boxed_tree, mesh, rules=RULES):
