@@ -192,13 +192,20 @@ def run_config(args: argparse.Namespace) -> None:
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
   cli.add_config_argument(p)
+  g = p.add_argument_group("multi-host (default: DMC_JAX_* environment, a detected SLURM/MPI/TPU-pod cluster, "
+                           "else one process)")
+  g.add_argument("--coordinator", help="host:port of process 0's coordination service")
+  g.add_argument("--num-processes", type=int, help="processes forming the global mesh")
+  g.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
 
 
 def _run_train(args: argparse.Namespace) -> None:
   import json
   from experiments import dmc_run
-  from experiments.harness import config
-  summary = dmc_run.train(config.load(args.config, args.config_overrides))
+  from experiments.harness import config, distributed
+  cfg = config.load(args.config, args.config_overrides)
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  summary = dmc_run.train(cfg)
   print(json.dumps(summary, indent=2, default=str))
 
 

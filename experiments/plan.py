@@ -113,30 +113,37 @@ def micro_rows(cfg) -> int:
   return t.batch_size // t.grad_accum
 
 
-def lower(cfg, mesh, llama, dmc):
-  """(lowered train step, abstract state) exactly as `dmc-jax train` shards and traces it (under the mesh and the
-  logical rules, so the activation constraints apply)."""
-  import flax.linen as nn
-  import jax
+def retrofit_pieces(cfg, llama, dmc):
+  """(init, train_step) of the retrofit as `dmc-jax train` runs it: init(rng) -> state with boxed (logically
+  named) parameters and optimizer state; train_step(state, batch, rng) -> (state, scalar metrics)."""
   import jax.numpy as jnp
   from dmc_jax import train as dmc_train
   from dmc_jax.model.llama import Llama
   from experiments import dmc_run
-  from experiments.harness import mesh as mesh_lib
-  from experiments.harness import trainer
   tx = dmc_run.make_optimizer(cfg, dmc)
   retrofit = dmc_train.make_retrofit_step(llama, dmc, tx, cfg.train.stage1_steps, cfg.train.ramp_steps,
                                           cfg.train.target_cr)
-
-  def train_step(state, batch, rng):
-    state, m = retrofit(state, batch, rng)
-    m.pop("merge_fraction_per_head")
-    return state, m
 
   def init(rng):
     params = Llama(llama).init(rng, jnp.zeros((1, 8), jnp.int32))  # boxed: the optimizer state inherits the names
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
+  def train_step(state, batch, rng):
+    state, m = retrofit(state, batch, rng)
+    m.pop("merge_fraction_per_head")
+    return state, m
+  return init, train_step
+
+
+def lower(cfg, mesh, llama, dmc):
+  """(lowered train step, abstract state with its shardings), sharded as the harness shards them and traced under
+  the mesh and the logical rules (so the activation constraints apply)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from experiments.harness import mesh as mesh_lib
+  from experiments.harness import trainer
+  init, train_step = retrofit_pieces(cfg, llama, dmc)
   rows = micro_rows(cfg)
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
     key = jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))

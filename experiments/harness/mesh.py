@@ -81,5 +81,11 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 
 
+def global_batch(host_batch, sharding: NamedSharding):
+  """Numpy arrays of the global batch (the same on every process) → global arrays; each process places only the
+  rows its own devices hold (jax.device_put would compare the whole batch across processes every step)."""
+  return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), host_batch)
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

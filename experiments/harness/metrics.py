@@ -15,13 +15,19 @@ from typing import Mapping
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, resume_step: int = 0):
-    from tensorboardX import SummaryWriter
+  """enabled=False (every process but the first of a multi-host run) keeps the history in memory, writes nothing."""
+
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
     self.workdir = os.path.abspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
     self.path = os.path.join(self.workdir, "metrics.jsonl")
+    self.enabled = enabled
     # A killed run may have logged past its last checkpoint: keep only what the resumed run will not redo.
     self.history = [r for r in read_history(self.path) if r["step"] <= resume_step]
+    self.tb = None
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter
+    os.makedirs(self.workdir, exist_ok=True)
     with open(self.path, "w") as f:
       for r in self.history:
         f.write(json.dumps(r) + "\n")
@@ -30,15 +36,20 @@ class MetricsWriter:
   def write(self, step: int, values: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
     self.history.append(row)
+    if not self.enabled:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for k, v in values.items():
       self.tb.add_scalar(k, float(v), step)
 
   def close(self) -> None:
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
 
   def plot(self, path: str | None = None) -> str | None:
+    if not self.enabled:
+      return None
     return plot_history(self.history, path or os.path.join(self.workdir, "curves.png"))
 
 
