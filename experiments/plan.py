@@ -79,14 +79,16 @@ def fake_cpu_devices(n: int) -> list:
 
 
 def mesh_devices(mesh_cfg, devices: int | None) -> int:
+  """Devices to plan on: `devices`, else the mesh's product with data = -1 read as 1 (more data-parallel groups
+  change nothing per device)."""
   from experiments.harness import mesh as mesh_lib
-  shape = mesh_lib.mesh_shape(mesh_cfg)
   if devices:
     return devices
-  if -1 in shape:
-    names = [n for n, s in zip(mesh_lib.AXES, shape) if s == -1]
-    raise mesh_lib.MeshError(f"mesh.{names[0]}=-1: give every mesh size (--config.mesh.{names[0]}=N) or --devices N")
-  return int(np.prod(shape))
+  data, fsdp, tensor = mesh_lib.mesh_shape(mesh_cfg)
+  for name, size in (("fsdp", fsdp), ("tensor", tensor)):
+    if size == -1:
+      raise mesh_lib.MeshError(f"mesh.{name}=-1: give every mesh size (--config.mesh.{name}=N) or --devices N")
+  return max(data, 1) * fsdp * tensor
 
 
 def model_config(cfg, n_layers: int | None = None):

@@ -6,4 +6,4 @@ from experiments.dmc import paper
 
 
 def get_config(variant=None):
-  return paper.llama("llama3_8b_cr4", "llama3-8b", 4, variant, __file__, micro_rows=8, mesh=(1, -1, 1))
+  return paper.llama("llama3_8b_cr4", "llama3-8b", 4, variant, __file__, micro_rows=8, mesh=(-1, 8, 1))
