@@ -13,12 +13,13 @@ from experiments.harness import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = os.path.join(ROOT, "tests", "data", "dmc_mesh_task.py")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 MESH = "1,2,2"  # fsdp x tensor: parameter shards and batch rows both span the two processes
 
 
 def _env(devices):
   return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "DMC_JAX_PROGRESS": "0",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
 
 
 def _free_port():
@@ -27,6 +28,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three processes, each compiling the step
 def test_two_processes_match_one_process(tmp_path):
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, TASK, "train", str(tmp_path / "two"), MESH, "--coordinator",

@@ -11,14 +11,16 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = os.path.join(ROOT, "tests", "data", "dmc_mesh_task.py")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ROWS, SEQ, VOCAB, FFN, KV, GROUP = 8, 16, 256, 96, 8, 2  # as in dmc_mesh_task.py
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
+pytestmark = pytest.mark.slow  # one subprocess compiling five meshes: ~47 CPU-seconds
 
 
 @pytest.fixture(scope="module")
 def runs():
   env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "DMC_JAX_PROGRESS": "0"}
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}", "DMC_JAX_PROGRESS": "0"}
   r = subprocess.run([sys.executable, TASK, "meshes", *(",".join(map(str, m)) for m in MESHES)], env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]

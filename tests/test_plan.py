@@ -28,6 +28,7 @@ def planned():
   return json.loads(r.stdout)
 
 
+@pytest.mark.slow  # ~38 s: lowering and compiling 70B-wide layers for 64 devices
 def test_70b_widths_on_64_fake_devices(planned):
   p = planned
   assert p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 8} and p["devices"] == 64
