@@ -56,7 +56,7 @@ def test_paper_recipe_configs(name, preset, cr, grad_accum, mesh):
   assert t.target_cr == cr and t.lr == 3e-5 and t.stage1_steps == 250 and t.seq_len == 4096
   assert t.batch_size == 1024 and t.grad_accum == grad_accum and t.steps == 250 + 6000 * (cr - 1) + 2000
   assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == mesh
-  tiny = config.load(f"{path}:tiny", ["--config.mesh.fsdp=2"])
-  assert tiny.model.preset == "smollm2-tiny" and tiny.train.target_cr == cr and tiny.mesh.fsdp == 2
+  toy = config.load(f"{path}:toy", ["--config.mesh.fsdp=2"])
+  assert toy.model.preset == "smollm2-tiny" and toy.train.target_cr == cr and toy.mesh.fsdp == 2
   with pytest.raises(config.ExperimentConfigError, match="unknown variant 'huge'"):
     config.load(f"{path}:huge")

@@ -2,15 +2,15 @@
 
 No Llama weights ship with the project: set `model.init_from` to a checkpoint converted with `dmc-jax convert`
 and `data.paths` (or `data.kind=tfds`) to a corpus. Without `init_from` the preset's shape is initialised at
-random (planning, benchmarks). Variant `tiny`: the same recipe on a toy body with SmolLM2's tokenizer and the
-offline corpus, for a CPU smoke run.
+random (planning, benchmarks). Variant `toy`: the same recipe (target CR, stages, gradient accumulation) on a
+random 2-layer body with SmolLM2's tokenizer and the offline corpus, a CPU smoke run of seconds.
 """
 
 from ml_collections import config_dict
 
 from experiments.dmc import base
 
-VARIANTS = (None, "tiny")
+VARIANTS = (None, "toy")
 RAMP_STEPS_PER_CR = 6000  # the reference ramps CR 1 -> 2 over 6k steps of 1024 x 4096 tokens; same rate beyond
 STAGE3_STEPS = 2000  # fine-tuning at the target CR
 
@@ -42,12 +42,20 @@ def llama(name: str, preset: str, target_cr: float, variant, path: str, *, micro
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
   if variant is None:
     return cfg
-  if variant == "tiny":
-    cfg = base.tiny(cfg)
-    cfg.model.dtype = "float32"
-    cfg.model.tokenizer_from = base.SMOLLM2_CKPT
-    cfg.train.grad_accum = 2
-    cfg.data.kind = "stdlib"
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
-    return cfg
+  if variant == "toy":
+    return toy(cfg)
   raise variant_error(path, variant, VARIANTS)
+
+
+def toy(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  cfg.model.preset = "smollm2-tiny"
+  cfg.model.dtype = "float32"  # bf16 steps are slower on a CPU
+  cfg.model.tokenizer_from = base.SMOLLM2_CKPT
+  t = cfg.train
+  t.steps, t.stage1_steps, t.ramp_steps = 8, 2, 4
+  t.lr, t.decision_lr, t.warmup_steps = 1e-3, 3e-2, 1
+  t.batch_size, t.grad_accum, t.seq_len = 4, 2, 64
+  t.log_every, t.ckpt_every, t.eval_every, t.eval_batches = 2, 4, 0, 1
+  cfg.data.kind = "stdlib"
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  return cfg

@@ -1,4 +1,4 @@
-"""A tiny Llama + DMC retrofit (GQA, 2 scanned layers, remat) on synthetic packed rows, for the mesh tests.
+"""A tiny Llama + DMC retrofit (GQA, 2 scanned layers) on synthetic packed rows, for the mesh tests.
 
     python tests/data/dmc_mesh_task.py meshes D,F,T [D,F,T ...]   # per mesh: losses of 3 steps, shardings, HLO
     python tests/data/dmc_mesh_task.py train WORKDIR D,F,T [--coordinator H:P --num-processes N --process-id I]
@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "experiments", "dmc", "llama2_70b_cr2.py") + ":tiny"
+CONFIG = os.path.join(ROOT, "experiments", "dmc", "llama2_70b_cr2.py") + ":toy"
 ROWS, SEQ, VOCAB, FFN = 8, 16, 256, 96
 STEPS = 3
 
