@@ -3,7 +3,8 @@
 The experiment's train step (`dmc_jax.train.make_retrofit_step` with `dmc_run.make_optimizer`) is jitted with
 the harness's shardings over a `(data, fsdp, tensor)` mesh of fake CPU devices and lowered on
 `jax.ShapeDtypeStruct`s: nothing is allocated, so a 70B model plans on a laptop. It compiles one microbatch
-(`batch_size / grad_accum` rows; activations are per microbatch). Printed per device: XLA's `memory_analysis()`
+(`batch_size / grad_accum` rows; activations are per microbatch): until the train step accumulates microbatches
+itself it holds no accumulator, which only the analytic count has. Printed per device: XLA's `memory_analysis()`
 (the CPU compiler's buffer assignment: a GPU compile fuses differently) beside an analytic count:
 
   state        = 12 P / (fsdp·tensor)        f32 master parameters + Adam mu + nu
