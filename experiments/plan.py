@@ -231,9 +231,10 @@ def report(p: Plan) -> str:
            f"  temporaries                    {g(p.compiled['temp'])}"
            f"            {g(p.analytic_peak - p.analytic['state'])} (the rest)"]
   lines += [f"      {k:26s}                             {g(v)}" for k, v in p.analytic.items() if k != "state"]
+  verdict = lambda n: "fits" if fits(n) else "DOES NOT fit"
   lines += [f"  peak (args + out - alias + temp) {g(p.compiled_peak)}          {g(p.analytic_peak)}",
-            f"  H100-80GB usable {H100_USABLE_GIB:.1f} GiB: compiled {'fits' if fits(p.compiled_peak) else 'DOES NOT fit'}"
-            f", analytic {'fits' if fits(p.analytic_peak) else 'DOES NOT fit'}; TPU v5p usable {V5P_USABLE_GIB:.1f} "
+            f"  H100-80GB usable {H100_USABLE_GIB:.1f} GiB: compiled {verdict(p.compiled_peak)}"
+            f", analytic {verdict(p.analytic_peak)}; TPU v5p usable {V5P_USABLE_GIB:.1f} "
             f"GiB: analytic {'fits' if fits(p.analytic_peak, V5P_USABLE_GIB) else 'DOES NOT fit'}"]
   if p.analytic["grad_accumulator"]:
     lines.append("  (compiled: one microbatch's step, which holds no gradient accumulator; the analytic count has one)")
