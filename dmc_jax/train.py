@@ -156,7 +156,11 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
     rows = batch["tokens"].shape[0]
     if rows % grad_accum:
       raise ValueError(f"train.grad_accum {grad_accum} does not divide the per-step batch of {rows} rows")
-    micro = jax.tree.map(lambda x: x.reshape((grad_accum, rows // grad_accum) + x.shape[1:]), dict(batch))
+    # Microbatch i takes rows i, i + A, i + 2A, ...: the batch is split over devices in contiguous blocks, so
+    # every microbatch keeps one slice on every data-parallel device (a plain reshape would put each microbatch
+    # on one device).
+    micro = jax.tree.map(lambda x: x.reshape((rows // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1),
+                         dict(batch))
     tokens_A = jnp.sum(micro["loss_mask"].astype(jnp.float32), axis=(1, 2))
     lm_weight_A = tokens_A / jnp.maximum(jnp.sum(tokens_A), 1.0)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -195,21 +195,28 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--init-from", metavar="CKPT",
                  help="converted checkpoint to retrofit (same as --config.model.init_from=CKPT)")
   p.add_argument("--workdir", help="run directory (same as --config.workdir=DIR)")
+  g = p.add_argument_group("multi-host (default: DMC_JAX_* environment, a detected SLURM/MPI/TPU-pod cluster, "
+                           "else one process)")
+  g.add_argument("--coordinator", help="host:port of process 0's coordination service")
+  g.add_argument("--num-processes", type=int, help="processes forming the global mesh")
+  g.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
 
 
 def _run_train(args: argparse.Namespace) -> None:
   import json
   from experiments import dmc_run
-  from experiments.harness import config
+  from experiments.harness import config, distributed
   overrides = list(args.config_overrides)
   if args.init_from:
     if not os.path.exists(os.path.join(args.init_from, "checkpoint.json")):
       raise FileNotFoundError(f"--init-from {args.init_from}: not a dmc-jax checkpoint (no checkpoint.json); "
-                          "convert one with `dmc-jax convert`")
+                            "convert one with `dmc-jax convert`")
     overrides.append(f"--config.model.init_from={args.init_from}")
   if args.workdir:
     overrides.append(f"--config.workdir={args.workdir}")
-  summary = dmc_run.train(config.load(args.config, overrides))
+  cfg = config.load(args.config, overrides)
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  summary = dmc_run.train(cfg)
   print(json.dumps(summary, indent=2, default=str))
 
 
@@ -223,6 +230,22 @@ def _run_bench(args: argparse.Namespace) -> int:
   return bench_dmc.run(args)
 
 
+def _configure_plan(p: argparse.ArgumentParser) -> None:
+  cli.add_config_argument(p)
+  p.add_argument("--devices", type=int, default=None,
+                 help="fake CPU devices (default: the product of the mesh sizes; needed when one is -1)")
+  p.add_argument("--layers", type=int, default=None, help="plan only this many layers (same widths; quick checks)")
+  p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+  import json
+  from experiments import plan
+  from experiments.harness import config
+  p = plan.plan(config.load(args.config, args.config_overrides), devices=args.devices, n_layers=args.layers)
+  print(json.dumps(p.to_dict(), indent=2) if args.json else plan.report(p))
+
+
 COMMANDS = [
     cli.Command("convert", "convert an HF / Meta / GGUF Llama checkpoint into a dmc-jax checkpoint",
                 _configure_convert, _run_convert),
@@ -234,6 +257,8 @@ COMMANDS = [
                 _configure_train, _run_train, takes_config_overrides=True),
     cli.Command("bench", "DMC vs vanilla decode tokens/s at equal KV memory, decode-kernel bandwidth, train step time",
                 _configure_bench, _run_bench),
+    cli.Command("plan", "AOT-compile an experiment's train step on fake CPU devices; per-device memory vs analytic",
+                _configure_plan, _run_plan, takes_config_overrides=True),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

@@ -58,10 +58,11 @@ def train(cfg) -> dict:
   from dmc_jax import train as dmc_train
   from dmc_jax.convert import layout
   from dmc_jax.model.llama import Llama
+  from experiments.harness import mesh as mesh_lib
   from experiments.harness import mfu, text_data, trainer
   llama, dmc, source, tokenizer = _model_and_tokenizer(cfg)
   workdir = cfg.workdir or os.path.join("runs", cfg.name)
-  trainer.batch_size_check(cfg.train.batch_size, cfg.mesh.shape)
+  trainer.batch_size_check(cfg.train.batch_size, mesh_lib.mesh_shape(cfg.mesh))
   src = text_data.TextSource(kind=cfg.data.kind, paths=tuple(cfg.data.paths), tfds_name=cfg.data.tfds_name,
                              text_key=cfg.data.text_key)
   splits = text_data.open_splits(src, cfg.data.data_dir)
@@ -80,7 +81,9 @@ def train(cfg) -> dict:
     return state, m
 
   def init(rng):
-    params = nn.unbox(Llama(llama).init(rng, jnp.zeros((1, 8), jnp.int32)))
+    # Boxed (logically named) parameters, so that the optimizer state inherits the names: the harness shards
+    # both from them (unboxing here would replicate everything).
+    params = Llama(llama).init(rng, jnp.zeros((1, 8), jnp.int32))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   def source_params(shardings):
@@ -139,7 +142,7 @@ def train(cfg) -> dict:
   peak = cfg.train.peak_tflops * 1e12 or mfu.peak_flops(dtype=cfg.model.dtype)
   loop = trainer.LoopConfig(steps=cfg.train.steps, seed=cfg.seed, log_every=cfg.train.log_every,
                             ckpt_every=cfg.train.ckpt_every, eval_every=cfg.train.eval_every, keep=cfg.train.keep,
-                            mesh_shape=tuple(cfg.mesh.shape), peak_flops=peak)
+                            mesh_shape=mesh_lib.mesh_shape(cfg.mesh), peak_flops=peak)
   t0 = time.perf_counter()
   res = trainer.train(task, loop, workdir)
   eval_rows = [r for r in res.history if "eval/lm_loss" in r]

@@ -41,3 +41,22 @@ def test_cli_prints_the_resolved_config(capsys):
   assert cli_dmc.main(["config", "--config", EXAMPLE, "--config.train.bogus=7"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.endswith("unknown config key 'train.bogus'") and "\n" not in err
+
+
+@pytest.mark.parametrize("name, preset, cr, grad_accum, mesh", [
+    ("llama2_7b_cr4", "llama2-7b", 4, 128, (-1, 8, 1)),
+    ("llama3_8b_cr4", "llama3-8b", 4, 128, (-1, 8, 1)),
+    ("llama2_70b_cr2", "llama2-70b", 2, 256, (-1, 4, 8)),
+])
+def test_paper_recipe_configs(name, preset, cr, grad_accum, mesh):
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "dmc", f"{name}.py")
+  cfg = config.load(path)
+  t = cfg.train
+  assert cfg.model.preset == preset and cfg.model.init_from is None and cfg.model.dtype == "bfloat16"
+  assert t.target_cr == cr and t.lr == 3e-5 and t.stage1_steps == 250 and t.seq_len == 4096
+  assert t.batch_size == 1024 and t.grad_accum == grad_accum and t.steps == 250 + 6000 * (cr - 1) + 2000
+  assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == mesh
+  toy = config.load(f"{path}:toy", ["--config.mesh.fsdp=2"])
+  assert toy.model.preset == "smollm2-tiny" and toy.train.target_cr == cr and toy.mesh.fsdp == 2
+  with pytest.raises(config.ExperimentConfigError, match="unknown variant 'huge'"):
+    config.load(f"{path}:huge")

@@ -54,7 +54,9 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.data.data_dir = ".work/text_data"  # where prepared TFDS datasets live
 
   cfg.mesh = config_dict.ConfigDict()
-  cfg.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+  cfg.mesh.data = -1  # data-parallel size (-1: the devices the other two axes leave)
+  cfg.mesh.fsdp = 1  # parameter/optimizer-state sharding size (the batch is split over data x fsdp)
+  cfg.mesh.tensor = 1  # tensor-parallel size (heads, MLP, vocabulary)
   return cfg
 
 

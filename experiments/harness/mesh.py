@@ -31,7 +31,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     # weights
     ("embed", "fsdp"),
     ("mlp", "tensor"),
-    ("heads", "tensor"),
+    ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
@@ -65,6 +65,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.M
   return jax.make_mesh(tuple(shape), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
+def mesh_shape(mesh_cfg) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) from an experiment config's `mesh` block (fields `data`, `fsdp`, `tensor`)."""
+  return (int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor))
+
+
 def logical_shardings(abstract_boxed_tree, mesh, rules=RULES):
   """NamedShardings for a tree whose leaves may be `nn.Partitioned` (unboxed leaves are replicated)."""
   specs = nn.get_partition_spec(abstract_boxed_tree)
@@ -74,6 +79,12 @@ def logical_shardings(abstract_boxed_tree, mesh, rules=RULES):
 def batch_sharding(mesh) -> NamedSharding:
   """Leading (batch) dimension over (data, fsdp); the rest replicated."""
   return NamedSharding(mesh, P(BATCH))
+
+
+def global_batch(host_batch, sharding: NamedSharding):
+  """Numpy arrays of the global batch (the same on every process) → global arrays; each process places only the
+  rows its own devices hold (jax.device_put would compare the whole batch across processes every step)."""
+  return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), host_batch)
 
 
 def replicated(mesh) -> NamedSharding:

@@ -22,12 +22,19 @@ import numpy as np
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, resume_step: int = 0):
-    from tensorboardX import SummaryWriter
+  """enabled=False (every process but the first of a multi-host run) keeps the history in memory, writes nothing."""
+
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
     self.workdir = os.path.abspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
     self.path = os.path.join(self.workdir, "metrics.jsonl")
     self.arrays_path = os.path.join(self.workdir, "arrays.jsonl")
+    self.enabled = enabled
+    self.tb = None
+    if not enabled:
+      self.history = [r for r in read_history(self.path) if r["step"] <= resume_step]
+      return
+    from tensorboardX import SummaryWriter
+    os.makedirs(self.workdir, exist_ok=True)
     self.history = _truncate(self.path, resume_step)
     _truncate(self.arrays_path, resume_step)
     self.tb = SummaryWriter(os.path.join(self.workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
@@ -35,12 +42,16 @@ class MetricsWriter:
   def write(self, step: int, values: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
     self.history.append(row)
+    if not self.enabled:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for k, v in values.items():
       self.tb.add_scalar(k, float(v), step)
 
   def write_array(self, step: int, name: str, values) -> None:
+    if not self.enabled:
+      return
     values = np.asarray(values, np.float64)
     with open(self.arrays_path, "a") as f:
       f.write(json.dumps({"step": int(step), "name": name, "values": values.tolist()}) + "\n")
@@ -52,9 +63,12 @@ class MetricsWriter:
       self.tb.add_histogram(name, values.ravel(), step)
 
   def close(self) -> None:
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
 
   def plot(self, path: str | None = None) -> str | None:
+    if not self.enabled:
+      return None
     return plot_history(self.history, path or os.path.join(self.workdir, "curves.png"))
 
 

@@ -88,7 +88,8 @@ def train(task: Task, cfg: LoopConfig, workdir: str,
                             strip_boxes(boxed), state_sh)
     batch_sh = mesh_lib.batch_sharding(mesh)
     rep = mesh_lib.replicated(mesh)
-    if task.describe is not None:
+    primary = jax.process_index() == 0  # multi-host: one process writes the run's files
+    if task.describe is not None and primary:
       orbax_ckpt.write_run_json(workdir, dict(task.describe))
     ckpt = orbax_ckpt.Checkpointer(workdir, keep=cfg.keep, async_save=cfg.async_ckpt)
     data_it = task.data()
@@ -105,7 +106,7 @@ def train(task: Task, cfg: LoopConfig, workdir: str,
         state = jax.jit(lambda k: nn.unbox(task.init(k)), out_shardings=state_sh)(init_key)
     step_fn = jax.jit(task.train_step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                       donate_argnums=(0,))
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=primary)
     sums: dict[str, Any] = {}
     count = 0
     t0 = time.perf_counter()
@@ -114,7 +115,7 @@ def train(task: Task, cfg: LoopConfig, workdir: str,
     try:
       with progress.bar(total=cfg.steps, initial=start, desc="train", unit="step") as bar:
         for step in range(start + 1, cfg.steps + 1):
-          batch = jax.device_put(next(data_it), batch_sh)
+          batch = mesh_lib.global_batch(next(data_it), batch_sh)
           state, m = step_fn(state, batch, jax.random.fold_in(step_key, step))
           m = {k: np.asarray(v, np.float64) for k, v in jax.device_get(m).items()}
           if t_first is None:
