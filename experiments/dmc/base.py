@@ -69,7 +69,7 @@ def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict
 
   tiny  the real model, a few minutes of a 2-core CPU (`make demo-dmc`): enough steps for the decisions to reach
         the target, not enough to recover quality
-  cpu   the real model, ≈0.2 M tokens (about half an hour of a 2-core CPU): the README's CPU-budget retrofit
+  cpu   the real model, ≈0.1 M tokens (about 17 minutes of a quiet 2-core CPU): the README's CPU-budget retrofit
   toy   a random 2-layer body with the real tokenizer and data (tests of the harness itself)
   """
   from experiments.harness.config import variant_error
@@ -81,7 +81,7 @@ def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict
     return small_budget(cfg, steps=36, batch_size=2, seq_len=256, stage1_steps=4, ramp_steps=20,
                         decision_lr=5e-2, cr_weight=30.0)
   if variant == "cpu":
-    return small_budget(cfg, steps=200, batch_size=4, seq_len=256, stage1_steps=10, ramp_steps=120,
+    return small_budget(cfg, steps=100, batch_size=4, seq_len=256, stage1_steps=6, ramp_steps=60,
                         decision_lr=2e-2, cr_weight=10.0)
   if variant == "toy":
     cfg = toy(cfg)
