@@ -202,6 +202,44 @@ def _run_train(args: argparse.Namespace) -> None:
   print(json.dumps(summary, indent=2, default=str))
 
 
+# -- eval, gqa-pool, report (baselines: experiments/eval_dmc.py, dmc_jax/baselines, experiments/report_dmc.py) --
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+  from experiments import eval_dmc
+  eval_dmc.configure(p)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+  from experiments import eval_dmc
+  eval_dmc.run(args)
+
+
+def _configure_gqa_pool(p: argparse.ArgumentParser) -> None:
+  p.add_argument("ckpt", help="dmc-jax checkpoint directory")
+  p.add_argument("--kv-heads", type=int, required=True, help="KV heads after pooling (divides the current count)")
+  p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+  p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def _run_gqa_pool(args: argparse.Namespace) -> None:
+  from dmc_jax.baselines import gqa
+  out, cr = gqa.pool_checkpoint(args.ckpt, args.kv_heads, args.out, force=args.force)
+  log.info("pooled %s to %d KV heads (cache CR %g) → %s", args.ckpt, args.kv_heads, cr, out)
+
+
+def _configure_report(p: argparse.ArgumentParser) -> None:
+  p.add_argument("results", nargs="+", help="JSON files written by `dmc-jax eval --out`")
+  p.add_argument("--out", required=True, help="directory for report.md and ppl_vs_cr.png")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+  from experiments import report_dmc
+  md, png = report_dmc.write(args.results, args.out)
+  print(open(md).read())
+  log.info("wrote %s and %s", md, png)
+
+
 COMMANDS = [
     cli.Command("convert", "convert an HF / Meta / GGUF Llama checkpoint into a dmc-jax checkpoint",
                 _configure_convert, _run_convert),
@@ -211,6 +249,12 @@ COMMANDS = [
                 _configure_generate, _run_generate),
     cli.Command("train", "retrofit a checkpoint to DMC (three stages) from an experiment config",
                 _configure_train, _run_train, takes_config_overrides=True),
+    cli.Command("eval", "held-out perplexity and realised CR: vanilla beside DMC and eviction policies, same tokens",
+                _configure_eval, _run_eval),
+    cli.Command("gqa-pool", "mean-pool a checkpoint's KV heads into fewer groups (GQA up-training's start)",
+                _configure_gqa_pool, _run_gqa_pool),
+    cli.Command("report", "Markdown table and perplexity-vs-CR plot from `dmc-jax eval` JSON files",
+                _configure_report, _run_report),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

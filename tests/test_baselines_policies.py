@@ -21,7 +21,7 @@ _forward = jax.jit(evict_model.forward, static_argnums=(0, 1))
 
 @pytest.fixture(scope="module")
 def params():
-  p = nn.unbox(Llama(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  p = nn.unbox(jax.jit(Llama(CFG).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
   return jax.tree.map(lambda x: x * 3 if x.ndim > 1 else x, p)  # peakier attention: no near-ties in eviction
 
 

@@ -31,6 +31,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dmc_jax.config import ConfigError
+
 Array = jax.Array
 POLICIES = ("streaming", "h2o", "tova")
 _NEG = jnp.finfo(jnp.float32).min
@@ -45,13 +47,13 @@ class Policy:
 
   def __post_init__(self):
     if self.name not in POLICIES:
-      raise ValueError(f"policy: unknown {self.name!r}; expected one of {list(POLICIES)}")
+      raise ConfigError(f"policy: unknown {self.name!r}; expected one of {list(POLICIES)}")
     if not self.cr >= 1:
-      raise ValueError(f"policy CR: expected >= 1, got {self.cr}")
+      raise ConfigError(f"policy CR: expected >= 1, got {self.cr}")
     if self.sinks < 0:
-      raise ValueError(f"policy sinks: expected >= 0, got {self.sinks}")
+      raise ConfigError(f"policy sinks: expected >= 0, got {self.sinks}")
     if not 0 <= self.recent_fraction <= 1:
-      raise ValueError(f"policy recent_fraction: expected in [0, 1], got {self.recent_fraction}")
+      raise ConfigError(f"policy recent_fraction: expected in [0, 1], got {self.recent_fraction}")
 
   def budget(self, t):
     """Cache entries allowed after t tokens of a document (an int, or an int array for an array t)."""
