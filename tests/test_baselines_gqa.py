@@ -8,19 +8,14 @@ import pytest
 
 from dmc_jax.baselines import gqa
 from dmc_jax.config import LlamaConfig
-from dmc_jax.convert import Converted, LazyTensor, layout
 from dmc_jax.model.llama import Llama, cache_bytes, init_cache
 from experiments import cli_dmc
 from experiments.harness import checkpoint
 
+from conftest import write_checkpoint
+
 CFG = LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=48)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 12)), jnp.int32)
-
-
-def _write(path, cfg, params):
-  flat = {k: np.asarray(v) for k, v in layout.flatten(params["params"]).items()}
-  tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
-  return checkpoint.write(str(path), Converted(cfg, tensors, None, {"format": "test"}), show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +39,7 @@ def test_pooling_heads_that_agree_keeps_the_model_and_divides_the_cache(tmp_path
     for name in gqa.POOLED:
       w = p["params"][f"layers_{i}"]["attn"][name]["kernel"]
       w[:, 1::2] = w[:, 0::2]
-  src = _write(tmp_path / "src", CFG, p)
+  src = write_checkpoint(tmp_path / "src", CFG, p)
   assert cli_dmc.main(["gqa-pool", src, "--kv-heads", "2", "--out", str(tmp_path / "gqa2")]) == 0
   pooled = checkpoint.Checkpoint(tmp_path / "gqa2")
   assert pooled.config.n_kv_heads == 2 and pooled.config.n_heads == 8
@@ -55,7 +50,7 @@ def test_pooling_heads_that_agree_keeps_the_model_and_divides_the_cache(tmp_path
 
 
 def test_pooled_model_runs_and_differs_from_unpooled(tmp_path, params):
-  src = _write(tmp_path / "src", CFG, params)
+  src = write_checkpoint(tmp_path / "src", CFG, params)
   path, cr = gqa.pool_checkpoint(src, 1, str(tmp_path / "mqa"))
   assert cr == 4
   pooled = checkpoint.Checkpoint(path)
