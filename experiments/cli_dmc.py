@@ -106,10 +106,14 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
                  help="size the page pool from this KV-memory budget (default: never run out)")
   g.add_argument("--dmc-force-cr", type=float, default=None,
                  help="force decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model)")
+  g = p.add_argument_group("eviction policy (quality only: evicted entries are masked in a vanilla-sized cache)")
+  g.add_argument("--policy", default=None, help="streaming, h2o or tova")
+  g.add_argument("--policy-cr", type=float, default=2.0, help="target CR: ceil(t / CR) entries after t tokens")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
   import jax
+  from dmc_jax.config import ConfigError
   from dmc_jax.generate import Generator, Sampling
   from experiments.harness import checkpoint
   ckpt = checkpoint.Checkpoint(args.ckpt)
@@ -120,7 +124,14 @@ def _run_generate(args: argparse.Namespace) -> None:
   t0 = time.perf_counter()
   params = jax.device_put(ckpt.load_params())
   load_s = time.perf_counter() - t0
-  gen = Generator(cfg, params, dmc=_dmc_options(args, ckpt, cfg))
+  if args.policy:
+    from dmc_jax.baselines.policies import Policy
+    from dmc_jax.baselines.policy_generate import PolicyGenerator
+    if args.dmc or args.dmc_force_cr or args.kv_budget_mb:
+      raise ConfigError("--policy: decodes with the vanilla cache; it cannot be combined with the DMC options")
+    gen = PolicyGenerator(cfg, params, Policy(args.policy, args.policy_cr))
+  else:
+    gen = Generator(cfg, params, dmc=_dmc_options(args, ckpt, cfg))
   eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids)
   result = gen.generate(prompts, args.max_new_tokens, sampling, seed=args.seed, eos_ids=sorted(eos),
                         stop_at_eos=not args.ignore_eos)
@@ -137,6 +148,11 @@ def _run_generate(args: argparse.Namespace) -> None:
         f"KV cache {result.cache_bytes / 2**20:.2f} MiB on {jax.devices()[0].platform}", file=sys.stderr)
   if result.dmc:
     _report_dmc(gen.dmc, result.dmc)
+  if args.policy:
+    from dmc_jax.baselines.policy_generate import kept_entries
+    print(f"[policy] {gen.policy.label()}: entries kept per layer and KV head at the end "
+          f"{kept_entries(gen.policy, result.prompt_lengths, result.decode_steps)} (masked, not freed)",
+          file=sys.stderr)
 
 
 def _dmc_options(args, ckpt, cfg):
