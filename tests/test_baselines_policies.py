@@ -131,7 +131,7 @@ def _victim(policy, entries, t, probs_mean):
   if policy.name == "streaming":
     return min((i for i, e in enumerate(entries) if e["pos"] >= policy.sinks), key=lambda i: entries[i]["pos"])
   if policy.name == "h2o":
-    r = max(1, math.floor(b * policy.recent_fraction))
+    r = math.floor(b * policy.recent_fraction)
     return min((i for i, e in enumerate(entries) if e["pos"] <= t - 1 - r), key=lambda i: entries[i]["score"])
   return int(np.argmin(probs_mean))
 

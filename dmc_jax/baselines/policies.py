@@ -13,8 +13,9 @@ One step (the same function drives the parallel evaluation scan and `generate`'s
   2. the query attends to cand (softmax over cand only);
   3. if |cand| > b(t), one entry leaves (b grows by at most one per step, so one eviction is always enough):
      * StreamingLLM — the oldest entry that is not one of the document's first `sinks` tokens;
-     * H2O — among entries outside the recent window (the max(1, ⌊b · recent_fraction⌋) newest positions), the
-       one with the smallest attention accumulated over every query that saw it;
+     * H2O — among entries outside the recent window (the ⌊b · recent_fraction⌋ newest positions), the one with
+       the smallest attention accumulated over every query that saw it (while b = 1 there is no window, so the
+       first token, usually the attention sink, is not forced out by the second);
      * TOVA — the entry with the smallest attention from the current query (the new token included).
 
 Parallel evaluation is exact: at layer l, position i depends only on positions ≤ i of layer l − 1, so computing
@@ -97,7 +98,7 @@ def step(policy: Policy, state: dict, logits_BxKxGxS: Array, new_slot_B: Array, 
     priority = jnp.broadcast_to(slot_pos_BxS[:, None, :].astype(jnp.float32), cand.shape)
   elif policy.name == "h2o":
     score = jnp.where(cand, score + probs.sum(axis=2), 0.0)
-    recent_B = jnp.maximum(1, jnp.floor(budget_B * policy.recent_fraction).astype(budget_B.dtype))
+    recent_B = jnp.floor(budget_B * policy.recent_fraction).astype(budget_B.dtype)
     protected = jnp.broadcast_to((slot_pos_BxS > cur_pos_Bx1 - recent_B[:, None])[:, None, :], cand.shape)
     priority = score
   else:
