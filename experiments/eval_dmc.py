@@ -30,7 +30,7 @@ LABELS = {"streaming": "StreamingLLM", "h2o": "H2O", "tova": "TOVA"}
 
 def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
-  p.add_argument("--dmc", action="store_true", help="also evaluate with DMC (the checkpoint's settings, hard decisions)")
+  p.add_argument("--dmc", action="store_true", help="also evaluate with DMC (the checkpoint's settings, hard α)")
   p.add_argument("--policy", action="append", default=[], help="eviction policy: streaming, h2o or tova; repeat")
   p.add_argument("--cr", action="append", type=float, default=[], help="target CR of every --policy; repeat")
   p.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks")

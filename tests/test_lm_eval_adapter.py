@@ -124,7 +124,8 @@ metric_list:
 """)
   path, cfg, params = tiny
   lm = DMCJaxLM(path, method="streaming", cr=2, batch_size=4)
-  res = lm_eval.simple_evaluate(model=lm, tasks=["dmcjax_local_mc"], task_manager=TaskManager(include_path=str(tmp_path)))
+  res = lm_eval.simple_evaluate(model=lm, tasks=["dmcjax_local_mc"],
+                                task_manager=TaskManager(include_path=str(tmp_path)))
   acc = res["results"]["dmcjax_local_mc"]["acc,none"]
   docs = [json.loads(line) for line in open(DATA)]
   # The reported accuracy is the adapter's own argmax over the choices' log-likelihoods.
