@@ -86,7 +86,7 @@ def test_loglikelihoods_equal_a_direct_forward(tiny, method):
 
 def test_generate_until_stops_at_the_stop_string(tiny):
   from lm_eval.api.instance import Instance
-  from dmc_jax.generate import Generator
+  from dmc_jax.baselines.policy_generate import PolicyGenerator
   from dmc_jax.lm_eval_adapter import DMCJaxLM
   path, cfg, params = tiny
   lm = DMCJaxLM(path, method="tova", cr=2)
@@ -95,8 +95,11 @@ def test_generate_until_stops_at_the_stop_string(tiny):
   stop = free[len(free) // 2:len(free) // 2 + 2]
   cut = lm.generate_until([Instance("generate_until", {}, ("Hello", {"until": [stop], "max_gen_toks": 12}), 0)])[0]
   assert cut == free[:free.index(stop)]
-  vanilla = Generator(cfg, params).generate([lm.tokenizer.encode("Hello")], 12).tokens[0]
-  assert isinstance(vanilla, list)
+  # The text is the policy's own greedy decoding (dmc_jax.baselines.policy_generate), EOS removed.
+  eos = sorted(set(cfg.eos_token_ids) | set(lm.tokenizer.eos_token_ids))
+  direct = PolicyGenerator(cfg, params, Policy("tova", 2.0)).generate([lm.tokenizer.encode("Hello")], 12,
+                                                                      eos_ids=eos).tokens[0]
+  assert free == lm.tokenizer.decode([t for t in direct if t not in eos])
 
 
 def test_local_multiple_choice_task_end_to_end(tiny, tmp_path, monkeypatch):
