@@ -20,7 +20,7 @@ from dmc_jax.baselines.policies import Policy
 from dmc_jax.config import LlamaConfig
 from dmc_jax.model import rope
 from dmc_jax.model.attention import Attention
-from dmc_jax.model.llama import DecoderLayer, Llama, RMSNorm
+from dmc_jax.model.llama import DecoderLayer, Llama, RMSNorm, positions_from_segments
 
 Array = jax.Array
 
@@ -64,7 +64,6 @@ def forward(cfg: LlamaConfig, policy: Policy, params: Any, tokens_BxL: Array, se
   Returns (logits [B, L, V], kept [layers, B, L, KV]); with collect_cache also {"k", "v": [layers, B, KV, L, D],
   "keep", "score": [layers, B, KV, L]} (the state after each row's last active step; see `prefill`).
   """
-  from dmc_jax.model.llama import positions_from_segments
   cfg = _unscanned(cfg)
   if segment_ids_BxL is None:
     segment_ids_BxL = jnp.ones_like(tokens_BxL)

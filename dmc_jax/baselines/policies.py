@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from dmc_jax.config import ConfigError
+from dmc_jax.dmc import document_starts
+from dmc_jax.model.llama import positions_from_segments
 
 Array = jax.Array
 POLICIES = ("streaming", "h2o", "tova")
@@ -85,7 +87,7 @@ def step(policy: Policy, state: dict, logits_BxKxGxS: Array, new_slot_B: Array, 
   (the new token's is t − 1). Inactive rows (padding past a prompt) keep their state.
   Returns (probs [B, KV, G, S] over cand, new state).
   """
-  b, kv, g, s = logits_BxKxGxS.shape
+  s = logits_BxKxGxS.shape[-1]
   new_BxS = jnp.arange(s)[None, :] == new_slot_B[:, None]
   cand = state["keep"] | new_BxS[:, None, :]
   probs = jax.nn.softmax(jnp.where(cand[:, :, None, :], logits_BxKxGxS, _NEG), axis=-1)
@@ -123,8 +125,6 @@ def attend(policy: Policy, q_BxLxHxD: Array, k_BxLxKxD: Array, v_BxLxKxD: Array,
   prompts; steps past a row's length leave its state unchanged. Returns (out [B, L, H, D], kept [B, L, KV]: cache
   entries held after each step, final policy state).
   """
-  from dmc_jax.dmc import document_starts
-  from dmc_jax.model.llama import positions_from_segments
   b, l, h, d = q_BxLxHxD.shape
   kv = k_BxLxKxD.shape[2]
   q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
