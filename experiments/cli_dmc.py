@@ -106,10 +106,14 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
                  help="size the page pool from this KV-memory budget (default: never run out)")
   g.add_argument("--dmc-force-cr", type=float, default=None,
                  help="force decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model)")
+  g = p.add_argument_group("eviction policy (quality only: evicted entries are masked in a vanilla-sized cache)")
+  g.add_argument("--policy", default=None, help="streaming, h2o or tova")
+  g.add_argument("--policy-cr", type=float, default=2.0, help="target CR: ceil(t / CR) entries after t tokens")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
   import jax
+  from dmc_jax.config import ConfigError
   from dmc_jax.generate import Generator, Sampling
   from experiments.harness import checkpoint
   ckpt = checkpoint.Checkpoint(args.ckpt)
@@ -120,7 +124,14 @@ def _run_generate(args: argparse.Namespace) -> None:
   t0 = time.perf_counter()
   params = jax.device_put(ckpt.load_params())
   load_s = time.perf_counter() - t0
-  gen = Generator(cfg, params, dmc=_dmc_options(args, ckpt, cfg))
+  if args.policy:
+    from dmc_jax.baselines.policies import Policy
+    from dmc_jax.baselines.policy_generate import PolicyGenerator
+    if args.dmc or args.dmc_force_cr or args.kv_budget_mb:
+      raise ConfigError("--policy: decodes with the vanilla cache; it cannot be combined with the DMC options")
+    gen = PolicyGenerator(cfg, params, Policy(args.policy, args.policy_cr))
+  else:
+    gen = Generator(cfg, params, dmc=_dmc_options(args, ckpt, cfg))
   eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids)
   result = gen.generate(prompts, args.max_new_tokens, sampling, seed=args.seed, eos_ids=sorted(eos),
                         stop_at_eos=not args.ignore_eos)
@@ -137,6 +148,11 @@ def _run_generate(args: argparse.Namespace) -> None:
         f"KV cache {result.cache_bytes / 2**20:.2f} MiB on {jax.devices()[0].platform}", file=sys.stderr)
   if result.dmc:
     _report_dmc(gen.dmc, result.dmc)
+  if args.policy:
+    from dmc_jax.baselines.policy_generate import kept_entries
+    print(f"[policy] {gen.policy.label()}: entries kept per layer and KV head at the end "
+          f"{kept_entries(gen.policy, result.prompt_lengths, result.decode_steps)} (masked, not freed)",
+          file=sys.stderr)
 
 
 def _dmc_options(args, ckpt, cfg):
@@ -246,6 +262,44 @@ def _run_plan(args: argparse.Namespace) -> None:
   print(json.dumps(p.to_dict(), indent=2) if args.json else plan.report(p))
 
 
+# -- eval, gqa-pool, report (baselines: experiments/eval_dmc.py, dmc_jax/baselines, experiments/report_dmc.py) --
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+  from experiments import eval_dmc
+  eval_dmc.configure(p)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+  from experiments import eval_dmc
+  eval_dmc.run(args)
+
+
+def _configure_gqa_pool(p: argparse.ArgumentParser) -> None:
+  p.add_argument("ckpt", help="dmc-jax checkpoint directory")
+  p.add_argument("--kv-heads", type=int, required=True, help="KV heads after pooling (divides the current count)")
+  p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+  p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def _run_gqa_pool(args: argparse.Namespace) -> None:
+  from dmc_jax.baselines import gqa
+  out, cr = gqa.pool_checkpoint(args.ckpt, args.kv_heads, args.out, force=args.force)
+  log.info("pooled %s to %d KV heads (cache CR %g) → %s", args.ckpt, args.kv_heads, cr, out)
+
+
+def _configure_report(p: argparse.ArgumentParser) -> None:
+  p.add_argument("results", nargs="+", help="JSON files written by `dmc-jax eval --out`")
+  p.add_argument("--out", required=True, help="directory for report.md and ppl_vs_cr.png")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+  from experiments import report_dmc
+  md, png = report_dmc.write(args.results, args.out)
+  print(open(md).read())
+  log.info("wrote %s and %s", md, png)
+
+
 COMMANDS = [
     cli.Command("convert", "convert an HF / Meta / GGUF Llama checkpoint into a dmc-jax checkpoint",
                 _configure_convert, _run_convert),
@@ -259,6 +313,12 @@ COMMANDS = [
                 _configure_bench, _run_bench),
     cli.Command("plan", "AOT-compile an experiment's train step on fake CPU devices; per-device memory vs analytic",
                 _configure_plan, _run_plan, takes_config_overrides=True),
+    cli.Command("eval", "held-out perplexity and realised CR: vanilla beside DMC and eviction policies, same tokens",
+                _configure_eval, _run_eval),
+    cli.Command("gqa-pool", "mean-pool a checkpoint's KV heads into fewer groups (GQA up-training's start)",
+                _configure_gqa_pool, _run_gqa_pool),
+    cli.Command("report", "Markdown table and perplexity-vs-CR plot from `dmc-jax eval` JSON files",
+                _configure_report, _run_report),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

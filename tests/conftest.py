@@ -71,3 +71,18 @@ def write_hf_dir(path, cfg, tensors: dict[str, np.ndarray], shards: int = 1) -> 
   total = sum(t.nbytes for t in lazy)
   write_sharded(str(path), "model", lazy, max_shard_bytes=total // shards + 1 if shards > 1 else total + 1)
   return str(path)
+
+
+def write_checkpoint(path, cfg, params, tokenizer_from: str | None = None, dmc: dict | None = None) -> str:
+  """A dmc-jax checkpoint of a Flax parameter tree, with the tokenizer of checkpoint `tokenizer_from`."""
+  from dmc_jax.convert import Converted, LazyTensor, layout
+  from experiments.harness import checkpoint
+  flat = {k: np.asarray(v) for k, v in layout.flatten(params["params"]).items()}
+  tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
+  tokenizer = None
+  if tokenizer_from:
+    info = checkpoint.Checkpoint(tokenizer_from).tokenizer_info
+    with open(os.path.join(tokenizer_from, info.filename), "rb") as f:
+      tokenizer = (info, f.read())
+  return checkpoint.write(str(path), Converted(cfg, tensors, tokenizer, {"format": "test"}), dmc=dmc,
+                          show_progress=False)
