@@ -78,10 +78,10 @@ def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict
   if variant is None:
     return cfg
   if variant == "tiny":
-    return small_budget(cfg, steps=36, batch_size=2, seq_len=256, stage1_steps=4, ramp_steps=20,
-                        decision_lr=5e-2, cr_weight=30.0)
+    return small_budget(cfg, steps=36, batch_size=2, seq_len=256, stage1_steps=4, ramp_steps=20, lr=3e-4,
+                        decision_lr=5e-2, cr_weight=5.0)
   if variant == "cpu":
-    return small_budget(cfg, steps=100, batch_size=4, seq_len=256, stage1_steps=6, ramp_steps=60,
+    return small_budget(cfg, steps=100, batch_size=4, seq_len=256, stage1_steps=6, ramp_steps=60, lr=1e-4,
                         decision_lr=2e-2, cr_weight=10.0)
   if variant == "toy":
     cfg = toy(cfg)
@@ -91,7 +91,7 @@ def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict
   raise variant_error(path, variant, VARIANTS)
 
 
-def small_budget(cfg, steps: int, batch_size: int, seq_len: int, stage1_steps: int, ramp_steps: int,
+def small_budget(cfg, steps: int, batch_size: int, seq_len: int, stage1_steps: int, ramp_steps: int, lr: float,
                  decision_lr: float, cr_weight: float):
   """A run of a few hundred steps at most: DMC.md §6 — the decision rows need a large LR to reach the target in
   time, and the rest of the model a larger LR than the paper's 3e-5 to adapt at all (the vanilla baseline gets
@@ -102,7 +102,7 @@ def small_budget(cfg, steps: int, batch_size: int, seq_len: int, stage1_steps: i
   cfg.train.seq_len = seq_len
   cfg.train.stage1_steps = stage1_steps
   cfg.train.ramp_steps = ramp_steps
-  cfg.train.lr = 1e-4
+  cfg.train.lr = lr
   cfg.train.decision_lr = decision_lr
   cfg.train.cr_weight = cr_weight
   cfg.train.warmup_steps = max(2, steps // 20)
