@@ -144,12 +144,15 @@ def train(task: Task, cfg: LoopConfig, workdir: str,
             if not progress.enabled():
               log.info("step %d/%d %s", step, cfg.steps, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
             sums, count = {}, 0
+          t_aside = time.perf_counter()
           if task.eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             ev = {f"eval/{k}": float(v) for k, v in task.eval_fn(state).items()}
             writer.write(step, ev)
             log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
           if step % cfg.ckpt_every == 0 or step == cfg.steps:
             ckpt.save(step, state, _data_state(data_it), force=step == cfg.steps)
+          if t_interval is not None:  # evaluation and checkpointing are not training throughput
+            t_interval += time.perf_counter() - t_aside
           if on_step is not None:
             on_step(step, m)
     finally:
