@@ -99,7 +99,7 @@ golden: $(REFSTAMP)
 
 # Runs on a GPU host's own python3 (jax preinstalled, no network, no venv); wheels it lacks come in .whl/.
 gpu-check:
-	bash tools/gpu_check.sh
+	bash tools/gpu_check.sh $(PARTS)
 
 # The pure-Python wheels a GPU host lacks (run here, with network; carry .whl/ to the host).
 gpu-wheels:
