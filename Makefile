@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: help venv test test-fast demo demo-dmc demo-sdc bench bench-dmc bench-sdc golden ref-venv gpu-check gpu-wheels constraints clean
 
 help:
-	@echo "make demo    - install, convert the real SmolLM2-135M and generate (CPU, minutes)"
+	@echo "make demo    - install, convert the real SmolLM2-135M, generate, a short DMC retrofit (CPU, minutes)"
 	@echo "make demo-sdc - train SDC-Net briefly on bundled real clips, eval vs baselines, write a predicted mp4"
 	@echo "make test    - install and run the CPU test suite"
 	@echo "make bench   - decode throughput vs transformers, memory-bandwidth roofline; DMC vs vanilla (bench-dmc); SDC op memory and time (bench-sdc)"
