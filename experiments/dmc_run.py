@@ -51,6 +51,14 @@ def make_optimizer(cfg, dmc):
                      dmc_train.scale_decision_rows(t.decision_lr / t.lr, dmc))
 
 
+def make_retrofit_step(cfg, llama, dmc, tx):
+  """The experiment's pure train step (`dmc-jax plan` compiles this same step)."""
+  from dmc_jax import train as dmc_train
+  t = cfg.train
+  return dmc_train.make_retrofit_step(llama, dmc, tx, t.stage1_steps, t.ramp_steps, t.target_cr, mode=t.mode,
+                                      grad_accum=t.grad_accum, cr_weight=t.cr_weight)
+
+
 def train(cfg) -> dict:
   import flax.linen as nn
   import jax
@@ -68,9 +76,7 @@ def train(cfg) -> dict:
   splits = text_data.open_splits(src, cfg.data.data_dir)
   tx = make_optimizer(cfg, dmc)
   vanilla = cfg.train.mode == "vanilla"
-  retrofit = dmc_train.make_retrofit_step(llama, dmc, tx, cfg.train.stage1_steps, cfg.train.ramp_steps,
-                                          cfg.train.target_cr, mode=cfg.train.mode,
-                                          grad_accum=cfg.train.grad_accum, cr_weight=cfg.train.cr_weight)
+  retrofit = make_retrofit_step(cfg, llama, dmc, tx)
 
   def train_step(state, batch, rng):
     state, m = retrofit(state, batch, rng)

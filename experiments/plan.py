@@ -120,13 +120,10 @@ def retrofit_pieces(cfg, llama, dmc):
   """(init, train_step) of the retrofit as `dmc-jax train` runs it: init(rng) -> state with boxed (logically
   named) parameters and optimizer state; train_step(state, batch, rng) -> (state, scalar metrics)."""
   import jax.numpy as jnp
-  from dmc_jax import train as dmc_train
   from dmc_jax.model.llama import Llama
   from experiments import dmc_run
   tx = dmc_run.make_optimizer(cfg, dmc)
-  retrofit = dmc_train.make_retrofit_step(llama, dmc, tx, cfg.train.stage1_steps, cfg.train.ramp_steps,
-                                          cfg.train.target_cr, mode=cfg.train.mode, grad_accum=cfg.train.grad_accum,
-                                          cr_weight=cfg.train.cr_weight)
+  retrofit = dmc_run.make_retrofit_step(cfg, llama, dmc, tx)
 
   def init(rng):
     params = Llama(llama).init(rng, jnp.zeros((1, 8), jnp.int32))  # boxed: the optimizer state inherits the names
