@@ -113,6 +113,12 @@ class Generator:
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,), static_argnames=("sampling",))
     self._step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames=("sampling",))
     self._executables: dict = {}
+    self._compile_seconds = 0.0  # compile time since the last generate() began
+
+  def compiled_step(self, cache, token_B, index_B, key, sampling: Sampling = Sampling()):
+    """The decode step compiled ahead of time for these shapes: (params, cache, token_B, index_B, key) → (next
+    token_B, cache), the cache donated. For callers that drive decoding themselves (benchmarks)."""
+    return self._compiled(self._step, (self.params, cache, token_B, index_B, key), sampling)
 
   def _compiled(self, fn, args, sampling: Sampling):
     """Ahead-of-time compiled `fn` for these argument shapes, so timings exclude compilation."""

@@ -2,13 +2,15 @@
 
     lm = DMCJaxLM("ckpt/smollm2", method="h2o", cr=2)       # or method="vanilla" | "dmc" | "streaming" | "tova"
     lm_eval.simple_evaluate(model=lm, tasks=[...])
-    lm_eval --model dmc-jax --model_args ckpt=ckpt/smollm2,method=dmc --tasks ...   # registered name
+    python -m dmc_jax.lm_eval_adapter --model dmc-jax --model_args ckpt=ckpt/smollm2,method=dmc --tasks ...
+    # (lm-eval's own CLI with this module imported, so the "dmc-jax" model name is registered; plain `lm_eval`
+    # does not import it)
 
 Log-likelihoods come from the parallel forward of the chosen method (DMC: eval-mode hard decisions; a policy: its
 exact eviction simulation), so a continuation is scored against the compressed cache it would decode with.
 Sequences are right-padded to a multiple of 64 and batched (`batch_size`); padding after a sequence cannot change
 its causal log-probabilities. `generate_until` decodes greedily with the matching cache (vanilla, the paged DMC
-cache, or the policy's masked cache).
+cache, or the policy's compact eviction cache).
 """
 
 from __future__ import annotations
@@ -164,3 +166,12 @@ class DMCJaxLM(LM):
 
   def apply_chat_template(self, chat_history: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
     raise ConfigError("dmc-jax lm-eval model: chat templates are not supported")
+
+
+def main() -> None:
+  from lm_eval.__main__ import cli_evaluate
+  cli_evaluate()
+
+
+if __name__ == "__main__":
+  main()

@@ -6,7 +6,10 @@ step time (fused DMC vs vanilla vs dense-bias DMC). Random weights: speed does n
   head) row, its expected pages (rounded up, plus a 6-sigma margin over the whole pool), its float32 merge state
   (sums and the W-entry ring) and its block table (see `plan`). The caches are synthesised at the given context
   (prefill is not what is being measured), then `--steps` decode steps run through `Generator`'s compiled step;
-  afterwards the DMC cache must not have overflowed and must fit the budget.
+  afterwards the DMC cache must not have overflowed and must fit the budget. Eviction policies (`--policies`, at
+  the same CRs): the compact cache of `dmc_jax.baselines.evict_model` (⌈T / CR⌉ + 1 slots per layer and KV head
+  + 9 bytes of policy state a slot), filled to the policy's budget at the context; afterwards every row must hold
+  exactly its budget.
 * Kernel bandwidth: the paged decode attention alone over one layer's rows at the DMC batch; bytes = the pages in
   use (K and V) + q + output, against the device's measured copy bandwidth (read + write).
 * Training: value-and-grad of the LM loss, vanilla attention vs DMC with the dense-bias XLA reference vs DMC with
@@ -33,11 +36,12 @@ PRESETS = {
     # A CPU run of a few minutes: a Llama-2-7B-width body with 2 layers (a whole 7B does not fit 24 GiB in float32
     # with its caches) and the whole SmolLM2-135M shape.
     "cpu": dict(models=["llama2-7b@2", "smollm2-135m"], budget_mb=[1024, 512], context=1024, steps=4,
-                dtype="float32", train_model="smollm2-135m@2", train_batch=1, train_len=512, bw_context=1024,
+                dtype="float32", policies=["h2o"], train_model="smollm2-135m@2", train_batch=1, train_len=512, bw_context=1024,
                 bw_batch=8),
     # make gpu-check: the whole Llama-2-7B shape, bf16, a 30 GiB KV budget (fits on an H100 beside the weights and
-    # the scan-stacked copy of them that DMC generation makes).
-    "gpu": dict(models=["llama2-7b"], budget_mb=[30 * 1024], context=1024, steps=16, dtype="bfloat16",
+    # the scan-stacked copy of them that DMC generation makes). No policy rows by default: each is one more
+    # whole-model compile in gpu-check's few minutes.
+    "gpu": dict(models=["llama2-7b"], budget_mb=[30 * 1024], context=1024, steps=16, dtype="bfloat16", policies=[],
                 train_model="llama2-7b@2", train_batch=1, train_len=4096, bw_context=2048, bw_batch=None),
 }
 
@@ -100,7 +104,31 @@ def plan(cfg, dmc, budget: int, context: int, steps: int, cr: float, page_size: 
   return Plan(f"dmc cr {cr:g}", cr, batch, int(per_seq), table_pages, int(pool))
 
 
+def plan_policy(cfg, policy, budget: int, context: int, steps: int) -> Plan:
+  """The largest batch whose compact eviction cache (sized for `context + steps` tokens) fits `budget` bytes."""
+  import jax.numpy as jnp
+  from dmc_jax.baselines import evict_model
+  slots = evict_model.capacity(policy, context + steps)
+  per_slot = 2 * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize + 4 + 4 + 1  # k, v; score, pos, keep
+  per_seq = cfg.n_layers * cfg.n_kv_heads * slots * per_slot
+  return Plan(f"{policy.name} cr {policy.cr:g}", policy.cr, budget // per_seq, per_seq)
+
+
 # -- synthetic caches at a given context -------------------------------------------------------------------------
+
+
+def synthetic_policy_cache(cfg, policy, batch: int, context: int, steps: int):
+  """An eviction cache after `context` tokens: the policy's budget of entries held, at spread-out positions."""
+  import jax.numpy as jnp
+  from dmc_jax.baselines import evict_model
+  c = evict_model.init_cache(cfg, policy, batch, context + steps, cfg.dtype)
+  held = policy.budget(context)
+  slot = jnp.arange(c["keep"].shape[-1])
+  pos = jnp.round(slot * (context - 1) / max(held - 1, 1)).astype(jnp.int32)
+  return dict(c, keep=jnp.broadcast_to(slot < held, c["keep"].shape),
+              pos=jnp.broadcast_to(jnp.where(slot < held, pos, 0), c["pos"].shape))
+
+
 
 
 def synthetic_dmc_cache(cfg, dmc, pl_: Plan, context: int, page_size: int, seed: int = 0):
@@ -126,12 +154,10 @@ def time_decode(gen, cache, batch: int, context: int, steps: int):
   """Seconds per decode step (after one warm-up step), through the Generator's ahead-of-time compiled step."""
   import jax
   import jax.numpy as jnp
-  from dmc_jax.generate import Sampling
   token = jnp.zeros((batch,), jnp.int32)
   index = jnp.full((batch,), context, jnp.int32)
   key = jax.random.key(0)
-  gen._compile_seconds = 0.0  # `_compiled` accounts compile time per generate() call
-  step = gen._compiled(gen._step, (gen.params, cache, token, index, key), Sampling())
+  step = gen.compiled_step(cache, token, index, key)
   token, cache = step(gen.params, cache, token, index, key)
   jax.block_until_ready(token)
   t0 = time.perf_counter()
@@ -142,24 +168,39 @@ def time_decode(gen, cache, batch: int, context: int, steps: int):
 
 
 def decode_equal_memory(spec: str, budget: int, context: int, steps: int, crs, dtype: str, page_size: int,
-                        attention_impl) -> list[dict]:
+                        attention_impl, policies=()) -> list[dict]:
   import jax
   from dmc_jax import cache as dmc_cache
+  from dmc_jax.baselines.policies import Policy
+  from dmc_jax.baselines.policy_generate import PolicyGenerator
   from dmc_jax.config import DMCConfig
   from dmc_jax.generate import DMCOptions, Generator
-  from dmc_jax.model.llama import init_cache
+  from dmc_jax.model.llama import cache_bytes, init_cache
   from experiments.bench_decode import random_params
   cfg = model_config(spec, dtype, attention_impl)
   dmc = DMCConfig()
   params = random_params(cfg)
   rows = []
-  for cr in [0, *crs]:
-    pl_ = plan(cfg, dmc, budget, context, steps + 1, cr, page_size)
+  runs = [(cr, None) for cr in [0, *crs]] + [(cr, name) for name in policies for cr in crs]
+  for cr, policy_name in runs:
+    policy = Policy(policy_name, cr) if policy_name else None
+    if policy:
+      pl_ = plan_policy(cfg, policy, budget, context, steps + 1)
+    else:
+      pl_ = plan(cfg, dmc, budget, context, steps + 1, cr, page_size)
     if pl_.batch < 1:
       raise ValueError(f"bench: a KV budget of {budget / 2**20:.0f} MiB holds no {pl_.method} sequence of "
                        f"{context} tokens for {spec}; raise --budget-mb")
     with jax.profiler.TraceAnnotation(f"bench/decode/{spec}/{pl_.method}"):
-      if cr == 0:
+      if policy:
+        gen = PolicyGenerator(cfg, params, policy)
+        cache = synthetic_policy_cache(cfg, policy, pl_.batch, context, steps + 1)
+        step_s, cache = time_decode(gen, cache, pl_.batch, context, steps)
+        held = np.asarray(cache["keep"]).sum(-1)
+        if (held != policy.budget(context + steps + 1)).any():
+          raise RuntimeError(f"bench: {pl_.method} holds {np.unique(held)} entries, expected its budget")
+        used, realised = cache_bytes(cache), (context + steps + 1) / policy.budget(context + steps + 1)
+      elif cr == 0:
         gen = Generator(cfg, params)
         cache = init_cache(cfg, pl_.batch, context + steps + 1, cfg.dtype)
         step_s, cache = time_decode(gen, cache, pl_.batch, context, steps)
@@ -302,6 +343,8 @@ def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("--steps", type=int, help="timed decode steps")
   p.add_argument("--crs", default="2,4,8", help="DMC compression ratios to force")
   p.add_argument("--dtype", choices=("float32", "bfloat16"))
+  p.add_argument("--policies", help="eviction policies to run at the same CRs and budget (streaming, h2o, tova; "
+                 "comma-separated, '' for none; default: the preset's)")
   p.add_argument("--page-size", type=int, default=32)
   p.add_argument("--impl", choices=("auto", "xla", "pallas"), default="auto",
                  help="DMC decode/attention implementation (auto: Pallas on GPU, XLA elsewhere)")
@@ -324,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
   context, steps = args.context or cfg["context"], args.steps or cfg["steps"]
   dtype = args.dtype or cfg["dtype"]
   crs = [float(c) for c in args.crs.split(",") if c]
+  policies = cfg["policies"] if args.policies is None else [n for n in args.policies.split(",") if n]
   impl = None if args.impl == "auto" else args.impl
   skip = set(filter(None, args.skip.split(",")))
   from pallas_kernels import _backend
@@ -334,7 +378,8 @@ def run(args: argparse.Namespace) -> int:
   with trace:
     if "decode" not in skip:
       for spec, budget in zip(models, budgets):
-        for r in decode_equal_memory(spec, int(budget * 2**20), context, steps, crs, dtype, args.page_size, impl):
+        for r in decode_equal_memory(spec, int(budget * 2**20), context, steps, crs, dtype, args.page_size, impl,
+                                     policies):
           result["decode"].append(dict(r, budget_mb=budget))
     if "kernel" not in skip:
       # GPU: one layer's rows at the largest DMC batch; CPU: a small batch (the XLA path copies what it gathers).

@@ -106,7 +106,7 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
                  help="size the page pool from this KV-memory budget (default: never run out)")
   g.add_argument("--dmc-force-cr", type=float, default=None,
                  help="force decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model)")
-  g = p.add_argument_group("eviction policy (quality only: evicted entries are masked in a vanilla-sized cache)")
+  g = p.add_argument_group("eviction policy (a compact cache of ceil(T / CR) + 1 slots per layer and KV head)")
   g.add_argument("--policy", default=None, help="streaming, h2o or tova")
   g.add_argument("--policy-cr", type=float, default=2.0, help="target CR: ceil(t / CR) entries after t tokens")
 
@@ -128,7 +128,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     from dmc_jax.baselines.policies import Policy
     from dmc_jax.baselines.policy_generate import PolicyGenerator
     if args.dmc or args.dmc_force_cr or args.kv_budget_mb:
-      raise ConfigError("--policy: decodes with the vanilla cache; it cannot be combined with the DMC options")
+      raise ConfigError("--policy: decodes with its own eviction cache; it cannot be combined with the DMC options")
     gen = PolicyGenerator(cfg, params, Policy(args.policy, args.policy_cr))
   else:
     gen = Generator(cfg, params, dmc=_dmc_options(args, ckpt, cfg))
@@ -151,7 +151,7 @@ def _run_generate(args: argparse.Namespace) -> None:
   if args.policy:
     from dmc_jax.baselines.policy_generate import kept_entries
     print(f"[policy] {gen.policy.label()}: entries kept per layer and KV head at the end "
-          f"{kept_entries(gen.policy, result.prompt_lengths, result.decode_steps)} (masked, not freed)",
+          f"{kept_entries(gen.policy, result.prompt_lengths, result.decode_steps)}",
           file=sys.stderr)
 
 

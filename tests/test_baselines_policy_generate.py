@@ -45,6 +45,12 @@ def test_decode_with_the_policy_equals_the_parallel_policy_forward(params, polic
   seq = jnp.asarray([prompts[1] + res.tokens[1] + [0] * (WIDTH - 18)])
   assert jnp.abs(_forward(CFG, policy, params, seq)[0] - Llama(CFG).apply(params, seq))[0, :18].max() > 1e-3
   assert kept_entries(policy, res.prompt_lengths, res.decode_steps) == [policy.budget(n + 9) for n in (3, 8, 1)]
+  # The compact cache, sized for 64 tokens (32-token prompt bucket + 10, rounded up to 32): its bytes are its
+  # slots', not vanilla's 64 (at CR 3 fewer than the 32 prompt slots it is prefilled from).
+  slots = evict_model.capacity(policy, 64)
+  assert slots == policy.budget(64) + 1 < 64
+  per_slot = CFG.n_layers * 3 * CFG.n_kv_heads * (2 * CFG.head_dim * 4 + 4 + 4 + 1)
+  assert res.cache_bytes == slots * per_slot
 
 
 def test_cr_1_generates_like_the_vanilla_cache(params):

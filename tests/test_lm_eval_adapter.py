@@ -1,9 +1,11 @@
 """lm-eval adapter: log-likelihoods equal a direct forward pass (vanilla, DMC, a policy); a local multiple-choice
-task runs end to end through lm_eval.simple_evaluate (no downloads)."""
+task runs end to end through lm_eval.simple_evaluate and lm-eval's command line (no downloads)."""
 
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -19,6 +21,7 @@ from dmc_jax.model.llama import Llama
 from conftest import write_checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "lm_eval_mc.jsonl")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DMC = DMCConfig(window=4)
 
 
@@ -136,3 +139,11 @@ metric_list:
   want = np.mean([int(np.argmax([ll for ll, _ in lm.loglikelihood(
       [Instance("loglikelihood", {}, (d["question"], c), 0) for c in d["choices"]])]) == d["answer"]) for d in docs])
   assert len(docs) == 6 and acc == pytest.approx(want)
+  # The same task through lm-eval's command line (python -m dmc_jax.lm_eval_adapter registers the model name).
+  out = tmp_path / "cli"
+  subprocess.run([sys.executable, "-m", "dmc_jax.lm_eval_adapter", "--model", "dmc-jax", "--model_args",
+                  f"ckpt={path},method=streaming,cr=2", "--batch_size", "4", "--tasks", "dmcjax_local_mc",
+                  "--include_path", str(tmp_path), "--output_path", str(out)],
+                 check=True, capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+  (written,) = out.rglob("results*.json")
+  assert json.loads(written.read_text())["results"]["dmcjax_local_mc"]["acc,none"] == pytest.approx(acc)

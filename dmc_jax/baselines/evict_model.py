@@ -4,8 +4,9 @@ Built from the model's own Flax modules (norms, projections, MLP) applied per la
 stacked layer parameters, so one layer body is compiled and `dmc_jax.model` needs no policy code.
 
 * `forward` — the parallel evaluation forward (exact; see `policies`): logits and the cache size kept per step.
-* `prefill` / `decode` — `generate` with a policy: a vanilla-sized cache plus the policy's keep mask. Evicted
-  entries are masked, not freed: this reproduces the policy's effect on quality, not its memory saving.
+* `init_cache` / `prefill` / `decode` — `generate` with a policy in a compact cache: per (layer, sequence, KV
+  head) budget(max_len) + 1 slots instead of max_len; an evicted entry's slot takes the next token, so the memory
+  saving is real (≈ 1/CR of vanilla's, plus 9 bytes of policy state a slot).
 """
 
 from __future__ import annotations
@@ -85,46 +86,63 @@ def forward(cfg: LlamaConfig, policy: Policy, params: Any, tokens_BxL: Array, se
   return (logits, kept, ys) if collect_cache else (logits, kept)
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """A vanilla-sized cache [layers, B, KV, S, D] and the policy state [layers, B, KV, S]."""
+def capacity(policy: Policy, max_len: int) -> int:
+  """Slots per (layer, sequence, KV head) of `generate`'s cache: the budget after max_len tokens plus one for the
+  incoming token (a step holds kept ∪ {new} until it evicts). Never more than vanilla's max_len."""
+  return min(max_len, policy.budget(max_len) + 1)
+
+
+def init_cache(cfg: LlamaConfig, policy: Policy, batch: int, max_len: int, dtype=None) -> dict:
+  """The compact cache: k, v [layers, B, KV, C, D] with C = `capacity` slots, per slot keep (held), score (H2O's
+  accumulated attention) and pos (its token's position; slots are reused, so their order is not positional)."""
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-  state = policies.init_state(batch, cfg.n_kv_heads, max_len)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          **{n: jnp.broadcast_to(a, (cfg.n_layers,) + a.shape) for n, a in state.items()}}
+  c = capacity(policy, max_len)
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, c)
+  return {"k": jnp.zeros(shape + (cfg.head_dim,), dtype), "v": jnp.zeros(shape + (cfg.head_dim,), dtype),
+          "keep": jnp.zeros(shape, bool), "score": jnp.zeros(shape, jnp.float32), "pos": jnp.zeros(shape, jnp.int32)}
 
 
 def prefill(cfg: LlamaConfig, policy: Policy, params: Any, tokens_BxP: Array, lengths_B: Array, cache: dict):
-  """Right-padded prompts through the parallel forward; fills the cache's first P slots. Returns (logits, cache)."""
+  """Right-padded prompts through the exact parallel forward (P × P logits, transient), then each row's kept
+  entries are gathered into the first slots of the compact cache (a prompt of n tokens keeps budget(n) ≤ C − 1).
+  Returns (logits, cache)."""
   logits, _, c = forward(cfg, policy, params, tokens_BxP, lengths_B=lengths_B, collect_cache=True)
-  p = tokens_BxP.shape[1]
-  cache = {n: cache[n].at[:, :, :, :p].set(c[n].astype(cache[n].dtype)) for n in cache}
+  cap, p = cache["k"].shape[3], tokens_BxP.shape[1]
+  width = max(p, cap)
+  pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, width - p)] + [(0, 0)] * (a.ndim - 4))
+  c = {n: pad(a) for n, a in c.items()}
+  # Kept slots first, in position order (stable); slot j of the parallel forward holds position j.
+  order = jnp.argsort(~c["keep"], axis=-1, stable=True)[..., :cap]
+  c["pos"] = order.astype(jnp.int32)
+  take = lambda a: jnp.take_along_axis(a, order[..., None] if a.ndim == 5 else order, axis=3)
+  cache = {n: take(c[n]).astype(cache[n].dtype) if n != "pos" else c["pos"] for n in cache}
   return logits, cache
 
 
 def decode(cfg: LlamaConfig, policy: Policy, params: Any, tokens_B: Array, index_B: Array, cache: dict):
-  """One token per sequence at slot = position `index` (no packing). Returns (logits [B, V], cache)."""
+  """One token per sequence at position `index` (no packing): it takes a free slot of each (layer, KV head), the
+  policy evicts, and that slot is free for the next step. Returns (logits [B, V], cache)."""
   cfg = _unscanned(cfg)
   model = Llama(cfg)
   b = tokens_B.shape[0]
-  s = cache["k"].shape[3]
   x = model.apply(params, tokens_B[:, None], method=Llama._embed)
-  slot_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-  batch = jnp.arange(b)
+  rows_Bx1, heads_1xK = jnp.arange(b)[:, None], jnp.arange(cfg.n_kv_heads)[None, :]
 
   def layer(x, xs):
     p, c = xs
     q, k, v = _qkv(cfg, p, x, index_B[:, None])
-    ck = c["k"].at[batch, :, index_B].set(k[:, 0].astype(c["k"].dtype))
-    cv = c["v"].at[batch, :, index_B].set(v[:, 0].astype(c["v"].dtype))
+    slot_BxK = jnp.argmin(c["keep"], axis=-1)  # a free slot: at most C − 1 are held between steps
+    ck = c["k"].at[rows_Bx1, heads_1xK, slot_BxK].set(k[:, 0].astype(c["k"].dtype))
+    cv = c["v"].at[rows_Bx1, heads_1xK, slot_BxK].set(v[:, 0].astype(c["v"].dtype))
+    pos = c["pos"].at[rows_Bx1, heads_1xK, slot_BxK].set(jnp.broadcast_to(index_B[:, None], slot_BxK.shape))
     kv, d = ck.shape[1], ck.shape[-1]
     qg = q[:, 0].reshape(b, kv, -1, d)
     logits = jnp.einsum("bkgd,bksd->bkgs", qg, ck, preferred_element_type=jnp.float32) * (d ** -0.5)
-    probs, state = policies.step(policy, {"keep": c["keep"], "score": c["score"]}, logits, index_B, index_B + 1,
-                                 slot_pos)
+    probs, state = policies.step(policy, {"keep": c["keep"], "score": c["score"]}, logits, slot_BxK, index_B + 1,
+                                 pos)
     out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
     out = out.reshape(b, 1, -1, d).astype(q.dtype)
-    return _finish(cfg, p, x, out), {"k": ck, "v": cv, **state}
+    return _finish(cfg, p, x, out), {"k": ck, "v": cv, "pos": pos, **state}
 
   x, cache = jax.lax.scan(layer, x, (_layers(cfg, params), cache))
   return model.apply(params, x, method=Llama._logits)[:, 0], cache

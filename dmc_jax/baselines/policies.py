@@ -78,30 +78,32 @@ def init_state(batch: int, kv_heads: int, slots: int) -> dict:
           "score": jnp.zeros((batch, kv_heads, slots), jnp.float32)}
 
 
-def step(policy: Policy, state: dict, logits_BxKxGxS: Array, new_slot_B: Array, t_B: Array, slot_pos_BxS: Array,
+def step(policy: Policy, state: dict, logits_BxKxGxS: Array, new_slot_in: Array, t_B: Array, slot_pos_in: Array,
          active_B: Array | None = None):
   """One query per sequence: attend to the cache plus the new token, then evict to the budget.
 
   logits: scaled float32 logits of the new query's G heads against every slot; new_slot: the slot of the new
-  token; t: tokens seen in its document (the new one included); slot_pos: position in the document of each slot
-  (the new token's is t − 1). Inactive rows (padding past a prompt) keep their state.
+  token, [B] or per KV head [B, KV]; t: tokens seen in its document (the new one included); slot_pos: position in
+  the document of each slot, [B, S] or per KV head [B, KV, S] (the new token's is t − 1). Inactive rows (padding
+  past a prompt) keep their state.
   Returns (probs [B, KV, G, S] over cand, new state).
   """
   s = logits_BxKxGxS.shape[-1]
-  new_BxS = jnp.arange(s)[None, :] == new_slot_B[:, None]
-  cand = state["keep"] | new_BxS[:, None, :]
+  new_slot = new_slot_in if new_slot_in.ndim == 2 else new_slot_in[:, None]
+  slot_pos = slot_pos_in if slot_pos_in.ndim == 3 else slot_pos_in[:, None, :]
+  cand = state["keep"] | (jnp.arange(s) == new_slot[..., None])
   probs = jax.nn.softmax(jnp.where(cand[:, :, None, :], logits_BxKxGxS, _NEG), axis=-1)
   probs = jnp.where(cand[:, :, None, :], probs, 0.0)
   budget_B = policy.budget(t_B)
   cur_pos_Bx1 = (t_B - 1)[:, None]
   score = state["score"]
   if policy.name == "streaming":
-    protected = jnp.broadcast_to((slot_pos_BxS < policy.sinks)[:, None, :], cand.shape)
-    priority = jnp.broadcast_to(slot_pos_BxS[:, None, :].astype(jnp.float32), cand.shape)
+    protected = jnp.broadcast_to(slot_pos < policy.sinks, cand.shape)
+    priority = jnp.broadcast_to(slot_pos.astype(jnp.float32), cand.shape)
   elif policy.name == "h2o":
     score = jnp.where(cand, score + probs.sum(axis=2), 0.0)
     recent_B = jnp.floor(budget_B * policy.recent_fraction).astype(budget_B.dtype)
-    protected = jnp.broadcast_to((slot_pos_BxS > cur_pos_Bx1 - recent_B[:, None])[:, None, :], cand.shape)
+    protected = jnp.broadcast_to(slot_pos > (cur_pos_Bx1 - recent_B[:, None])[:, None, :], cand.shape)
     priority = score
   else:
     protected = jnp.zeros_like(cand)

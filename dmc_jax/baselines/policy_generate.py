@@ -1,7 +1,7 @@
 """`generate` with an eviction policy: the vanilla `Generator` loop, prefill and decode from `evict_model`.
 
-The cache is vanilla-sized; the policy's keep mask hides evicted entries. Outputs are what the policy would
-produce; memory and speed are the vanilla cache's (evicted slots are not reused).
+The cache is compact (`evict_model.init_cache`): budget(max_len) + 1 slots per (layer, sequence, KV head), evicted
+slots reused, so it holds ≈ 1/CR of the vanilla cache's bytes and `GenerationResult.cache_bytes` says so.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class PolicyGenerator(Generator):
     super().__init__(cfg, evict_model.stack_params(cfg, params), cache_dtype)
 
   def _new_cache(self, batch: int, max_len: int):
-    return evict_model.init_cache(self.cfg, batch, max_len, self.cache_dtype)
+    return evict_model.init_cache(self.cfg, self.policy, batch, max_len, self.cache_dtype)
 
   def _prefill_fn(self, params, tokens_BxP, cache, lengths_B, key, sampling: Sampling):
     logits, cache = evict_model.prefill(self.cfg, self.policy, params, tokens_BxP, lengths_B, cache)
