@@ -41,7 +41,8 @@ def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-kind", default="stdlib", help="text source kind (experiments/harness/text_data.py)")
   p.add_argument("--data-path", action="append", default=[], help="files/directories for --data-kind files")
   p.add_argument("--data-dir", default=None, help="where prepared datasets live")
-  p.add_argument("--label", help="name of this checkpoint's vanilla row (default: its directory name)")
+  p.add_argument("--label", help="name of this checkpoint's vanilla row (default: its directory name; with --dmc "
+                 "'LABEL, vanilla attention')")
   p.add_argument("--base-kv-heads", type=int, default=None,
                  help="KV heads of the model this checkpoint was GQA-pooled from (its CR = base / own)")
   p.add_argument("--out", help="write the results here as JSON")
@@ -102,6 +103,8 @@ def scorers(cfg, params, args, dmc_settings):
   base = args.base_kv_heads
   cr = base / cfg.n_kv_heads if base else 1.0
   label = args.label or os.path.basename(os.path.abspath(args.ckpt))
+  if args.dmc:  # this row is the DMC checkpoint's weights without its cache, not a vanilla model
+    label += ", vanilla attention"
   out.append(("gqa" if base else "vanilla", label, cr, functools.partial(vanilla, sparams)))
 
   if args.dmc:

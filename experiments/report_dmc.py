@@ -61,16 +61,21 @@ def plot(rows: list[dict], path: str) -> str:
   for r in rows:
     lines.setdefault(r["label"], []).append(r)
   base = [r for r in rows if r["method"] == "vanilla"][:1]
-  for label, rs in sorted(lines.items()):
+  colors = plt.get_cmap("tab10").colors  # one colour per label: matplotlib's separate scatter/plot cycles collide
+  for i, (label, rs) in enumerate(sorted(lines.items())):
+    color = colors[i % len(colors)]
     if rs[0]["method"] in ("vanilla",) and len(rs) == 1:
-      ax.scatter([rs[0]["realised_cr"]], [rs[0]["ppl"]], marker="*", s=120, label=label, zorder=3)
+      ax.scatter([rs[0]["realised_cr"]], [rs[0]["ppl"]], marker="*", s=120, label=label, zorder=3, color=color)
       continue
     if rs[0]["method"] in ("streaming", "h2o", "tova"):
       rs = base + rs  # a policy at CR 1 is the vanilla model
     rs = sorted(rs, key=lambda r: r["realised_cr"])
-    ax.plot([r["realised_cr"] for r in rs], [r["ppl"] for r in rs], marker="o", label=label)
+    ax.plot([r["realised_cr"] for r in rs], [r["ppl"] for r in rs], marker="o", label=label, color=color)
   ax.set_xlabel("realised compression ratio (KV cache)")
   ax.set_ylabel("held-out perplexity")
+  ppl = [r["ppl"] for r in rows]
+  if max(ppl) > 5 * min(ppl):  # one collapsed method would flatten every other line
+    ax.set_yscale("log")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()

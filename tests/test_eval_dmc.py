@@ -89,7 +89,8 @@ def test_report_table_plot_and_refusals(tiny, result, capsys):
   assert cli_dmc.main(["report", str(d / "a.json"), b, "--out", str(d / "report")]) == 0
   md = open(d / "report" / "report.md").read()
   assert "| GQA | 2 | 2.00 |" in md and "| TOVA | 2 |" in md and "| DMC | — |" in md
-  assert md.count("| tiny | 1 | 1.00 |") == 1  # the repeated base row appears once
+  # The DMC checkpoint's vanilla row is its weights without the cache, and is labelled so (once).
+  assert md.count("| tiny, vanilla attention | 1 | 1.00 |") == 1
   assert os.path.getsize(d / "report" / "ppl_vs_cr.png") > 5000
   other = json.load(open(b))
   other["tokens_sha256"] = "0" * 16
