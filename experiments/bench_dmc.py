@@ -36,8 +36,8 @@ PRESETS = {
     # A CPU run of a few minutes: a Llama-2-7B-width body with 2 layers (a whole 7B does not fit 24 GiB in float32
     # with its caches) and the whole SmolLM2-135M shape.
     "cpu": dict(models=["llama2-7b@2", "smollm2-135m"], budget_mb=[1024, 512], context=1024, steps=4,
-                dtype="float32", policies=["h2o"], train_model="smollm2-135m@2", train_batch=1, train_len=512, bw_context=1024,
-                bw_batch=8),
+                dtype="float32", policies=["h2o"], train_model="smollm2-135m@2", train_batch=1, train_len=512,
+                bw_context=1024, bw_batch=8),
     # make gpu-check: the whole Llama-2-7B shape, bf16, a 30 GiB KV budget (fits on an H100 beside the weights and
     # the scan-stacked copy of them that DMC generation makes). No policy rows by default: each is one more
     # whole-model compile in gpu-check's few minutes.
@@ -127,8 +127,6 @@ def synthetic_policy_cache(cfg, policy, batch: int, context: int, steps: int):
   pos = jnp.round(slot * (context - 1) / max(held - 1, 1)).astype(jnp.int32)
   return dict(c, keep=jnp.broadcast_to(slot < held, c["keep"].shape),
               pos=jnp.broadcast_to(jnp.where(slot < held, pos, 0), c["pos"].shape))
-
-
 
 
 def synthetic_dmc_cache(cfg, dmc, pl_: Plan, context: int, page_size: int, seed: int = 0):
