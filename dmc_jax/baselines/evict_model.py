@@ -132,9 +132,11 @@ def decode(cfg: LlamaConfig, policy: Policy, params: Any, tokens_B: Array, index
     p, c = xs
     q, k, v = _qkv(cfg, p, x, index_B[:, None])
     slot_BxK = jnp.argmin(c["keep"], axis=-1)  # a free slot: at most C − 1 are held between steps
-    ck = c["k"].at[rows_Bx1, heads_1xK, slot_BxK].set(k[:, 0].astype(c["k"].dtype))
-    cv = c["v"].at[rows_Bx1, heads_1xK, slot_BxK].set(v[:, 0].astype(c["v"].dtype))
-    pos = c["pos"].at[rows_Bx1, heads_1xK, slot_BxK].set(jnp.broadcast_to(index_B[:, None], slot_BxK.shape))
+    # One slot per (row, head), in order: unique sorted indices let XLA:CPU write in place (see write_cache).
+    put = lambda buf, new: buf.at[rows_Bx1, heads_1xK, slot_BxK].set(new.astype(buf.dtype), indices_are_sorted=True,
+                                                                     unique_indices=True)
+    ck, cv = put(c["k"], k[:, 0]), put(c["v"], v[:, 0])
+    pos = put(c["pos"], jnp.broadcast_to(index_B[:, None], slot_BxK.shape))
     kv, d = ck.shape[1], ck.shape[-1]
     qg = q[:, 0].reshape(b, kv, -1, d)
     logits = jnp.einsum("bkgd,bksd->bkgs", qg, ck, preferred_element_type=jnp.float32) * (d ** -0.5)
