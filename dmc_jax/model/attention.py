@@ -58,12 +58,13 @@ def attend(q_BxLxHxD: Array, k: Array, v: Array, mask_BxLxS: Array, kv_layout: s
   g = h // kv
   acc = jnp.promote_types(q_BxLxHxD.dtype, jnp.float32)
   q = q_BxLxHxD.reshape(b, l, kv, g, d)
-  if kv_layout == "bksd" and b > 1:
-    # The cache path: (length, group) folded into one row axis, so each (sequence, KV head) is one plain matmul
-    # against its cache. With a separate length-1 axis XLA:CPU picked a dot layout plus transposes 4.8× slower
-    # (SmolLM2 layer, batch 11 × 1k tokens: 5.7 vs 1.2 ms; a whole decode step 242 → ~105 ms). Not at batch 1:
-    # there XLA:CPU squeezes the batch axis for the folded dot and duplicates the cache update to feed it, copying
-    # each layer's cache twice more (decode step 63 → 80 ms at 1k tokens).
+  if kv_layout == "bksd" and b > 1 and g > 1:
+    # The cache path under GQA: (length, group) folded into one row axis, so each (sequence, KV head) is one plain
+    # matmul against its cache. With separate group and length-1 axes XLA:CPU picked a dot layout plus transposes
+    # 4.8× slower (SmolLM2 layer, batch 11 × 1k tokens: 5.7 vs 1.2 ms; a whole decode step 242 → ~120 ms). Not at
+    # batch 1: there XLA:CPU squeezes the batch axis for the folded dot and duplicates the cache update to feed it,
+    # copying each layer's cache twice more (decode step 63 → 80 ms at 1k tokens). Not for MHA (G = 1: nothing to
+    # fold).
     q = jnp.swapaxes(q, 1, 2).reshape(b, kv, l * g, d)
     logits = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=acc).reshape(b, kv, l, g, -1)
     logits = jnp.where(mask_BxLxS[:, None, :, None], logits * (d ** -0.5), jnp.finfo(jnp.float32).min)
