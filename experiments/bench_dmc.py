@@ -194,10 +194,10 @@ def decode_equal_memory(spec: str, budget: int, context: int, steps: int, crs, d
         gen = PolicyGenerator(cfg, params, policy)
         cache = synthetic_policy_cache(cfg, policy, pl_.batch, context, steps + 1)
         step_s, cache = time_decode(gen, cache, pl_.batch, context, steps)
-        held = np.asarray(cache["keep"]).sum(-1)
-        if (held != policy.budget(context + steps + 1)).any():
-          raise RuntimeError(f"bench: {pl_.method} holds {np.unique(held)} entries, expected its budget")
-        used, realised = cache_bytes(cache), (context + steps + 1) / policy.budget(context + steps + 1)
+        held, budget_end = np.asarray(cache["keep"]).sum(-1), policy.budget(context + steps + 1)
+        if (held != budget_end).any():
+          raise RuntimeError(f"bench: {pl_.method} holds {np.unique(held)} entries, expected its budget {budget_end}")
+        used, realised = cache_bytes(cache), (context + steps + 1) / budget_end
       elif cr == 0:
         gen = Generator(cfg, params)
         cache = init_cache(cfg, pl_.batch, context + steps + 1, cfg.dtype)

@@ -113,10 +113,9 @@ def prefill(cfg: LlamaConfig, policy: Policy, params: Any, tokens_BxP: Array, le
   c = {n: pad(a) for n, a in c.items()}
   # Kept slots first, in position order (stable); slot j of the parallel forward holds position j.
   order = jnp.argsort(~c["keep"], axis=-1, stable=True)[..., :cap]
-  c["pos"] = order.astype(jnp.int32)
   take = lambda a: jnp.take_along_axis(a, order[..., None] if a.ndim == 5 else order, axis=3)
-  cache = {n: take(c[n]).astype(cache[n].dtype) if n != "pos" else c["pos"] for n in cache}
-  return logits, cache
+  compact = {n: take(a).astype(cache[n].dtype) for n, a in c.items()}
+  return logits, dict(compact, pos=order.astype(jnp.int32))
 
 
 def decode(cfg: LlamaConfig, policy: Policy, params: Any, tokens_B: Array, index_B: Array, cache: dict):
