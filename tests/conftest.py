@@ -26,7 +26,7 @@ def golden_dir() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
-  from experiments.assets import AssetMissing, smollm2_gguf
+  from experiments.harness.assets import AssetMissing, smollm2_gguf
   try:
     return smollm2_gguf()
   except AssetMissing as e:

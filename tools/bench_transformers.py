@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""HF transformers (CPU torch, float32) greedy generation worker for `make bench` (experiments/bench_generate.py).
+"""HF transformers (CPU torch, float32) greedy generation worker for `make bench` (experiments/bench/generate.py).
 
 Runs in the reference venv (.venv-ref: Python 3.11, transformers + CPU torch), never in the project's own
 environment. It loads the real SmolLM2 GGUF once, then serves timing requests so that the bench can interleave

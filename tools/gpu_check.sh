@@ -29,25 +29,25 @@ PY
 if want dmc; then
 # 1. Tests on the GPU. float32 goldens (1e-4) need true float32 matmuls, not TF32.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 $PY -m pytest -q -p no:cacheprovider -m "not slow" \
-  tests/test_golden_hf.py tests/test_convert_meta.py tests/test_dmc_equivalence.py tests/test_cache.py 2>&1 \
+  tests/dmc_jax/test_golden_hf.py tests/dmc_jax/convert/test_meta.py tests/dmc_jax/test_dmc_equivalence.py tests/dmc_jax/test_cache.py 2>&1 \
   | tee "$OUT/pytest.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 # 1b. The Pallas kernels natively (Triton): the CPU suites (here "pallas" compiles for the GPU) + the gpu-marked tests.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 $PY -m pytest -q -p no:cacheprovider \
-  tests/test_kernel_dmc_decode.py tests/test_kernel_dmc_attention.py 2>&1 | tee "$OUT/pytest_kernels.log" | tail -5
+  tests/pallas_kernels/test_dmc_decode.py tests/pallas_kernels/test_dmc_attention.py 2>&1 | tee "$OUT/pytest_kernels.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 # 2. Decode throughput with random weights, bf16 (speed does not depend on the values), prefill included: the
 #    vanilla cache and the DMC cache (Pallas decode kernel) with decisions forced to CR 4, at the same batch.
-timeout 200 $PY -m experiments.bench_decode --model llama2-7b --batch 32 --prompt-len 512 --new-tokens 64 \
+timeout 200 $PY -m experiments.bench.decode --model llama2-7b --batch 32 --prompt-len 512 --new-tokens 64 \
   --dtype bfloat16 --repeats 1 --dmc-cr 4 --json "$OUT/bench_llama2_7b.json" > "$OUT/bench_llama2_7b.md" \
   2> "$OUT/bench_7b.err" || { status=1; tail -5 "$OUT/bench_7b.err"; }
 
 # 3. `dmc-jax bench --preset gpu`: Llama-2-7B shape, DMC (Pallas decode kernel) vs vanilla at an equal 30 GiB KV
 #    budget with analytic batches, CR 2/4/8; decode-kernel bandwidth vs copy bandwidth; train step fused vs dense.
 #    (Add --profile DIR for a jax.profiler trace; not here, so that the timings carry no tracing overhead.)
-timeout 300 $PY -m experiments.cli_dmc bench --preset gpu --json "$OUT/bench_dmc.json" \
+timeout 300 $PY -m experiments.cli.dmc bench --preset gpu --json "$OUT/bench_dmc.json" \
   > "$OUT/bench_dmc.md" 2> "$OUT/bench_dmc.err" || { status=1; tail -5 "$OUT/bench_dmc.err"; }
 
 fi
@@ -56,13 +56,13 @@ if want sdc; then
 # 4. SDC op: the shared suite (native fused kernel vs the reference, forward and backward), then the fused kernel
 #    vs both XLA formulations (time, compiled peak memory, bandwidth vs copy), then SDC-Net predicted frames/s at
 #    720p and 1080p — separate runs, so a timeout in one keeps the others' results.
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernel_displaced_conv.py 2>&1 \
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/pallas_kernels/test_displaced_conv.py 2>&1 \
   | tee "$OUT/pytest_sdc.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
-timeout 150 $PY -m experiments.bench_sdc --sizes 256,720p,1080p --ns 1,5,11 --model-sizes "" --min-seconds 0.2 \
+timeout 150 $PY -m experiments.bench.sdc --sizes 256,720p,1080p --ns 1,5,11 --model-sizes "" --min-seconds 0.2 \
   --json "$OUT/bench_sdc.json" > "$OUT/bench_sdc.md" 2> "$OUT/bench_sdc.err" \
   || { status=1; tail -5 "$OUT/bench_sdc.err"; }
-timeout 120 $PY -m experiments.bench_sdc --sizes "" --model-sizes 720p,1080p --min-seconds 0.5 \
+timeout 120 $PY -m experiments.bench.sdc --sizes "" --model-sizes 720p,1080p --min-seconds 0.5 \
   --json "$OUT/bench_sdc_model.json" > "$OUT/bench_sdc_model.md" 2> "$OUT/bench_sdc_model.err" \
   || { status=1; tail -5 "$OUT/bench_sdc_model.err"; }
 fi

@@ -20,7 +20,7 @@ One step (the same function drives the parallel evaluation scan and `generate`'s
 
 Parallel evaluation is exact: at layer l, position i depends only on positions ≤ i of layer l − 1, so computing
 every query's logits at once and then scanning the policy over positions gives the same outputs as decoding
-token by token with eviction (`tests/test_baselines_policies.py` checks this against an independent step-by-step
+token by token with eviction (`tests/dmc_jax/test_baselines_policies.py` checks this against an independent step-by-step
 decoder). It simulates the policy; it does not save memory (the full L × L logits exist).
 """
 

@@ -3,7 +3,7 @@
 An experiment is `experiments/<system>/<name>.py` whose `get_config(variant=None)` returns a ConfigDict
 (every field with a default and a one-line comment). On the command line:
 
-    --config experiments/dmc/smollm2_135m_cr2.py:tiny --config.train.steps=200
+    --config experiments/dmc/configs/smollm2_135m_cr2.py:tiny --config.train.steps=200
 
 The config is locked (a typo'd key is an error, not a new field), override values are parsed by the type of
 the field they replace, and every failure — unknown key, bad value, unknown variant, missing file — is one

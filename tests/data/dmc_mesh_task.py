@@ -3,7 +3,7 @@
     python tests/data/dmc_mesh_task.py meshes D,F,T [D,F,T ...]   # per mesh: losses of 3 steps, shardings, HLO
     python tests/data/dmc_mesh_task.py train WORKDIR D,F,T [--coordinator H:P --num-processes N --process-id I]
 
-`meshes` compiles the real train step (experiments.plan.lower: the harness's shardings) on the first D·F·T
+`meshes` compiles the real train step (experiments.dmc.plan.lower: the harness's shardings) on the first D·F·T
 devices and runs it; `train` runs the harness loop (trainer.train), possibly as one of several processes.
 Both print one JSON line on stdout. The tests pass XLA flags that halve compile times (same flags for every mesh).
 """
@@ -76,7 +76,7 @@ def hlo_shapes(text):
 def run_meshes(shapes):
   import flax.linen as nn
   import jax
-  from experiments import plan
+  from experiments.dmc import plan
   from experiments.harness import mesh as mesh_lib
   cfg, (llama, dmc) = experiment(), models()
   init, _ = plan.retrofit_pieces(cfg, llama, dmc)
@@ -114,7 +114,7 @@ def run_train(workdir, shape, coordinator=None, num_processes=None, process_id=N
   from experiments.harness import distributed
   distributed.initialize(coordinator, num_processes, process_id)
   import jax
-  from experiments import plan
+  from experiments.dmc import plan
   from experiments.harness import progress, trainer
   progress.setup_logging()
   cfg, (llama, dmc) = experiment(), models()

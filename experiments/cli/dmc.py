@@ -1,0 +1,332 @@
+"""`dmc-jax`: convert checkpoints, export to HF, generate text, retrofit to DMC, inspect experiment configs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from experiments.harness import cli
+
+log = logging.getLogger("dmc_jax")
+
+
+# -- convert ------------------------------------------------------------------------------------------------
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+  p.add_argument("src", help="HF directory, Meta checkpoint directory, or .gguf file")
+  p.add_argument("--from", dest="src_format", required=True, choices=("hf", "meta", "gguf"))
+  p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                 help="stored parameter dtype (auto: the source's float dtype; quantized GGUF → float32)")
+  p.add_argument("--tokenizer", help="tokenizer.json or tokenizer.model to store instead of the source's")
+  p.add_argument("--force", action="store_true", help="replace --out if it exists")
+  p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest params shard file, in GiB")
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+  from dmc_jax.convert import gguf, hf, meta
+  from experiments.harness import checkpoint
+  reader = {"hf": hf.read, "meta": meta.read, "gguf": gguf.read}[args.src_format]
+  t0 = time.perf_counter()
+  converted = reader(args.src)
+  if args.tokenizer:
+    converted.tokenizer = _tokenizer_from_file(args.tokenizer, converted.config)
+  out = checkpoint.write(args.out, converted, dtype=args.dtype, force=args.force,
+                         max_shard_bytes=int(args.max_shard_gb * 2**30))
+  c = converted.config
+  log.info("converted %s (%s): %d layers, d_model %d, %d heads / %d KV heads, vocab %d, %.1f M params → %s "
+           "in %.1f s%s", args.src, args.src_format, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads,
+           c.vocab_size, c.num_params() / 1e6, out, time.perf_counter() - t0,
+           "" if converted.tokenizer else " (no tokenizer found)")
+
+
+def _tokenizer_from_file(path: str, cfg):
+  from dmc_jax.tokenizer import TokenizerInfo
+  with open(path, "rb") as f:
+    data = f.read()
+  if path.endswith(".json"):
+    return TokenizerInfo("hf", cfg.bos_token_id, cfg.eos_token_ids), data
+  return TokenizerInfo("sentencepiece", cfg.bos_token_id, cfg.eos_token_ids, add_bos=True, add_eos=False), data
+
+
+# -- export-hf ----------------------------------------------------------------------------------------------
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+  p.add_argument("ckpt", help="dmc-jax checkpoint directory")
+  p.add_argument("--out", required=True, help="HF output directory (written atomically)")
+  p.add_argument("--force", action="store_true", help="replace --out if it exists")
+  p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+  from dmc_jax.convert import hf
+  from experiments.harness import checkpoint, progress
+  ckpt = checkpoint.Checkpoint(args.ckpt)
+  if ckpt.dmc:
+    log.warning("%s has DMC settings; the HF export holds the weights only (a vanilla Llama)", args.ckpt)
+  tensors = ckpt.lazy_tensors()
+  tokenizer = None
+  if ckpt.tokenizer_info:
+    with open(os.path.join(ckpt.directory, ckpt.tokenizer_info.filename), "rb") as f:
+      tokenizer = (ckpt.tokenizer_info, f.read())
+  total = sum(t.nbytes for t in tensors.values())
+  with checkpoint.atomic_directory(args.out, args.force) as tmp:
+    with progress.bar(total=total, desc="exporting", unit="B", unit_scale=True) as bar:
+      hf.write(tmp, ckpt.config, tensors, tokenizer, int(args.max_shard_gb * 2**30),
+               on_tensor=lambda t: bar.update(t.nbytes))
+  log.info("exported %s → %s", args.ckpt, os.path.abspath(args.out))
+
+
+# -- generate -----------------------------------------------------------------------------------------------
+
+
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+  p.add_argument("ckpt", help="dmc-jax checkpoint directory")
+  p.add_argument("--prompt", action="append", required=True,
+                 help="prompt text; repeat for a batch (prompts may differ in length)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute dtype (default: float32; bfloat16 is faster on GPU, slower on CPU)")
+  p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+  p.add_argument("--no-special-tokens", action="store_true", help="encode prompts without BOS/EOS")
+  g = p.add_argument_group("DMC (compressed KV cache)")
+  g.add_argument("--dmc", action="store_true",
+                 help="decode with the paged DMC cache, using the checkpoint's DMC settings (defaults if none)")
+  g.add_argument("--page-size", type=int, default=32, help="slots per cache page")
+  g.add_argument("--kv-budget-mb", type=float, default=None,
+                 help="size the page pool from this KV-memory budget (default: never run out)")
+  g.add_argument("--dmc-force-cr", type=float, default=None,
+                 help="force decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model)")
+  g = p.add_argument_group("eviction policy (a compact cache of ceil(T / CR) + 1 slots per layer and KV head)")
+  g.add_argument("--policy", default=None, help="streaming, h2o or tova")
+  g.add_argument("--policy-cr", type=float, default=2.0, help="target CR: ceil(t / CR) entries after t tokens")
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+  import jax
+  from dmc_jax.config import ConfigError
+  from dmc_jax.generate import Generator, Sampling
+  from experiments.harness import checkpoint
+  ckpt = checkpoint.Checkpoint(args.ckpt)
+  tokenizer = ckpt.tokenizer()
+  cfg = ckpt.config.replace(dtype=args.dtype or "float32")
+  sampling = Sampling(args.temperature, args.top_k, args.top_p)
+  prompts = [tokenizer.encode(p, add_special_tokens=not args.no_special_tokens) for p in args.prompt]
+  t0 = time.perf_counter()
+  params = jax.device_put(ckpt.load_params())
+  load_s = time.perf_counter() - t0
+  if args.policy:
+    from dmc_jax.baselines.policies import Policy
+    from dmc_jax.baselines.policy_generate import PolicyGenerator
+    if args.dmc or args.dmc_force_cr or args.kv_budget_mb:
+      raise ConfigError("--policy: decodes with its own eviction cache; it cannot be combined with the DMC options")
+    gen = PolicyGenerator(cfg, params, Policy(args.policy, args.policy_cr))
+  else:
+    gen = Generator(cfg, params, dmc=_dmc_options(args, ckpt, cfg))
+  eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids)
+  result = gen.generate(prompts, args.max_new_tokens, sampling, seed=args.seed, eos_ids=sorted(eos),
+                        stop_at_eos=not args.ignore_eos)
+  for i, (text, new) in enumerate(zip(args.prompt, result.tokens)):
+    if len(args.prompt) > 1:
+      print(f"--- [{i}] ---")
+    print(text + tokenizer.decode([t for t in new if t not in eos]))
+  sys.stdout.flush()
+  n_new = sum(len(t) for t in result.tokens)
+  print(f"[generate] batch {len(prompts)}, prompt tokens {result.prompt_lengths}, new tokens {n_new}; "
+        f"load {load_s:.2f} s, compile {result.compile_seconds:.2f} s, prefill {result.prefill_seconds:.3f} s, "
+        f"decode {result.decode_steps} steps in {result.decode_seconds:.2f} s = "
+        f"{result.decode_tokens_per_second:.1f} tokens/s; "
+        f"KV cache {result.cache_bytes / 2**20:.2f} MiB on {jax.devices()[0].platform}", file=sys.stderr)
+  if result.dmc:
+    _report_dmc(gen.dmc, result.dmc)
+  if args.policy:
+    from dmc_jax.baselines.policy_generate import kept_entries
+    print(f"[policy] {gen.policy.label()}: entries kept per layer and KV head at the end "
+          f"{kept_entries(gen.policy, result.prompt_lengths, result.decode_steps)}",
+          file=sys.stderr)
+
+
+def _dmc_options(args, ckpt, cfg):
+  if not (args.dmc or args.dmc_force_cr or args.kv_budget_mb):
+    return None
+  from dmc_jax import cache as dmc_cache
+  from dmc_jax.config import DMCConfig
+  from dmc_jax.generate import DMCOptions
+  if ckpt.dmc:
+    dmc = DMCConfig.from_dict(ckpt.dmc, where=f"{ckpt.directory}/checkpoint.json: dmc")
+  else:
+    dmc = DMCConfig()
+    if args.dmc_force_cr is None:
+      log.warning("%s was not retrofitted with DMC: its decisions come from an untrained channel", args.ckpt)
+  rate = None
+  if args.dmc_force_cr is not None:
+    if args.dmc_force_cr < 1:
+      raise ValueError(f"--dmc-force-cr must be >= 1, got {args.dmc_force_cr}")
+    rate = 1.0 - 1.0 / args.dmc_force_cr
+  pages = None
+  if args.kv_budget_mb:
+    pages = dmc_cache.pages_for_budget(cfg, int(args.kv_budget_mb * 2**20), args.page_size, cfg.dtype)
+  return DMCOptions(dmc, page_size=args.page_size, pool_pages=pages, forced_merge_rate=rate)
+
+
+def _report_dmc(options, stats) -> None:
+  import numpy as np
+  cr, mem = stats["cr"], stats["memory"]
+  fmt = lambda xs: " ".join(f"{x:.2f}" for x in np.ravel(xs))
+  forced = "" if options.forced_merge_rate is None else f", decisions forced (merge rate {options.forced_merge_rate:.3f})"
+  print(f"[dmc] settings: {options.dmc.to_dict()}, page size {options.page_size}, pool "
+        f"{mem['pool'] / 2**20:.2f} MiB{forced}", file=sys.stderr)
+  print(f"[dmc] realised CR {cr['overall']:.2f}; cache in use {mem['total'] / 2**20:.2f} MiB "
+        f"(pages {mem['pages'] / 2**20:.2f} + merge state {mem['merge_state'] / 2**20:.2f} + tables "
+        f"{mem['tables'] / 2**20:.2f}) vs vanilla {stats['vanilla_bytes'] / 2**20:.2f} MiB "
+        f"= {mem['total'] / max(stats['vanilla_bytes'], 1):.2f}x", file=sys.stderr)
+  print(f"[dmc] CR per layer: {fmt(cr['per_layer'])}", file=sys.stderr)
+  for layer, heads in enumerate(cr["per_head"]):
+    print(f"[dmc] CR layer {layer:2d} per KV head: {fmt(heads)}", file=sys.stderr)
+
+
+# -- config -------------------------------------------------------------------------------------------------
+
+
+def _configure_config(p: argparse.ArgumentParser) -> None:
+  cli.add_config_argument(p)
+
+
+def run_config(args: argparse.Namespace) -> None:
+  from experiments.harness import config
+  print(config.load(args.config, args.config_overrides))
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+  cli.add_config_argument(p)
+  p.add_argument("--init-from", metavar="CKPT",
+                 help="converted checkpoint to retrofit (same as --config.model.init_from=CKPT)")
+  p.add_argument("--workdir", help="run directory (same as --config.workdir=DIR)")
+  g = p.add_argument_group("multi-host (default: DMC_JAX_* environment, a detected SLURM/MPI/TPU-pod cluster, "
+                           "else one process)")
+  g.add_argument("--coordinator", help="host:port of process 0's coordination service")
+  g.add_argument("--num-processes", type=int, help="processes forming the global mesh")
+  g.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
+
+
+def _run_train(args: argparse.Namespace) -> None:
+  import json
+  from experiments.dmc import train as dmc_run
+  from experiments.harness import config, distributed
+  overrides = list(args.config_overrides)
+  if args.init_from:
+    if not os.path.exists(os.path.join(args.init_from, "checkpoint.json")):
+      raise FileNotFoundError(f"--init-from {args.init_from}: not a dmc-jax checkpoint (no checkpoint.json); "
+                            "convert one with `dmc-jax convert`")
+    overrides.append(f"--config.model.init_from={args.init_from}")
+  if args.workdir:
+    overrides.append(f"--config.workdir={args.workdir}")
+  cfg = config.load(args.config, overrides)
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  summary = dmc_run.train(cfg)
+  print(json.dumps(summary, indent=2, default=str))
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+  from experiments.bench import dmc as bench_dmc
+  bench_dmc.configure(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+  from experiments.bench import dmc as bench_dmc
+  return bench_dmc.run(args)
+
+
+def _configure_plan(p: argparse.ArgumentParser) -> None:
+  cli.add_config_argument(p)
+  p.add_argument("--devices", type=int, default=None,
+                 help="fake CPU devices (default: the product of the mesh sizes; needed when one is -1)")
+  p.add_argument("--layers", type=int, default=None, help="plan only this many layers (same widths; quick checks)")
+  p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+  import json
+  from experiments.dmc import plan
+  from experiments.harness import config
+  p = plan.plan(config.load(args.config, args.config_overrides), devices=args.devices, n_layers=args.layers)
+  print(json.dumps(p.to_dict(), indent=2) if args.json else plan.report(p))
+
+
+# -- eval, gqa-pool, report (baselines: experiments/dmc/eval.py, dmc_jax/baselines, experiments/dmc/report.py) --
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+  from experiments.dmc import eval as eval_dmc
+  eval_dmc.configure(p)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+  from experiments.dmc import eval as eval_dmc
+  eval_dmc.run(args)
+
+
+def _configure_gqa_pool(p: argparse.ArgumentParser) -> None:
+  p.add_argument("ckpt", help="dmc-jax checkpoint directory")
+  p.add_argument("--kv-heads", type=int, required=True, help="KV heads after pooling (divides the current count)")
+  p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+  p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def _run_gqa_pool(args: argparse.Namespace) -> None:
+  from dmc_jax.baselines import gqa
+  out, cr = gqa.pool_checkpoint(args.ckpt, args.kv_heads, args.out, force=args.force)
+  log.info("pooled %s to %d KV heads (cache CR %g) → %s", args.ckpt, args.kv_heads, cr, out)
+
+
+def _configure_report(p: argparse.ArgumentParser) -> None:
+  p.add_argument("results", nargs="+", help="JSON files written by `dmc-jax eval --out`")
+  p.add_argument("--out", required=True, help="directory for report.md and ppl_vs_cr.png")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+  from experiments.dmc import report as report_dmc
+  md, png = report_dmc.write(args.results, args.out)
+  print(open(md).read())
+  log.info("wrote %s and %s", md, png)
+
+
+COMMANDS = [
+    cli.Command("convert", "convert an HF / Meta / GGUF Llama checkpoint into a dmc-jax checkpoint",
+                _configure_convert, _run_convert),
+    cli.Command("export-hf", "export a dmc-jax checkpoint as an HF LlamaForCausalLM directory",
+                _configure_export, _run_export),
+    cli.Command("generate", "generate text from a checkpoint (batched, vanilla KV cache)",
+                _configure_generate, _run_generate),
+    cli.Command("train", "retrofit a checkpoint to DMC (three stages) from an experiment config",
+                _configure_train, _run_train, takes_config_overrides=True),
+    cli.Command("bench", "DMC vs vanilla decode tokens/s at equal KV memory, decode-kernel bandwidth, train step time",
+                _configure_bench, _run_bench),
+    cli.Command("plan", "AOT-compile an experiment's train step on fake CPU devices; per-device memory vs analytic",
+                _configure_plan, _run_plan, takes_config_overrides=True),
+    cli.Command("eval", "held-out perplexity and realised CR: vanilla beside DMC and eviction policies, same tokens",
+                _configure_eval, _run_eval),
+    cli.Command("gqa-pool", "mean-pool a checkpoint's KV heads into fewer groups (GQA up-training's start)",
+                _configure_gqa_pool, _run_gqa_pool),
+    cli.Command("report", "Markdown table and perplexity-vs-CR plot from `dmc-jax eval` JSON files",
+                _configure_report, _run_report),
+    cli.Command("config", "print an experiment config after variant and overrides",
+                _configure_config, run_config, takes_config_overrides=True),
+]
+
+
+def main(argv=None) -> int:
+  return cli.main("dmc-jax", __doc__, COMMANDS, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

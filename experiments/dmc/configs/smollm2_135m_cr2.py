@@ -1,0 +1,7 @@
+"""Retrofit SmolLM2-135M to DMC at CR 2 (init from `dmc-jax convert --from gguf` of the bundled model)."""
+
+from experiments.dmc.configs import base
+
+
+def get_config(variant=None):
+  return base.smollm2_135m(2, variant, __file__)

@@ -1,7 +1,0 @@
-"""Retrofit SmolLM2-135M to DMC at CR 4 (init from `dmc-jax convert --from gguf` of the bundled model)."""
-
-from experiments.dmc import base
-
-
-def get_config(variant=None):
-  return base.smollm2_135m(4, variant, __file__)

@@ -1,0 +1,25 @@
+"""`dmc-jax bench`'s equal-memory decode comparison: every cache fits the budget, batches follow the CR."""
+
+from experiments.bench import dmc as bench_dmc
+
+
+def test_equal_memory_decode_sizes_every_cache_to_the_budget():
+  budget, context, steps = 4 * 2**20, 64, 2
+  rows = bench_dmc.decode_equal_memory("smollm2-135m@1", budget, context, steps, [2.0], "float32", 32, None,
+                                       policies=["h2o", "streaming"])
+  by = {r["method"]: r for r in rows}
+  assert list(by) == ["vanilla", "dmc cr 2", "h2o cr 2", "streaming cr 2"]
+  assert all(0 < r["kv_bytes"] <= budget and r["tokens_per_s"] > 0 for r in rows)
+  vanilla = by["vanilla"]
+  assert vanilla["realised_cr"] == 1 and vanilla["ratio_vs_vanilla"] == 1
+  # The policies' compact cache: ceil(67 / 2) + 1 = 35 slots for 67 tokens, plus 9 bytes of state on a 512-byte
+  # slot, so ≈ 1.88× vanilla's batch; each row holds exactly ceil(67 / 2) = 34 entries at the end (checked inside).
+  for name in ("h2o cr 2", "streaming cr 2"):
+    assert 1.85 <= by[name]["batch"] / vanilla["batch"] <= 1.92
+    assert abs(by[name]["realised_cr"] - 67 / 34) < 1e-9
+  # DMC pays for whole 32-slot pages, merge state and a 6-sigma margin: at 67 tokens fewer sequences than vanilla.
+  assert 0 < by["dmc cr 2"]["batch"] < vanilla["batch"]
+  assert "| h2o cr 2 |" in bench_dmc.tables({"device": "cpu", "platform": "cpu", "jax": "x", "copy_bandwidth_GBps": 1.0,
+                                             "context": context, "steps": steps, "dtype": "float32",
+                                             "decode_impl": "xla", "decode": [dict(r, budget_mb=4) for r in rows],
+                                             "kernel": [], "train": []})
