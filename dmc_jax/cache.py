@@ -28,13 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmc_jax.config import DMCConfig, LlamaConfig
+from dmc_jax.errors import CachePoolExhausted
 from dmc_jax.model import rope
 
 Array = jax.Array
-
-
-class CachePoolExhausted(RuntimeError):
-  pass
 
 
 @flax.struct.dataclass

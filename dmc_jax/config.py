@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from dmc_jax.errors import ConfigError
+
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: gradient checks in tests
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
 ATTENTION_IMPLS = (None, "xla", "pallas")  # None: Pallas kernels on a GPU, the XLA references elsewhere
-
-
-class ConfigError(ValueError):
-  """A configuration value or key is invalid; the message names it and what was expected."""
 
 
 def check_keys(cls, d: Mapping[str, Any], where: str, error: type[Exception] = ConfigError) -> None:

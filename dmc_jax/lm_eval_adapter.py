@@ -39,7 +39,7 @@ class DMCJaxLM(LM):
     from dmc_jax.baselines.policies import Policy
     from dmc_jax.convert import layout
     from dmc_jax.model.llama import Llama
-    from experiments.harness import checkpoint
+    from dmc_jax import checkpoint
     if method not in METHODS:
       raise ConfigError(f"method: unknown {method!r}; expected one of {list(METHODS)}")
     c = checkpoint.Checkpoint(ckpt)

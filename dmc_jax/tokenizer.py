@@ -14,13 +14,10 @@ import os
 from typing import Any, Mapping, Sequence
 
 from dmc_jax.config import check_keys
+from dmc_jax.errors import TokenizerError
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
-
-
-class TokenizerError(ValueError):
-  pass
 
 
 @dataclasses.dataclass(frozen=True)

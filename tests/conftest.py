@@ -40,9 +40,9 @@ def smollm2_gguf() -> str:
 def smollm2_ckpt(tmp_path_factory, smollm2_gguf) -> str:
   """The real SmolLM2-135M-Instruct, converted once per test session."""
   from dmc_jax.convert import gguf
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   out = str(tmp_path_factory.mktemp("ckpt") / "smollm2")
-  checkpoint.write(out, gguf.read(smollm2_gguf), show_progress=False)
+  checkpoint.write(out, gguf.read(smollm2_gguf))
   return out
 
 
@@ -76,7 +76,7 @@ def write_hf_dir(path, cfg, tensors: dict[str, np.ndarray], shards: int = 1) -> 
 def write_checkpoint(path, cfg, params, tokenizer_from: str | None = None, dmc: dict | None = None) -> str:
   """A dmc-jax checkpoint of a Flax parameter tree, with the tokenizer of checkpoint `tokenizer_from`."""
   from dmc_jax.convert import Converted, LazyTensor, layout
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   flat = {k: np.asarray(v) for k, v in layout.flatten(params["params"]).items()}
   tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
   tokenizer = None
@@ -84,5 +84,4 @@ def write_checkpoint(path, cfg, params, tokenizer_from: str | None = None, dmc: 
     info = checkpoint.Checkpoint(tokenizer_from).tokenizer_info
     with open(os.path.join(tokenizer_from, info.filename), "rb") as f:
       tokenizer = (info, f.read())
-  return checkpoint.write(str(path), Converted(cfg, tensors, tokenizer, {"format": "test"}), dmc=dmc,
-                          show_progress=False)
+  return checkpoint.write(str(path), Converted(cfg, tensors, tokenizer, {"format": "test"}), dmc=dmc)

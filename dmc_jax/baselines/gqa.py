@@ -33,7 +33,7 @@ def pool_checkpoint(src: str, kv_heads: int, out: str, force: bool = False) -> t
   """Writes the pooled checkpoint (self-describing, same tokenizer and DMC settings). Returns (path, cache CR)."""
   import os
   from dmc_jax.convert import Converted
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   ckpt = checkpoint.Checkpoint(src)
   cfg = pooled_config(ckpt.config, kv_heads)
   tensors = []
@@ -49,6 +49,6 @@ def pool_checkpoint(src: str, kv_heads: int, out: str, force: bool = False) -> t
   converted = Converted(cfg, tensors, tokenizer, {"format": "dmc-jax gqa-pool", "path": ckpt.directory,
                                                  "from_kv_heads": ckpt.config.n_kv_heads, "kv_heads": kv_heads})
   path = checkpoint.write(out, converted, force=force, dmc=ckpt.dmc, experiment=ckpt.meta.get("experiment"),
-                          show_progress=False, extra_provenance={"gqa_pool": {"from_kv_heads": ckpt.config.n_kv_heads,
+                          extra_provenance={"gqa_pool": {"from_kv_heads": ckpt.config.n_kv_heads,
                                                                              "kv_heads": kv_heads, "cache_cr": cr}})
   return path, cr

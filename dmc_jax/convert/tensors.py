@@ -16,9 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
-
-class ConversionError(ValueError):
-  """Bad checkpoint input; the message names the file/tensor/key and what was expected."""
+from dmc_jax.errors import ConversionError
 
 
 SAFETENSORS_DTYPES = {

@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
 
   import jax
   from dmc_jax.generate import Generator
-  from experiments.harness.checkpoint import Checkpoint
+  from dmc_jax.checkpoint import Checkpoint
 
   os.makedirs(args.out, exist_ok=True)
   ckpt = Checkpoint(args.ckpt)

@@ -28,15 +28,21 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
+  from dmc_jax import checkpoint
   from dmc_jax.convert import gguf, hf, meta
-  from experiments.harness import checkpoint
+  from experiments.harness import progress
   reader = {"hf": hf.read, "meta": meta.read, "gguf": gguf.read}[args.src_format]
   t0 = time.perf_counter()
   converted = reader(args.src)
   if args.tokenizer:
     converted.tokenizer = _tokenizer_from_file(args.tokenizer, converted.config)
-  out = checkpoint.write(args.out, converted, dtype=args.dtype, force=args.force,
-                         max_shard_bytes=int(args.max_shard_gb * 2**30))
+  with progress.bar(total=None, desc=f"writing {os.path.basename(os.path.abspath(args.out))}", unit="B",
+                    unit_scale=True) as bar:
+    def on_progress(done, total):
+      bar.total = total
+      bar.update(done - bar.n)
+    out = checkpoint.write(args.out, converted, dtype=args.dtype, force=args.force,
+                           max_shard_bytes=int(args.max_shard_gb * 2**30), on_progress=on_progress)
   c = converted.config
   log.info("converted %s (%s): %d layers, d_model %d, %d heads / %d KV heads, vocab %d, %.1f M params → %s "
            "in %.1f s%s", args.src, args.src_format, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads,
@@ -65,7 +71,8 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
 
 def _run_export(args: argparse.Namespace) -> None:
   from dmc_jax.convert import hf
-  from experiments.harness import checkpoint, progress
+  from dmc_jax import checkpoint
+  from experiments.harness import progress
   ckpt = checkpoint.Checkpoint(args.ckpt)
   if ckpt.dmc:
     log.warning("%s has DMC settings; the HF export holds the weights only (a vanilla Llama)", args.ckpt)
@@ -115,7 +122,7 @@ def _run_generate(args: argparse.Namespace) -> None:
   import jax
   from dmc_jax.config import ConfigError
   from dmc_jax.generate import Generator, Sampling
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   ckpt = checkpoint.Checkpoint(args.ckpt)
   tokenizer = ckpt.tokenizer()
   cfg = ckpt.config.replace(dtype=args.dtype or "float32")

@@ -38,7 +38,7 @@ def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokens", type=int, default=0, help="held-out tokens to use (whole rows; 0 = the whole split)")
   p.add_argument("--seq-len", type=int, default=1024)
   p.add_argument("--batch-size", type=int, default=1)
-  p.add_argument("--data-kind", default="stdlib", help="text source kind (experiments/harness/text_data.py)")
+  p.add_argument("--data-kind", default="stdlib", help="text source kind (dmc_jax/text_data.py)")
   p.add_argument("--data-path", action="append", default=[], help="files/directories for --data-kind files")
   p.add_argument("--data-dir", default=None, help="where prepared datasets live")
   p.add_argument("--label", help="name of this checkpoint's vanilla row (default: its directory name; with --dmc "
@@ -49,7 +49,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def held_out_batches(tokenizer, args) -> list[dict]:
-  from experiments.harness import text_data
+  from dmc_jax import text_data
   src = text_data.TextSource(kind=args.data_kind, paths=tuple(args.data_path))
   split = text_data.open_splits(src, args.data_dir)["validation"]
   per_batch = args.seq_len * args.batch_size
@@ -134,7 +134,7 @@ def scorers(cfg, params, args, dmc_settings):
 def evaluate(args) -> dict:
   import jax
   from dmc_jax.config import DMCConfig
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   ckpt = checkpoint.Checkpoint(args.ckpt)
   if args.cr and not args.policy:
     raise ConfigError("--cr: sets the target CR of --policy; no --policy given")

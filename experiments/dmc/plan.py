@@ -97,7 +97,7 @@ def model_config(cfg, n_layers: int | None = None):
   from dmc_jax.config import DMCConfig
   from dmc_jax.presets import preset
   if cfg.model.init_from:
-    from experiments.harness import checkpoint
+    from dmc_jax import checkpoint
     llama = checkpoint.Checkpoint(cfg.model.init_from).config
   else:
     llama = preset(cfg.model.preset)

@@ -22,7 +22,7 @@ FORMAT = "dmc-jax-retrofit/1"
 def _model_and_tokenizer(cfg):
   from dmc_jax.config import DMCConfig
   from dmc_jax.presets import preset
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   dmc = DMCConfig(decision_channel=cfg.dmc.decision_channel, window=cfg.dmc.window,
                   temperature=cfg.dmc.temperature, offset=cfg.dmc.offset)
   source = checkpoint.Checkpoint(cfg.model.init_from) if cfg.model.init_from else None
@@ -67,7 +67,8 @@ def train(cfg) -> dict:
   from dmc_jax.convert import layout
   from dmc_jax.model.llama import Llama
   from experiments.harness import mesh as mesh_lib
-  from experiments.harness import mfu, text_data, trainer
+  from dmc_jax import text_data
+  from experiments.harness import mfu, trainer
   llama, dmc, source, tokenizer = _model_and_tokenizer(cfg)
   workdir = cfg.workdir or os.path.join("runs", cfg.name)
   trainer.batch_size_check(cfg.train.batch_size, mesh_lib.mesh_shape(cfg.mesh))
@@ -183,7 +184,7 @@ def _export(params, llama, dmc, tokenizer, cfg, workdir) -> str:
   import jax
   from dmc_jax.convert import Converted, layout
   from dmc_jax.convert.tensors import LazyTensor
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   tree = layout.unstack_layers(jax.device_get(params)["params"], llama.n_layers)
   flat = {k: np.asarray(v) for k, v in layout.flatten(tree).items()}
   tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
@@ -194,7 +195,7 @@ def _export(params, llama, dmc, tokenizer, cfg, workdir) -> str:
                         {"format": "dmc-jax retrofit", "path": os.path.abspath(workdir)})
   name, dmc_fields = ("checkpoint", None) if dmc is None else ("dmc_checkpoint", dmc.to_dict())
   return checkpoint.write(os.path.join(workdir, name), converted, force=True, dmc=dmc_fields,
-                          experiment=json.loads(cfg.to_json_best_effort()), show_progress=False)
+                          experiment=json.loads(cfg.to_json_best_effort()))
 
 
 def _plot_heatmap(fraction, path) -> str | None:

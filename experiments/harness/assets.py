@@ -9,12 +9,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from experiments.harness.errors import AssetMissing
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class AssetMissing(FileNotFoundError):
-  pass
 
 
 def smollm2_gguf() -> str:

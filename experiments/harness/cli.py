@@ -19,17 +19,11 @@ log = logging.getLogger("dmc_jax")
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-  from dmc_jax.config import ConfigError
-  from dmc_jax.convert.tensors import ConversionError
-  from dmc_jax.tokenizer import TokenizerError
-  from experiments.harness.checkpoint import CheckpointError
-  from experiments.harness.config import ExperimentConfigError
-  from experiments.harness.mesh import MeshError
-  from experiments.harness.orbax_ckpt import TrainCheckpointError
-  from dmc_jax.cache import CachePoolExhausted
+  """One base per library (dmc_jax, sdc_jax) and the harness's own: each is one line, exit 2."""
+  from dmc_jax.errors import UserError
+  from experiments.harness.errors import HarnessError
   from sdc_jax.errors import SDCError
-  return (ConfigError, ConversionError, TokenizerError, CheckpointError, ExperimentConfigError,
-          FileNotFoundError, CachePoolExhausted, MeshError, TrainCheckpointError, SDCError)
+  return (UserError, HarnessError, SDCError, FileNotFoundError)
 
 
 @dataclasses.dataclass

@@ -19,9 +19,7 @@ from typing import Any, Sequence
 
 from ml_collections import config_dict
 
-
-class ExperimentConfigError(ValueError):
-  pass
+from experiments.harness.errors import ExperimentConfigError
 
 
 def _import_config_module(path: str):

@@ -16,12 +16,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from dmc_jax.convert.tensors import read_json
+from experiments.harness.errors import TrainCheckpointError
 
 RUN_JSON = "run.json"
-
-
-class TrainCheckpointError(ValueError):
-  pass
 
 
 class Checkpointer:

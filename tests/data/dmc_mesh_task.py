@@ -39,7 +39,7 @@ def models():
 
 def batch(step):
   """Two packed documents per row, split at a random point (segment ids, restarting positions, loss mask)."""
-  from experiments.harness import text_data
+  from dmc_jax import text_data
   rng = np.random.default_rng(step)
   rows = []
   for _ in range(ROWS):

@@ -10,7 +10,7 @@ from dmc_jax.baselines import gqa
 from dmc_jax.config import LlamaConfig
 from dmc_jax.model.llama import Llama, cache_bytes, init_cache
 from experiments.cli import dmc as cli_dmc
-from experiments.harness import checkpoint
+from dmc_jax import checkpoint
 
 from conftest import write_checkpoint
 

@@ -9,7 +9,7 @@ import pytest
 
 from dmc_jax.convert import hf
 from dmc_jax.model.llama import Llama
-from experiments.harness import checkpoint
+from dmc_jax import checkpoint
 
 HF_MODELS = ["hf_llama2_mha", "hf_gqa_tied", "hf_llama31_rope", "hf_head_dim_differs", "hf_llama3_meta_twin",
              "hf_spm_twin"]
@@ -25,7 +25,7 @@ def logits_of(ckpt_dir, input_ids, **cfg_changes):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, golden_dir):
   root = tmp_path_factory.mktemp("golden_ckpts")
-  return {name: checkpoint.write(str(root / name), hf.read(os.path.join(golden_dir, name)), show_progress=False)
+  return {name: checkpoint.write(str(root / name), hf.read(os.path.join(golden_dir, name)))
           for name in HF_MODELS}
 
 

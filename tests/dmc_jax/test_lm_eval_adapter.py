@@ -28,7 +28,7 @@ DMC = DMCConfig(window=4)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_ckpt):
   """A 2-layer random model with SmolLM2's real tokenizer; decision rows scaled so DMC merges often."""
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   real = checkpoint.Checkpoint(smollm2_ckpt).config
   cfg = LlamaConfig(vocab_size=real.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                     bos_token_id=real.bos_token_id, eos_token_ids=real.eos_token_ids, max_position_embeddings=256)

@@ -9,7 +9,7 @@ import pytest
 
 from dmc_jax.generate import Generator
 from dmc_jax.model.llama import Llama
-from experiments.harness import checkpoint
+from dmc_jax import checkpoint
 
 
 @pytest.fixture(scope="module")

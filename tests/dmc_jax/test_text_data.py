@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments.harness import text_data as td
+from dmc_jax import text_data as td
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def stdlib(data_dir):
 
 @pytest.fixture(scope="module")
 def tok(smollm2_ckpt):
-  from experiments.harness.checkpoint import Checkpoint
+  from dmc_jax.checkpoint import Checkpoint
   return Checkpoint(smollm2_ckpt).tokenizer()
 
 

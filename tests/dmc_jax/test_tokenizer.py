@@ -8,7 +8,7 @@ import pytest
 
 from dmc_jax.convert import gguf, hf
 from dmc_jax.tokenizer import Tokenizer, TokenizerError, TokenizerInfo, from_gguf_metadata
-from experiments.harness import checkpoint
+from dmc_jax import checkpoint
 
 
 def _cases(golden_dir, name):
@@ -59,7 +59,7 @@ def test_gguf_embedded_sentencepiece_vocabulary(tmp_path, golden_dir):
   converted = gguf.read(os.path.join(golden_dir, "spm", "tiny_spm.gguf"))
   info, _ = converted.tokenizer
   assert info.kind == "sentencepiece" and info.add_bos
-  ck = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "ck"), converted, show_progress=False))
+  ck = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "ck"), converted))
   tok = ck.tokenizer()
   for case in _cases(golden_dir, "spm")["cases"]:
     assert tok.encode(case["text"], add_special_tokens=False) == case["sp_ids"], case["text"]

@@ -14,7 +14,7 @@ from dmc_jax.convert import hf
 from dmc_jax.convert.tensors import ConversionError
 from dmc_jax.model.llama import Llama
 from dmc_jax.model.rope import meta_to_hf_permutation
-from experiments.harness import checkpoint
+from dmc_jax import checkpoint
 
 # Rows of 64/96 values: multiples of every block size gguf-py can write (32).
 CFG = LlamaConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
@@ -88,7 +88,7 @@ def test_gguf_round_trip(tmp_path, hf_source, qtype):
   expected = write_gguf(tmp_path / "m.gguf", CFG, tensors, qtype)
   converted = gguf_convert.read(str(tmp_path / "m.gguf"))
   assert converted.config == CFG.replace(rms_norm_eps=float(np.float32(CFG.rms_norm_eps)))  # GGUF stores f32
-  ours = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "ck"), converted, show_progress=False))
+  ours = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "ck"), converted))
   # Same tensors as the HF layout of the dequantized weights (q/k permuted back exactly).
   back = hf.layout.ours_to_hf(ours.lazy_tensors(), CFG, "ck")
   for t in back:
@@ -99,7 +99,7 @@ def test_gguf_round_trip(tmp_path, hf_source, qtype):
       ref = ref[meta_to_hf_permutation(CFG.n_kv_heads, CFG.head_dim)]
     np.testing.assert_array_equal(t.load(), ref.astype(np.float32), err_msg=t.name)
   # And the model computes what the HF-directory twin computes, up to the quantization error.
-  twin = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "twin"), hf.read(hf_dir), show_progress=False))
+  twin = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "twin"), hf.read(hf_dir)))
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
   a = Llama(CFG).apply(ours.load_params(), tokens)
   b = Llama(CFG).apply(twin.load_params(), tokens)
@@ -166,8 +166,7 @@ def test_real_smollm2_gguf_metadata(smollm2_gguf):
 def test_gguf_with_sentencepiece_vocab_matches_its_hf_twin(tmp_path, golden_dir):
   """tiny_spm.gguf (llama.cpp layout, written by the golden script) computes hf_spm_twin's logits."""
   ck = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "ck"),
-                                              gguf_convert.read(os.path.join(golden_dir, "spm", "tiny_spm.gguf")),
-                                              show_progress=False))
+                                              gguf_convert.read(os.path.join(golden_dir, "spm", "tiny_spm.gguf"))))
   z = np.load(os.path.join(golden_dir, "hf_spm_twin", "golden.npz"))
   out = np.asarray(Llama(ck.config).apply(ck.load_params(), z["input_ids"]))
   assert np.abs(out - z["logits"]).max() <= 1e-4

@@ -11,13 +11,13 @@ from dmc_jax.config import LlamaConfig
 from dmc_jax.convert import hf
 from dmc_jax.convert.tensors import ConversionError, read_sharded
 from experiments.cli import dmc as cli_dmc
-from experiments.harness import checkpoint
+from dmc_jax import checkpoint
 
 CFG = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, head_dim=16)
 
 
 def _convert(src, out, **kw):
-  return checkpoint.write(str(out), hf.read(str(src)), show_progress=False, **kw)
+  return checkpoint.write(str(out), hf.read(str(src)), **kw)
 
 
 @pytest.mark.parametrize("shards, tied", [(1, False), (3, False), (2, True)])

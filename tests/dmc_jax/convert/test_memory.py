@@ -18,7 +18,7 @@ SHARD = 250 * 2**20
 
 _PROBE = r"""
 import sys
-from experiments.harness import checkpoint
+from dmc_jax import checkpoint
 from dmc_jax.convert import hf
 import jax  # imported by the converter anyway; count it in the baseline
 
@@ -29,7 +29,7 @@ def status(key):  # this process's own counters (ru_maxrss would include the for
 
 # Growth is measured from the current RSS (not the import-time peak), so it can only be overstated.
 base = status("VmRSS")
-checkpoint.write(sys.argv[2], hf.read(sys.argv[1]), show_progress=False, max_shard_bytes=int(sys.argv[3]))
+checkpoint.write(sys.argv[2], hf.read(sys.argv[1]), max_shard_bytes=int(sys.argv[3]))
 print(base, status("VmHWM"))
 """
 
@@ -58,5 +58,5 @@ def test_peak_rss_while_converting_a_sharded_checkpoint(tmp_path):
   assert growth < largest_shard, "conversion should hold about one tensor, never a whole shard"
   assert growth < 0.25 * total
   # The output is complete and readable.
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   assert len(checkpoint.Checkpoint(str(tmp_path / "out")).lazy_tensors()) == len(lazy)

@@ -10,7 +10,7 @@ import pytest
 from dmc_jax.convert import meta
 from dmc_jax.convert.tensors import ConversionError
 from dmc_jax.model.llama import Llama
-from experiments.harness import checkpoint
+from dmc_jax import checkpoint
 
 META = ["meta_llama2_1shard", "meta_llama2_2shard", "meta_llama3_1shard", "meta_llama3_2shard",
         "meta_llama2_1shard_bf16"]
@@ -19,7 +19,7 @@ META = ["meta_llama2_1shard", "meta_llama2_2shard", "meta_llama3_1shard", "meta_
 @pytest.mark.parametrize("name", META)
 def test_meta_checkpoints_match_their_hf_twins(tmp_path, golden_dir, name):
   src = os.path.join(golden_dir, name)
-  ck = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "ck"), meta.read(src), show_progress=False))
+  ck = checkpoint.Checkpoint(checkpoint.write(str(tmp_path / "ck"), meta.read(src)))
   if name.endswith("bf16"):
     assert ck.config.param_dtype == "bfloat16"
   for golden in ("golden.npz", "golden_long.npz"):

@@ -25,7 +25,7 @@ EVAL = ["--tokens", "256", "--seq-len", "128"]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_ckpt):
   """A 2-layer random model with SmolLM2's real tokenizer and DMC settings; decision rows scaled so it merges."""
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   real = checkpoint.Checkpoint(smollm2_ckpt).config
   cfg = LlamaConfig(vocab_size=real.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                     bos_token_id=real.bos_token_id, eos_token_ids=real.eos_token_ids)
@@ -47,7 +47,7 @@ def result(tiny):
 
 
 def _batches(path):
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   a = argparse.Namespace(data_kind="stdlib", data_path=[], data_dir=None, seq_len=128, batch_size=1, tokens=256)
   return eval_dmc.held_out_batches(checkpoint.Checkpoint(path).tokenizer(), a)
 
@@ -103,7 +103,7 @@ def test_report_table_plot_and_refusals(tiny, result, capsys):
 
 def test_eval_refuses_dmc_without_settings_and_cr_without_policy(tmp_path, tiny, capsys):
   path, cfg, params, _ = tiny
-  from experiments.harness import checkpoint
+  from dmc_jax import checkpoint
   plain = write_checkpoint(tmp_path / "plain", cfg, params, path)
   assert cli_dmc.main(["eval", plain, "--dmc", *EVAL]) == 2
   assert "has no DMC settings" in capsys.readouterr().err

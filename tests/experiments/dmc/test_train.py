@@ -10,7 +10,8 @@ from dmc_jax.convert import hf
 from dmc_jax.presets import preset
 from experiments.cli import dmc as cli_dmc
 from experiments.dmc import train as dmc_run
-from experiments.harness import checkpoint, config
+from dmc_jax import checkpoint
+from experiments.harness import config
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "experiments", "dmc", "configs", "smollm2_135m_cr2.py")
 
@@ -56,8 +57,7 @@ def test_init_from_flag_must_name_a_checkpoint(tmp_path, capsys):
 def test_vanilla_continued_training_from_a_converted_checkpoint(tmp_path, smollm2_ckpt):
   cfg_model = preset("smollm2-tiny").replace(tie_embeddings=False)
   tensors = random_hf_model(cfg_model, seed=4)
-  src = checkpoint.write(str(tmp_path / "src"), hf.read(write_hf_dir(tmp_path / "hf", cfg_model, tensors)),
-                         show_progress=False)
+  src = checkpoint.write(str(tmp_path / "src"), hf.read(write_hf_dir(tmp_path / "hf", cfg_model, tensors)))
   cfg = config.load(f"{CONFIG}:toy", [f"--config.workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'd'}",
                                       f"--config.model.init_from={src}", f"--config.model.tokenizer_from={smollm2_ckpt}",
                                       "--config.train.mode=vanilla", "--config.train.steps=1",

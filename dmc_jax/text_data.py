@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dmc_jax.tokenizer import Tokenizer
-from experiments.harness.config import ExperimentConfigError
+from dmc_jax.errors import DataError
 
 log = logging.getLogger("dmc_jax")
 
@@ -55,10 +55,6 @@ STDLIB_SKIP = frozenset({"test", "tests", "idle_test", "idlelib", "lib2to3", "tu
                          "site-packages", "dist-packages", "lib-dynload", "pydoc_data", "__pycache__", "__phello__"})
 MIN_DOCSTRING_CHARS = 40  # one-liners like "Return self." are noise, not English
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-
-
-class DataError(ExperimentConfigError):
-  """Bad data settings or input files (a config error of the experiment: the CLI prints it on one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +194,7 @@ def _builder_class():
   import tensorflow_datasets as tfds
 
   class TextDocuments(tfds.core.GeneratorBasedBuilder):
-    """Documents of local text/JSONL files or of the stdlib corpus (see experiments/harness/text_data.py)."""
+    """Documents of local text/JSONL files or of the stdlib corpus (see dmc_jax/text_data.py)."""
     VERSION = tfds.core.Version("1.0.0")
     # Not a catalog dataset: no checksums file next to the code (finding one needs importlib_resources).
     code_path = None

@@ -22,7 +22,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -30,16 +30,12 @@ from dmc_jax.config import ConfigError, LlamaConfig
 from dmc_jax.convert import Converted, layout
 from dmc_jax.convert.tensors import (FLOAT_DTYPES, ConversionError, LazyTensor, read_json, read_sharded,
                                      write_sharded)
+from dmc_jax.errors import CheckpointError
 from dmc_jax.tokenizer import Tokenizer, TokenizerInfo
-from experiments.harness import progress
 
 FORMAT = "dmc-jax-checkpoint/1"
 CHECKPOINT_JSON = "checkpoint.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
-
-
-class CheckpointError(ValueError):
-  pass
 
 
 @contextlib.contextmanager
@@ -83,8 +79,11 @@ def provenance(source: Mapping[str, Any], **extra) -> dict[str, Any]:
 def write(out: str, converted: Converted, *, dtype: str = "auto", force: bool = False,
           dmc: Mapping[str, Any] | None = None, experiment: Mapping[str, Any] | None = None,
           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_provenance: Mapping[str, Any] | None = None,
-          show_progress: bool = True) -> str:
-  """Writes a converted model as a checkpoint directory; returns its absolute path."""
+          on_progress: Callable[[int, int], None] | None = None) -> str:
+  """Writes a converted model as a checkpoint directory; returns its absolute path.
+
+  `on_progress(bytes_written, total_bytes)` is called after each tensor (a command line draws its bar from it).
+  """
   tensors = _cast_all(converted.tensors, dtype)
   cfg = converted.config
   param_dtype = {np.dtype(np.float32): "float32", FLOAT_DTYPES["bfloat16"]: "bfloat16",
@@ -95,10 +94,15 @@ def write(out: str, converted: Converted, *, dtype: str = "auto", force: bool = 
           "dmc": dict(dmc) if dmc else None, "experiment": dict(experiment) if experiment else None}
   total = sum(t.nbytes for t in tensors)
   with atomic_directory(out, force) as tmp:
-    with progress.bar(total=total, desc=f"writing {os.path.basename(os.path.abspath(out))}", unit="B",
-                      unit_scale=True, disable=not show_progress) as bar:
-      write_sharded(tmp, "params", tensors, max_shard_bytes, metadata={"format": FORMAT},
-                    on_tensor=lambda t: bar.update(t.nbytes))
+    done = 0
+
+    def on_tensor(t):
+      nonlocal done
+      done += t.nbytes
+      if on_progress is not None:
+        on_progress(done, total)
+
+    write_sharded(tmp, "params", tensors, max_shard_bytes, metadata={"format": FORMAT}, on_tensor=on_tensor)
     if converted.tokenizer:
       info, data = converted.tokenizer
       with open(os.path.join(tmp, info.filename), "wb") as f:
