@@ -8,26 +8,23 @@
 
 Log-likelihoods come from the parallel forward of the chosen method (DMC: eval-mode hard decisions; a policy: its
 exact eviction simulation), so a continuation is scored against the compressed cache it would decode with.
-Sequences are right-padded to a multiple of 64 and batched (`batch_size`); padding after a sequence cannot change
-its causal log-probabilities. `generate_until` decodes greedily with the matching cache (vanilla, the paged DMC
-cache, or the policy's compact eviction cache).
+Scoring is `dmc_jax.Model.score` (rows right-padded to a multiple of 64, batched by `batch_size`).
+`generate_until` decodes greedily with the matching cache (vanilla, the paged DMC cache, or the policy's compact
+eviction cache).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from dmc_jax.config import ConfigError, DMCConfig
+from dmc_jax.config import ConfigError
 
 METHODS = ("vanilla", "dmc", "streaming", "h2o", "tova")
-_BUCKET = 64
 
 
 @register_model("dmc-jax")
@@ -35,44 +32,18 @@ class DMCJaxLM(LM):
   def __init__(self, ckpt: str, method: str = "vanilla", cr: float = 2.0, batch_size: int | str = 8,
                max_length: int | str | None = None, **_ignored):
     super().__init__()
-    from dmc_jax.baselines import evict_model
-    from dmc_jax.baselines.policies import Policy
-    from dmc_jax.convert import layout
-    from dmc_jax.model.llama import Llama
-    from dmc_jax import checkpoint
+    import dmc_jax
     if method not in METHODS:
       raise ConfigError(f"method: unknown {method!r}; expected one of {list(METHODS)}")
-    c = checkpoint.Checkpoint(ckpt)
+    self.model = dmc_jax.load(ckpt)
     self.method = method
-    self.tokenizer = c.tokenizer()
-    self.cfg = c.config.replace(dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none")
-    self.params = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float32), c.load_params()))
+    self.cache = dict(cache=method, cr=float(cr) if method in dmc_jax.api.POLICIES else None)
+    if method == "dmc" and self.model.dmc_config() is None:
+      raise ConfigError(f"method=dmc: {self.model.checkpoint.directory}/checkpoint.json has no DMC settings")
+    self.tokenizer = self.model.tokenizer
+    self.cfg = self.model.config
     self.batch_size = int(batch_size)
     self.max_length = int(max_length or self.cfg.max_position_embeddings)
-    self.dmc = None
-    self.policy = None
-    scanned = self.cfg.replace(scan_layers=True)
-    if method == "dmc":
-      if not c.dmc:
-        raise ConfigError(f"method=dmc: {c.directory}/checkpoint.json has no DMC settings")
-      self.dmc = DMCConfig.from_dict(c.dmc, where=f"{c.directory}/checkpoint.json: dmc")
-    elif method != "vanilla":
-      self.policy = Policy(method, float(cr))
-    if self.policy is not None:
-      fparams = evict_model.stack_params(self.cfg, self.params)
-      forward = lambda p, t: evict_model.forward(self.cfg, self.policy, p, t)[0]
-    else:
-      fparams = {"params": layout.stack_layers(self.params["params"], self.cfg.n_layers, stack=jnp.stack)}
-      model = Llama(scanned) if self.dmc is None else Llama(scanned, self.dmc, "eval")
-      forward = (lambda p, t: model.apply(p, t)) if self.dmc is None else (lambda p, t: model.apply(p, t)[0])
-
-    def score(p, tokens_BxL, targets_BxL):
-      logp = jax.nn.log_softmax(forward(p, tokens_BxL).astype(jnp.float32), axis=-1)
-      target_logp = jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
-      return target_logp, jnp.argmax(logp, axis=-1) == targets_BxL
-    self._fparams = fparams
-    self._score = jax.jit(score)
-    self._generator = None
     bos, eos = self.cfg.bos_token_id, self.tokenizer.eos_token_ids
     self.prefix_token_id = bos if bos is not None else eos[0]
 
@@ -91,28 +62,15 @@ class DMCJaxLM(LM):
 
   def score_sequences(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether greedy decoding reproduces it) per (context, cont) ids."""
-    rows = []
+    rows, conts = [], []
     for ctx, cont in pairs:
       if not cont:
         raise ConfigError("loglikelihood: an empty continuation has no tokens to score")
       full = (ctx + cont)[-(self.max_length + 1):]
-      rows.append((full[:-1], full[1:], len(cont)))
-    out: list[tuple[float, bool]] = [None] * len(rows)  # type: ignore[list-item]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
-    for start in range(0, len(order), self.batch_size):
-      idx = order[start:start + self.batch_size]
-      width = -(-max(len(rows[i][0]) for i in idx) // _BUCKET) * _BUCKET
-      tokens = np.zeros((self.batch_size, width), np.int32)
-      targets = np.zeros_like(tokens)
-      for r, i in enumerate(idx):
-        inp, tgt, _ = rows[i]
-        tokens[r, :len(inp)], targets[r, :len(tgt)] = inp, tgt
-      logp, greedy = (np.asarray(a) for a in self._score(self._fparams, tokens, targets))
-      for r, i in enumerate(idx):
-        n_in, n_cont = len(rows[i][0]), rows[i][2]
-        sl = slice(n_in - n_cont, n_in)
-        out[i] = (float(logp[r, sl].sum(dtype=np.float64)), bool(greedy[r, sl].all()))
-    return out
+      rows.append((full[:-1], full[1:]))
+      conts.append(len(cont))
+    scored = self.model.score(rows, batch_size=self.batch_size, **self.cache)
+    return [(float(lp[-n:].sum(dtype=np.float64)), bool(greedy[-n:].all())) for (lp, greedy), n in zip(scored, conts)]
 
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
     return self.score_sequences([self._encode_pair(*req.args) for req in requests])
@@ -129,20 +87,10 @@ class DMCJaxLM(LM):
 
   # -- generation --------------------------------------------------------------------------------------------
 
-  def _get_generator(self):
-    if self._generator is None:
-      from dmc_jax.generate import DMCOptions, Generator
-      if self.policy is not None:
-        from dmc_jax.baselines.policy_generate import PolicyGenerator
-        self._generator = PolicyGenerator(self.cfg, self.params, self.policy)
-      else:
-        self._generator = Generator(self.cfg, self.params, dmc=None if self.dmc is None else DMCOptions(self.dmc))
-    return self._generator
-
   def generate_until(self, requests) -> list[str]:
     from dmc_jax.generate import Sampling
-    gen = self._get_generator()
-    eos = sorted(set(self.cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+    gen = self.model.generator(self.model.resolve_cache(**self.cache))
+    eos = self.model.eos_ids
     out = []
     for req in requests:
       context, kwargs = req.args

@@ -79,9 +79,32 @@ def write_checkpoint(path, cfg, params, tokenizer_from: str | None = None, dmc: 
   from dmc_jax import checkpoint
   flat = {k: np.asarray(v) for k, v in layout.flatten(params["params"]).items()}
   tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
-  tokenizer = None
-  if tokenizer_from:
-    info = checkpoint.Checkpoint(tokenizer_from).tokenizer_info
-    with open(os.path.join(tokenizer_from, info.filename), "rb") as f:
-      tokenizer = (info, f.read())
+  tokenizer = checkpoint.Checkpoint(tokenizer_from).tokenizer_bytes() if tokenizer_from else None
   return checkpoint.write(str(path), Converted(cfg, tensors, tokenizer, {"format": "test"}), dmc=dmc)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+  """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (from the golden files): seconds to
+  load, for tests of the API and the checkpoint format rather than of the model's quality."""
+  import gzip
+  import jax
+  from dmc_jax import checkpoint
+  from dmc_jax.config import LlamaConfig
+  from dmc_jax.convert import Converted, LazyTensor, layout
+  from dmc_jax.model.llama import Llama
+  from dmc_jax.tokenizer import TokenizerInfo
+  tok_dir = os.path.join(GOLDEN, "smollm2", "hf_tokenizer")
+  with gzip.open(os.path.join(tok_dir, "tokenizer.json.gz")) as f:
+    tok = f.read()
+  with open(os.path.join(tok_dir, "chat_template.jinja")) as f:
+    template = f.read()
+  cfg = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, head_dim=8,
+                    max_position_embeddings=256, tie_embeddings=True, bos_token_id=1, eos_token_ids=(2,))
+  import flax.linen as nn
+  params = nn.unbox(Llama(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32)))
+  flat = {k: np.asarray(v) for k, v in layout.flatten(params["params"]).items()}
+  tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
+  converted = Converted(cfg, tensors, (TokenizerInfo("hf", 1, (2,)), tok), {"format": "test"},
+                        chat_template=template)
+  return checkpoint.write(str(tmp_path_factory.mktemp("tiny") / "ckpt"), converted)

@@ -41,13 +41,11 @@ def pool_checkpoint(src: str, kv_heads: int, out: str, force: bool = False) -> t
     if t.name.split("/")[-2] in POOLED:
       t = t.map(lambda a: pool_kv(a, kv_heads), (t.shape[0], kv_heads, t.shape[2]))
     tensors.append(t)
-  tokenizer = None
-  if ckpt.tokenizer_info:
-    with open(os.path.join(ckpt.directory, ckpt.tokenizer_info.filename), "rb") as f:
-      tokenizer = (ckpt.tokenizer_info, f.read())
+  tokenizer = ckpt.tokenizer_bytes()
   cr = ckpt.config.n_kv_heads / kv_heads
   converted = Converted(cfg, tensors, tokenizer, {"format": "dmc-jax gqa-pool", "path": ckpt.directory,
-                                                 "from_kv_heads": ckpt.config.n_kv_heads, "kv_heads": kv_heads})
+                                                 "from_kv_heads": ckpt.config.n_kv_heads, "kv_heads": kv_heads},
+                        chat_template=ckpt.chat_template)
   path = checkpoint.write(out, converted, force=force, dmc=ckpt.dmc, experiment=ckpt.meta.get("experiment"),
                           extra_provenance={"gqa_pool": {"from_kv_heads": ckpt.config.n_kv_heads,
                                                                              "kv_heads": kv_heads, "cache_cr": cr}})

@@ -1,12 +1,14 @@
 """Checkpoint conversion: HF safetensors, Meta `.pth` (torch-free) and GGUF → this project's tensors, and back.
 
 Each reader returns a `Converted`: the model config, lazy tensors already named and laid out as our parameter
-tree, the tokenizer, and provenance. Writing (atomic, streamed) is the harness's job (experiments.harness).
+tree, the tokenizer, its chat template, and provenance. Writing (atomic, streamed, checksummed) is `dmc_jax.checkpoint`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
 from typing import Any
 
 from dmc_jax.config import LlamaConfig
@@ -20,6 +22,72 @@ class Converted:
   tensors: list[LazyTensor]  # our flattened parameter names, e.g. layers_0/attn/q_proj/kernel
   tokenizer: tuple[TokenizerInfo, bytes] | None
   source: dict[str, Any]  # provenance: format, path, files
+  chat_template: str | None = None  # Jinja, as the source ships it (GGUF metadata, tokenizer_config.json)
 
 
-__all__ = ["Converted", "ConversionError", "LazyTensor"]
+SOURCES = ("hf", "meta", "gguf", "dmc-jax")
+
+
+def detect_source(src: str) -> str:
+  """The source format of a path: a .gguf file, an HF directory (config.json), a Meta directory (params.json)
+  or a dmc-jax checkpoint (checkpoint.json)."""
+  import os
+  if os.path.isfile(src) and src.endswith(".gguf"):
+    return "gguf"
+  for marker, kind in (("checkpoint.json", "dmc-jax"), ("config.json", "hf"), ("params.json", "meta")):
+    if os.path.isfile(os.path.join(src, marker)):
+      return kind
+  raise ConversionError(f"{src}: cannot tell its format (no .gguf file, checkpoint.json, config.json or "
+                        f"params.json); pass source= one of {list(SOURCES)}")
+
+
+def read(src: str, source: str) -> tuple[Converted, dict | None, dict | None]:
+  """(converted model, DMC settings, experiment config) of a source; only a dmc-jax checkpoint has the last two."""
+  if source not in SOURCES:
+    raise ConversionError(f"source: unknown {source!r}; expected one of {list(SOURCES)}")
+  if source == "dmc-jax":
+    from dmc_jax.checkpoint import Checkpoint
+    ck = Checkpoint(src)
+    tensors = list(ck.lazy_tensors().values())
+    conv = Converted(ck.config, tensors, ck.tokenizer_bytes(),
+                     {"format": "dmc-jax", "from_format": ck.format, "path": ck.directory},
+                     chat_template=ck.chat_template)
+    return conv, ck.dmc, ck.meta.get("experiment")
+  import importlib
+  reader = importlib.import_module(f"dmc_jax.convert.{source}").read
+  return reader(src), None, None
+
+
+def tokenizer_from_file(path: str, cfg: LlamaConfig) -> tuple[TokenizerInfo, bytes]:
+  """A tokenizer.json (HF) or tokenizer.model (SentencePiece) file to store instead of the source's."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if path.endswith(".json"):
+    return TokenizerInfo("hf", cfg.bos_token_id, cfg.eos_token_ids), data
+  return TokenizerInfo("sentencepiece", cfg.bos_token_id, cfg.eos_token_ids, add_bos=True, add_eos=False), data
+
+
+def convert(src: str, out: str, *, source: str | None = None, dtype: str = "auto", tokenizer: str | None = None,
+            force: bool = False, max_shard_bytes: int = 2 * 2**30, on_progress=None) -> str:
+  """Converts an HF directory, Meta checkpoint, GGUF file or older dmc-jax checkpoint into a dmc-jax checkpoint
+  directory at `out` (written atomically, checksummed); returns its path. `source=None` detects the format."""
+  from dmc_jax import checkpoint
+  converted, dmc, experiment = read(src, source or detect_source(src))
+  if tokenizer:
+    converted.tokenizer = tokenizer_from_file(tokenizer, converted.config)
+  return checkpoint.write(out, converted, dtype=dtype, force=force, dmc=dmc, experiment=experiment,
+                          max_shard_bytes=max_shard_bytes, on_progress=on_progress)
+
+
+class _CallableModule(types.ModuleType):
+  """`dmc_jax.convert(...)` is the conversion function, yet `dmc_jax.convert` is also this package: importing a
+  submodule (dmc_jax.convert.hf) rebinds the parent's attribute to the package, so the package itself is callable."""
+
+  def __call__(self, *args, **kwargs):
+    return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["Converted", "ConversionError", "LazyTensor", "SOURCES", "convert", "detect_source", "read",
+           "tokenizer_from_file"]

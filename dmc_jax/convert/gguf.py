@@ -150,4 +150,6 @@ def read(path: str) -> Converted:
   keep = {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, (str, int, float))}
   return Converted(cfg, ours, tokenizer, {"format": "gguf", "path": os.path.abspath(path),
                                           "files": [os.path.basename(path)], "gguf_general": keep,
-                                          "tensor_types": sorted({t.tensor_type.name for t in raw.values()})})
+                                          "tensor_types": sorted({t.tensor_type.name for t in raw.values()})},
+                   chat_template=meta.get("tokenizer.chat_template") if isinstance(
+                       meta.get("tokenizer.chat_template"), str) else None)

@@ -38,7 +38,25 @@ def read(src: str) -> Converted:
       tokenizer = (info, f.read())
   files = sorted(n for n in os.listdir(src) if n.endswith((".json", ".safetensors", ".model")))
   return Converted(cfg, tensors, tokenizer, {"format": "hf", "path": os.path.abspath(src), "files": files,
-                                             "hf_config": hf_cfg})
+                                             "hf_config": hf_cfg}, chat_template=read_chat_template(src))
+
+
+def read_chat_template(src: str) -> str | None:
+  """`chat_template` of tokenizer_config.json (a string, or transformers' list of named templates: "default"),
+  else a `chat_template.jinja` file beside it (newer transformers save it there)."""
+  path = os.path.join(src, "tokenizer_config.json")
+  if os.path.exists(path):
+    cfg = read_json(path, "")
+    t = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if isinstance(t, list):
+      t = next((d.get("template") for d in t if isinstance(d, dict) and d.get("name") == "default"), None)
+    if isinstance(t, str):
+      return t
+  jinja = os.path.join(src, "chat_template.jinja")
+  if os.path.exists(jinja):
+    with open(jinja, encoding="utf-8") as f:
+      return f.read()
+  return None
 
 
 def write(directory: str, cfg, params: dict, tokenizer: tuple | None, max_shard_bytes: int,

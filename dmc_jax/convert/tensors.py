@@ -8,10 +8,11 @@ one tensor at a time. Peak host memory is about one tensor (plus the page cache 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -128,8 +129,12 @@ def plan_shards(tensors: Sequence[LazyTensor], max_shard_bytes: int) -> list[lis
 
 
 def write_safetensors(path: str, tensors: Sequence[LazyTensor], metadata: dict[str, str] | None = None,
-                      on_tensor: Callable[[LazyTensor], None] | None = None) -> None:
-  """Writes tensors one at a time (header planned from shapes; each loaded, written and dropped)."""
+                      on_tensor: Callable[[LazyTensor, np.ndarray], None] | None = None) -> str:
+  """Writes tensors one at a time (header planned from shapes; each loaded, written and dropped).
+
+  Returns the file's sha256 (hex), computed from the bytes as they are written; `on_tensor(t, array)` is called
+  after each tensor.
+  """
   header: dict = {}
   if metadata:
     header["__metadata__"] = metadata
@@ -146,31 +151,37 @@ def write_safetensors(path: str, tensors: Sequence[LazyTensor], metadata: dict[s
     offset += t.nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # data section 8-byte aligned, as the reference writer does
+  h = hashlib.sha256()
   with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
+    for chunk in (struct.pack("<Q", len(blob)), blob):
+      f.write(chunk)
+      h.update(chunk)
     for t in tensors:
       a = np.ascontiguousarray(t.checked_load())
-      f.write(a.tobytes(order="C") if a.ndim == 0 else memoryview(a.reshape(-1).view(np.uint8)))
-      del a
+      data = a.tobytes(order="C") if a.ndim == 0 else memoryview(a.reshape(-1).view(np.uint8))
+      f.write(data)
+      h.update(data)
       if on_tensor:
-        on_tensor(t)
+        on_tensor(t, a)
+      del a, data
+  return h.hexdigest()
 
 
 def write_sharded(directory: str, stem: str, tensors: Sequence[LazyTensor], max_shard_bytes: int,
                   metadata: dict[str, str] | None = None,
-                  on_tensor: Callable[[LazyTensor], None] | None = None) -> list[str]:
-  """`stem.safetensors`, or HF-style `stem-0000i-of-0000n.safetensors` + `stem.safetensors.index.json`."""
+                  on_tensor: Callable[[LazyTensor, np.ndarray], None] | None = None) -> dict[str, str]:
+  """`stem.safetensors`, or HF-style `stem-0000i-of-0000n.safetensors` + `stem.safetensors.index.json`.
+
+  Returns {file name: sha256} of the tensor files written (the index excluded).
+  """
   shards = plan_shards(list(tensors), max_shard_bytes)
   if len(shards) == 1:
     name = f"{stem}.safetensors"
-    write_safetensors(os.path.join(directory, name), shards[0], metadata, on_tensor)
-    return [name]
-  names, weight_map = [], {}
+    return {name: write_safetensors(os.path.join(directory, name), shards[0], metadata, on_tensor)}
+  names, weight_map = {}, {}
   for i, shard in enumerate(shards):
     name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    write_safetensors(os.path.join(directory, name), shard, metadata, on_tensor)
-    names.append(name)
+    names[name] = write_safetensors(os.path.join(directory, name), shard, metadata, on_tensor)
     weight_map.update({t.name: name for t in shard})
   index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
   with open(os.path.join(directory, f"{stem}.safetensors.index.json"), "w") as f:
@@ -212,7 +223,3 @@ def read_json(path: str, missing: str, error: type[Exception] = ConversionError)
     raise error(f"{path}: {missing}") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise error(f"{path}: invalid JSON ({e})") from None
-
-
-def total_bytes(tensors: Iterable[LazyTensor]) -> int:
-  return sum(t.nbytes for t in tensors)

@@ -17,8 +17,10 @@ log = logging.getLogger("dmc_jax")
 
 
 def _configure_convert(p: argparse.ArgumentParser) -> None:
-  p.add_argument("src", help="HF directory, Meta checkpoint directory, or .gguf file")
-  p.add_argument("--from", dest="src_format", required=True, choices=("hf", "meta", "gguf"))
+  from dmc_jax.convert import SOURCES
+  p.add_argument("src", help="HF directory, Meta checkpoint directory, .gguf file, or a dmc-jax checkpoint")
+  p.add_argument("--from", dest="src_format", required=True, choices=SOURCES,
+                 help="source format (dmc-jax: rewrite an older checkpoint in the current format, tensors unchanged)")
   p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                  help="stored parameter dtype (auto: the source's float dtype; quantized GGUF → float32)")
@@ -28,35 +30,23 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-  from dmc_jax import checkpoint
-  from dmc_jax.convert import gguf, hf, meta
+  import dmc_jax
   from experiments.harness import progress
-  reader = {"hf": hf.read, "meta": meta.read, "gguf": gguf.read}[args.src_format]
   t0 = time.perf_counter()
-  converted = reader(args.src)
-  if args.tokenizer:
-    converted.tokenizer = _tokenizer_from_file(args.tokenizer, converted.config)
   with progress.bar(total=None, desc=f"writing {os.path.basename(os.path.abspath(args.out))}", unit="B",
                     unit_scale=True) as bar:
     def on_progress(done, total):
       bar.total = total
       bar.update(done - bar.n)
-    out = checkpoint.write(args.out, converted, dtype=args.dtype, force=args.force,
-                           max_shard_bytes=int(args.max_shard_gb * 2**30), on_progress=on_progress)
-  c = converted.config
-  log.info("converted %s (%s): %d layers, d_model %d, %d heads / %d KV heads, vocab %d, %.1f M params → %s "
+    out = dmc_jax.convert(args.src, args.out, source=args.src_format, dtype=args.dtype, tokenizer=args.tokenizer,
+                          force=args.force, max_shard_bytes=int(args.max_shard_gb * 2**30), on_progress=on_progress)
+  ck = dmc_jax.Checkpoint(out)
+  c = ck.config
+  log.info("converted %s (%s): %d layers, d_model %d, %d heads / %d KV heads, vocab %d, %.1f M params, %s%s → %s "
            "in %.1f s%s", args.src, args.src_format, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads,
-           c.vocab_size, c.num_params() / 1e6, out, time.perf_counter() - t0,
-           "" if converted.tokenizer else " (no tokenizer found)")
-
-
-def _tokenizer_from_file(path: str, cfg):
-  from dmc_jax.tokenizer import TokenizerInfo
-  with open(path, "rb") as f:
-    data = f.read()
-  if path.endswith(".json"):
-    return TokenizerInfo("hf", cfg.bos_token_id, cfg.eos_token_ids), data
-  return TokenizerInfo("sentencepiece", cfg.bos_token_id, cfg.eos_token_ids, add_bos=True, add_eos=False), data
+           c.vocab_size, c.num_params() / 1e6, ck.meta["param_dtype"],
+           f", compression {ck.compression}" if ck.compression else "", out, time.perf_counter() - t0,
+           "" if ck.tokenizer_info else " (no tokenizer found)")
 
 
 # -- export-hf ----------------------------------------------------------------------------------------------
@@ -77,19 +67,53 @@ def _run_export(args: argparse.Namespace) -> None:
   if ckpt.dmc:
     log.warning("%s has DMC settings; the HF export holds the weights only (a vanilla Llama)", args.ckpt)
   tensors = ckpt.lazy_tensors()
-  tokenizer = None
-  if ckpt.tokenizer_info:
-    with open(os.path.join(ckpt.directory, ckpt.tokenizer_info.filename), "rb") as f:
-      tokenizer = (ckpt.tokenizer_info, f.read())
+  tokenizer = ckpt.tokenizer_bytes()
   total = sum(t.nbytes for t in tensors.values())
   with checkpoint.atomic_directory(args.out, args.force) as tmp:
     with progress.bar(total=total, desc="exporting", unit="B", unit_scale=True) as bar:
       hf.write(tmp, ckpt.config, tensors, tokenizer, int(args.max_shard_gb * 2**30),
-               on_tensor=lambda t: bar.update(t.nbytes))
+               on_tensor=lambda t, _: bar.update(t.nbytes))
   log.info("exported %s → %s", args.ckpt, os.path.abspath(args.out))
 
 
 # -- generate -----------------------------------------------------------------------------------------------
+
+
+def add_cache_arguments(p: argparse.ArgumentParser) -> None:
+  """`--cache NAME [--cr CR] [--dmc-force-cr CR]` (dmc_jax.api's cache-selection contract) and its aliases."""
+  from dmc_jax.api import CACHES
+  g = p.add_argument_group("KV cache (default: the checkpoint's own learned method, else vanilla)")
+  g.add_argument("--cache", choices=CACHES, default=None,
+                 help="vanilla; dmc (the paged compressed cache, the checkpoint's DMC settings); or an eviction "
+                 "policy (streaming, h2o, tova: a compact cache of ceil(T / CR) + 1 slots per layer and KV head)")
+  g.add_argument("--cr", type=float, default=None, help="an eviction policy's target compression ratio")
+  g.add_argument("--dmc-force-cr", type=float, default=None,
+                 help="force DMC decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model); "
+                 "implies --cache dmc")
+  g.add_argument("--dmc", action="store_true", help="alias of --cache dmc")
+  g.add_argument("--policy", default=None, help="alias of --cache POLICY (streaming, h2o, tova)")
+  g.add_argument("--policy-cr", type=float, default=None, help="alias of --cr (default 2 with --policy)")
+
+
+def cache_choice_arguments(args: argparse.Namespace) -> dict:
+  """The keyword arguments (cache, cr, dmc_force_cr) for dmc_jax's API from `add_cache_arguments`' flags."""
+  from dmc_jax.errors import ArgumentError
+  cache, cr = args.cache, args.cr
+  if args.dmc:
+    if cache not in (None, "dmc"):
+      raise ArgumentError(f"--dmc is an alias of --cache dmc; it contradicts --cache {cache}")
+    cache = "dmc"
+  if args.policy:
+    if cache not in (None, args.policy):
+      raise ArgumentError(f"--policy {args.policy} is an alias of --cache {args.policy}; it contradicts "
+                          f"--cache {cache}")
+    cache = args.policy
+    if args.policy_cr is not None and cr is not None and args.policy_cr != cr:
+      raise ArgumentError("--policy-cr is an alias of --cr; give one of them")
+    cr = cr if cr is not None else (args.policy_cr if args.policy_cr is not None else 2.0)
+  elif args.policy_cr is not None:
+    raise ArgumentError("--policy-cr: needs --policy (or use --cache POLICY --cr CR)")
+  return dict(cache=cache, cr=cr, dmc_force_cr=args.dmc_force_cr)
 
 
 def _configure_generate(p: argparse.ArgumentParser) -> None:
@@ -105,84 +129,43 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
                  help="compute dtype (default: float32; bfloat16 is faster on GPU, slower on CPU)")
   p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
   p.add_argument("--no-special-tokens", action="store_true", help="encode prompts without BOS/EOS")
-  g = p.add_argument_group("DMC (compressed KV cache)")
-  g.add_argument("--dmc", action="store_true",
-                 help="decode with the paged DMC cache, using the checkpoint's DMC settings (defaults if none)")
+  p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's sha256 check (large checkpoints)")
+  add_cache_arguments(p)
+  g = p.add_argument_group("DMC page pool")
   g.add_argument("--page-size", type=int, default=32, help="slots per cache page")
   g.add_argument("--kv-budget-mb", type=float, default=None,
                  help="size the page pool from this KV-memory budget (default: never run out)")
-  g.add_argument("--dmc-force-cr", type=float, default=None,
-                 help="force decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model)")
-  g = p.add_argument_group("eviction policy (a compact cache of ceil(T / CR) + 1 slots per layer and KV head)")
-  g.add_argument("--policy", default=None, help="streaming, h2o or tova")
-  g.add_argument("--policy-cr", type=float, default=2.0, help="target CR: ceil(t / CR) entries after t tokens")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
   import jax
-  from dmc_jax.config import ConfigError
-  from dmc_jax.generate import Generator, Sampling
-  from dmc_jax import checkpoint
-  ckpt = checkpoint.Checkpoint(args.ckpt)
-  tokenizer = ckpt.tokenizer()
-  cfg = ckpt.config.replace(dtype=args.dtype or "float32")
-  sampling = Sampling(args.temperature, args.top_k, args.top_p)
-  prompts = [tokenizer.encode(p, add_special_tokens=not args.no_special_tokens) for p in args.prompt]
+  import dmc_jax
   t0 = time.perf_counter()
-  params = jax.device_put(ckpt.load_params())
+  model = dmc_jax.load(args.ckpt, dtype=args.dtype, verify=not args.no_verify)
   load_s = time.perf_counter() - t0
-  if args.policy:
-    from dmc_jax.baselines.policies import Policy
-    from dmc_jax.baselines.policy_generate import PolicyGenerator
-    if args.dmc or args.dmc_force_cr or args.kv_budget_mb:
-      raise ConfigError("--policy: decodes with its own eviction cache; it cannot be combined with the DMC options")
-    gen = PolicyGenerator(cfg, params, Policy(args.policy, args.policy_cr))
-  else:
-    gen = Generator(cfg, params, dmc=_dmc_options(args, ckpt, cfg))
-  eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids)
-  result = gen.generate(prompts, args.max_new_tokens, sampling, seed=args.seed, eos_ids=sorted(eos),
-                        stop_at_eos=not args.ignore_eos)
-  for i, (text, new) in enumerate(zip(args.prompt, result.tokens)):
+  c = model.complete(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, seed=args.seed, kv_budget_mb=args.kv_budget_mb, page_size=args.page_size,
+                     stop_at_eos=not args.ignore_eos, add_special_tokens=not args.no_special_tokens,
+                     **cache_choice_arguments(args))
+  for i, (text, new) in enumerate(zip(args.prompt, c.texts)):
     if len(args.prompt) > 1:
       print(f"--- [{i}] ---")
-    print(text + tokenizer.decode([t for t in new if t not in eos]))
+    print(text + new)
   sys.stdout.flush()
+  result = c.result
   n_new = sum(len(t) for t in result.tokens)
-  print(f"[generate] batch {len(prompts)}, prompt tokens {result.prompt_lengths}, new tokens {n_new}; "
-        f"load {load_s:.2f} s, compile {result.compile_seconds:.2f} s, prefill {result.prefill_seconds:.3f} s, "
-        f"decode {result.decode_steps} steps in {result.decode_seconds:.2f} s = "
+  print(f"[generate] batch {len(args.prompt)}, prompt tokens {result.prompt_lengths}, new tokens {n_new}, cache "
+        f"{c.cache.label()}; load {load_s:.2f} s, compile {result.compile_seconds:.2f} s, prefill "
+        f"{result.prefill_seconds:.3f} s, decode {result.decode_steps} steps in {result.decode_seconds:.2f} s = "
         f"{result.decode_tokens_per_second:.1f} tokens/s; "
         f"KV cache {result.cache_bytes / 2**20:.2f} MiB on {jax.devices()[0].platform}", file=sys.stderr)
   if result.dmc:
-    _report_dmc(gen.dmc, result.dmc)
-  if args.policy:
+    _report_dmc(c.generator.dmc, result.dmc)
+  if c.cache.kind in dmc_jax.api.POLICIES:
     from dmc_jax.baselines.policy_generate import kept_entries
-    print(f"[policy] {gen.policy.label()}: entries kept per layer and KV head at the end "
-          f"{kept_entries(gen.policy, result.prompt_lengths, result.decode_steps)}",
+    print(f"[policy] {c.generator.policy.label()}: entries kept per layer and KV head at the end "
+          f"{kept_entries(c.generator.policy, result.prompt_lengths, result.decode_steps)}",
           file=sys.stderr)
-
-
-def _dmc_options(args, ckpt, cfg):
-  if not (args.dmc or args.dmc_force_cr or args.kv_budget_mb):
-    return None
-  from dmc_jax import cache as dmc_cache
-  from dmc_jax.config import DMCConfig
-  from dmc_jax.generate import DMCOptions
-  if ckpt.dmc:
-    dmc = DMCConfig.from_dict(ckpt.dmc, where=f"{ckpt.directory}/checkpoint.json: dmc")
-  else:
-    dmc = DMCConfig()
-    if args.dmc_force_cr is None:
-      log.warning("%s was not retrofitted with DMC: its decisions come from an untrained channel", args.ckpt)
-  rate = None
-  if args.dmc_force_cr is not None:
-    if args.dmc_force_cr < 1:
-      raise ValueError(f"--dmc-force-cr must be >= 1, got {args.dmc_force_cr}")
-    rate = 1.0 - 1.0 / args.dmc_force_cr
-  pages = None
-  if args.kv_budget_mb:
-    pages = dmc_cache.pages_for_budget(cfg, int(args.kv_budget_mb * 2**20), args.page_size, cfg.dtype)
-  return DMCOptions(dmc, page_size=args.page_size, pool_pages=pages, forced_merge_rate=rate)
 
 
 def _report_dmc(options, stats) -> None:
@@ -312,7 +295,7 @@ COMMANDS = [
                 _configure_convert, _run_convert),
     cli.Command("export-hf", "export a dmc-jax checkpoint as an HF LlamaForCausalLM directory",
                 _configure_export, _run_export),
-    cli.Command("generate", "generate text from a checkpoint (batched, vanilla KV cache)",
+    cli.Command("generate", "generate text from a checkpoint (batched; vanilla, DMC or eviction-policy cache)",
                 _configure_generate, _run_generate),
     cli.Command("train", "retrofit a checkpoint to DMC (three stages) from an experiment config",
                 _configure_train, _run_train, takes_config_overrides=True),

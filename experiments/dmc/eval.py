@@ -30,8 +30,11 @@ LABELS = {"streaming": "StreamingLLM", "h2o": "H2O", "tova": "TOVA"}
 
 def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
-  p.add_argument("--dmc", action="store_true", help="also evaluate with DMC (the checkpoint's settings, hard α)")
-  p.add_argument("--policy", action="append", default=[], help="eviction policy: streaming, h2o or tova; repeat")
+  p.add_argument("--cache", action="append", default=[], choices=("vanilla", "dmc", "streaming", "h2o", "tova"),
+                 help="evaluate with this cache beside vanilla (dmc: the checkpoint's settings, hard α; an eviction "
+                 "policy at every --cr); repeat")
+  p.add_argument("--dmc", action="store_true", help="alias of --cache dmc")
+  p.add_argument("--policy", action="append", default=[], help="alias of --cache POLICY; repeat")
   p.add_argument("--cr", action="append", type=float, default=[], help="target CR of every --policy; repeat")
   p.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks")
   p.add_argument("--recent-fraction", type=float, default=0.5, help="H2O: share of the budget for recent tokens")
@@ -131,8 +134,18 @@ def scorers(cfg, params, args, dmc_settings):
   return out
 
 
+def _fold_cache_aliases(args) -> None:
+  """--cache NAME (the project-wide flag) into the --dmc / --policy lists this module works with."""
+  for name in getattr(args, "cache", None) or []:
+    if name == "dmc":
+      args.dmc = True
+    elif name != "vanilla" and name not in args.policy:
+      args.policy.append(name)
+
+
 def evaluate(args) -> dict:
   import jax
+  _fold_cache_aliases(args)
   from dmc_jax.config import DMCConfig
   from dmc_jax import checkpoint
   ckpt = checkpoint.Checkpoint(args.ckpt)
@@ -144,7 +157,7 @@ def evaluate(args) -> dict:
   if args.dmc:
     if not ckpt.dmc:
       raise ConfigError(f"--dmc: {ckpt.directory}/checkpoint.json has no DMC settings (not a DMC checkpoint)")
-    dmc_settings = DMCConfig.from_dict(ckpt.dmc, where=f"{ckpt.directory}/checkpoint.json: dmc")
+    dmc_settings = DMCConfig.from_dict(ckpt.dmc, where=f"{ckpt.directory}/checkpoint.json: compression")
   cfg = ckpt.config.replace(dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none")
   params = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float32), ckpt.load_params()))
   batches = held_out_batches(ckpt.tokenizer(), args)

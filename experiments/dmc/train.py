@@ -188,11 +188,10 @@ def _export(params, llama, dmc, tokenizer, cfg, workdir) -> str:
   tree = layout.unstack_layers(jax.device_get(params)["params"], llama.n_layers)
   flat = {k: np.asarray(v) for k, v in layout.flatten(tree).items()}
   tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
-  tok_info = tokenizer.info
-  with open(os.path.join(cfg.model.tokenizer_from or cfg.model.init_from, tok_info.filename), "rb") as f:
-    tok = (tok_info, f.read())
-  converted = Converted(llama.replace(scan_layers=False, remat_policy="none"), tensors, tok,
-                        {"format": "dmc-jax retrofit", "path": os.path.abspath(workdir)})
+  source = checkpoint.Checkpoint(cfg.model.tokenizer_from or cfg.model.init_from)
+  converted = Converted(llama.replace(scan_layers=False, remat_policy="none"), tensors, source.tokenizer_bytes(),
+                        {"format": "dmc-jax retrofit", "path": os.path.abspath(workdir)},
+                        chat_template=source.chat_template)
   name, dmc_fields = ("checkpoint", None) if dmc is None else ("dmc_checkpoint", dmc.to_dict())
   return checkpoint.write(os.path.join(workdir, name), converted, force=True, dmc=dmc_fields,
                           experiment=json.loads(cfg.to_json_best_effort()))

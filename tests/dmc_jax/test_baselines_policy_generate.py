@@ -72,5 +72,5 @@ def test_generate_cli_with_a_policy(tmp_path, smollm2_ckpt, params, capsys):
   err = capsys.readouterr().err
   assert "[policy] h2o@2: entries kept per layer and KV head at the end" in err
   assert cli_dmc.main(args + ["--policy", "lru"]) == 2
-  assert "policy: unknown 'lru'" in capsys.readouterr().err
+  assert "cache: unknown 'lru'" in capsys.readouterr().err
   assert cli_dmc.main(args + ["--policy", "h2o", "--dmc"]) == 2

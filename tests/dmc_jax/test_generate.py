@@ -137,7 +137,7 @@ def test_cli_generate_with_dmc_settings_from_the_checkpoint(tmp_path, smollm2_ck
   ckpt = tmp_path / "ck"
   shutil.copytree(smollm2_ckpt, ckpt)
   meta = json.load(open(ckpt / "checkpoint.json"))
-  meta["dmc"] = {"window": 5, "decision_channel": "first"}
+  meta["compression"] = {"method": "dmc", "window": 5, "decision_channel": "first"}
   json.dump(meta, open(ckpt / "checkpoint.json", "w"))
   out = subprocess.run(
       [sys.executable, "-m", "experiments.cli.dmc", "generate", str(ckpt), "--max-new-tokens", "12", "--dmc",
@@ -150,8 +150,8 @@ def test_cli_generate_with_dmc_settings_from_the_checkpoint(tmp_path, smollm2_ck
   cr = float(line.split()[3].rstrip(";"))
   assert 2.5 < cr < 5.5, line  # short sequences: CR 4 forced, token 0 always appends
   assert sum(l.startswith("[dmc] CR layer") for l in err.splitlines()) == 30
-  meta["dmc"] = {"window": 5, "tau": 1}
+  meta["compression"] = {"method": "dmc", "window": 5, "tau": 1}
   json.dump(meta, open(ckpt / "checkpoint.json", "w"))
   bad = subprocess.run([sys.executable, "-m", "experiments.cli.dmc", "generate", str(ckpt), "--dmc", "--prompt", "x"],
                        capture_output=True, text=True)
-  assert bad.returncode == 2 and "checkpoint.json: dmc: unknown key(s) ['tau']" in bad.stderr
+  assert bad.returncode == 2 and "checkpoint.json: compression: unknown key(s) ['tau']" in bad.stderr
