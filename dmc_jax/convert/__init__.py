@@ -20,6 +20,10 @@ class Converted:
   tensors: list[LazyTensor]  # our flattened parameter names, e.g. layers_0/attn/q_proj/kernel
   tokenizer: tuple[TokenizerInfo, bytes] | None
   source: dict[str, Any]  # provenance: format, path, files
+  # Settings a source file carries beyond the weights (Megatron DMC models): the checkpoint's `dmc` and
+  # `experiment` fields.
+  dmc: dict[str, Any] | None = None
+  experiment: dict[str, Any] | None = None
 
 
 __all__ = ["Converted", "ConversionError", "LazyTensor"]

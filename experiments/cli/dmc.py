@@ -17,31 +17,35 @@ log = logging.getLogger("dmc_jax")
 
 
 def _configure_convert(p: argparse.ArgumentParser) -> None:
-  p.add_argument("src", help="HF directory, Meta checkpoint directory, or .gguf file")
-  p.add_argument("--from", dest="src_format", required=True, choices=("hf", "meta", "gguf"))
+  p.add_argument("src", help="HF directory, Meta checkpoint directory, .gguf file, or Megatron-LM checkpoint "
+                 "(root, iter_*/mp_rank_* directory, or .pt file)")
+  p.add_argument("--from", dest="src_format", required=True, choices=("hf", "meta", "gguf", "megatron"))
   p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                  help="stored parameter dtype (auto: the source's float dtype; quantized GGUF → float32)")
-  p.add_argument("--tokenizer", help="tokenizer.json or tokenizer.model to store instead of the source's")
+  p.add_argument("--tokenizer", help="tokenizer.json or tokenizer.model to store instead of the source's "
+                 "(required for megatron: those files carry none)")
   p.add_argument("--force", action="store_true", help="replace --out if it exists")
   p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest params shard file, in GiB")
 
 
 def _run_convert(args: argparse.Namespace) -> None:
   from dmc_jax import checkpoint
-  from dmc_jax.convert import gguf, hf, meta
+  from dmc_jax.convert import gguf, hf, megatron, meta
   from experiments.harness import progress
-  reader = {"hf": hf.read, "meta": meta.read, "gguf": gguf.read}[args.src_format]
+  reader = {"hf": hf.read, "meta": meta.read, "gguf": gguf.read,
+            "megatron": lambda src: megatron.read(src, args.tokenizer)}[args.src_format]
   t0 = time.perf_counter()
   converted = reader(args.src)
-  if args.tokenizer:
+  if args.tokenizer and args.src_format != "megatron":  # the megatron reader stores the one it read
     converted.tokenizer = _tokenizer_from_file(args.tokenizer, converted.config)
   with progress.bar(total=None, desc=f"writing {os.path.basename(os.path.abspath(args.out))}", unit="B",
                     unit_scale=True) as bar:
     def on_progress(done, total):
       bar.total = total
       bar.update(done - bar.n)
-    out = checkpoint.write(args.out, converted, dtype=args.dtype, force=args.force,
+    out = checkpoint.write(args.out, converted, dtype=args.dtype, force=args.force, dmc=converted.dmc,
+                           experiment=converted.experiment,
                            max_shard_bytes=int(args.max_shard_gb * 2**30), on_progress=on_progress)
   c = converted.config
   log.info("converted %s (%s): %d layers, d_model %d, %d heads / %d KV heads, vocab %d, %.1f M params → %s "
