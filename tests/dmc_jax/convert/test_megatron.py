@@ -106,7 +106,8 @@ def test_dmc_decode_with_the_files_settings_matches_the_hf_import(tmp_path, mdir
   dmc = DMCConfig.from_dict(ck.dmc)
   assert dmc == DMCConfig(**info["expected_dmc"]) and dmc != DMCConfig()
   cfg = _scanned(ck)[0]
-  # Decode steps from an empty cache for the prompt too (the same cache state as a parallel prefill; one compile).
+  # Decode steps from an empty cache for the prompt too (the cache appends each sequence's first token): one
+  # compile per model shape instead of a prefill and a step.
   step = jax.jit(lambda p, t, c: decode_dmc(Llama(cfg, dmc, "eval"), p, t, c))
   prompts = np.random.RandomState(7).randint(3, cfg.vocab_size, size=(2, 9)).astype(np.int32)
 
