@@ -37,7 +37,7 @@ import numpy as np
 
 from dmc_jax.config import ConfigError, DMCConfig, LlamaConfig
 from dmc_jax.convert import Converted, layout
-from dmc_jax.convert.meta import _TensorRef, read_pth
+from dmc_jax.convert.meta import read_pth
 from dmc_jax.convert.tensors import ConversionError, LazyTensor
 
 log = logging.getLogger(__name__)
@@ -153,9 +153,9 @@ def _rank_dirs(directory: str) -> list[str]:
 def _refuse_pipeline(directory: str, names: list[str]) -> None:
   pp = [n for n in names if _RANK_DIR.match(n).group(2) is not None]
   if pp:
-    raise ConversionError(f"{directory}: pipeline-parallel shard set ({', '.join(pp[:3])}{' …' if len(pp) > 3 else ''})"
-                          f" is not supported; re-save with --target-pipeline-parallel-size 1 (Megatron's "
-                          f"tools/checkpoint/convert.py)")
+    shown = ", ".join(pp[:3]) + (" …" if len(pp) > 3 else "")
+    raise ConversionError(f"{directory}: pipeline-parallel shard set ({shown}) is not supported; re-save with "
+                          f"--target-pipeline-parallel-size 1 (Megatron's tools/checkpoint/convert.py)")
 
 
 def _model_file(rank_dir: str) -> str:

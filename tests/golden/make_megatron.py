@@ -208,7 +208,8 @@ def rank_state_dicts(full, n_layers, tp, seed):
                 p + "self_attention.core_attention._extra_state": extra_state(),
                 p + "self_attention.linear_proj.weight": chunk(p + "self_attention.linear_proj.weight", 1)[r],
                 p + "self_attention.linear_proj._extra_state": extra_state(),
-                p + "self_attention.linear_qkv.layer_norm_weight": full[p + "self_attention.linear_qkv.layer_norm_weight"],
+                p + "self_attention.linear_qkv.layer_norm_weight":
+                    full[p + "self_attention.linear_qkv.layer_norm_weight"],
                 p + "self_attention.linear_qkv.weight": chunk(p + "self_attention.linear_qkv.weight", 0)[r],
                 p + "self_attention.linear_qkv._extra_state": extra_state(),
                 p + "mlp.linear_fc1.layer_norm_weight": full[p + "mlp.linear_fc1.layer_norm_weight"],
