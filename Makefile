@@ -96,6 +96,7 @@ ref-venv: $(REFSTAMP)
 
 golden: $(REFSTAMP)
 	$(REFPY) tests/golden/make_golden.py --out tests/golden
+	$(REFPY) tests/golden/make_megatron.py --out tests/golden/megatron
 
 # Runs on a GPU host's own python3 (jax preinstalled, no network, no venv); wheels it lacks come in .whl/.
 gpu-check:

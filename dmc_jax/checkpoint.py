@@ -98,6 +98,9 @@ def write(out: str, converted: Converted, *, dtype: str = "auto", force: bool = 
   """
   tensors = _cast_all(converted.tensors, dtype)
   cfg = converted.config
+  # Settings the source carried (a Megatron DMC model's args) are kept unless the caller gives its own.
+  dmc = dmc if dmc is not None else converted.dmc
+  experiment = experiment if experiment is not None else converted.experiment
   param_dtype = {np.dtype(np.float32): "float32", FLOAT_DTYPES["bfloat16"]: "bfloat16",
                  FLOAT_DTYPES["float16"]: "float16"}.get(tensors[0].dtype, "float32")
   cfg = cfg.replace(param_dtype=param_dtype, scan_layers=False, remat_policy="none", attention_impl=None)

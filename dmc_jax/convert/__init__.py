@@ -23,39 +23,51 @@ class Converted:
   tokenizer: tuple[TokenizerInfo, bytes] | None
   source: dict[str, Any]  # provenance: format, path, files
   chat_template: str | None = None  # Jinja, as the source ships it (GGUF metadata, tokenizer_config.json)
+  # Settings a source file carries beyond the weights (Megatron DMC models): the checkpoint's `dmc` and
+  # `experiment` fields.
+  dmc: dict[str, Any] | None = None
+  experiment: dict[str, Any] | None = None
 
 
-SOURCES = ("hf", "meta", "gguf", "dmc-jax")
+SOURCES = ("hf", "meta", "gguf", "megatron", "dmc-jax")
 
 
 def detect_source(src: str) -> str:
-  """The source format of a path: a .gguf file, an HF directory (config.json), a Meta directory (params.json)
-  or a dmc-jax checkpoint (checkpoint.json)."""
+  """The source format of a path: a .gguf file, an HF directory (config.json), a Meta directory (params.json),
+  a Megatron-LM checkpoint (a .pt file, mp_rank_* / iter_* directories) or a dmc-jax checkpoint."""
   import os
   if os.path.isfile(src) and src.endswith(".gguf"):
     return "gguf"
+  if (os.path.isfile(src) and src.endswith(".pt")) or os.path.basename(os.path.normpath(src)).startswith(
+      ("mp_rank_", "iter_")) or os.path.isfile(os.path.join(src, "latest_checkpointed_iteration.txt")):
+    return "megatron"
   for marker, kind in (("checkpoint.json", "dmc-jax"), ("config.json", "hf"), ("params.json", "meta")):
     if os.path.isfile(os.path.join(src, marker)):
       return kind
-  raise ConversionError(f"{src}: cannot tell its format (no .gguf file, checkpoint.json, config.json or "
-                        f"params.json); pass source= one of {list(SOURCES)}")
+  raise ConversionError(f"{src}: cannot tell its format (no .gguf or .pt file, checkpoint.json, config.json, "
+                        f"params.json or Megatron layout); pass source= one of {list(SOURCES)}")
 
 
-def read(src: str, source: str) -> tuple[Converted, dict | None, dict | None]:
-  """(converted model, DMC settings, experiment config) of a source; only a dmc-jax checkpoint has the last two."""
+def read(src: str, source: str, tokenizer: str | None = None) -> Converted:
+  """A source as our tensors + config (+ the DMC settings and experiment config a dmc-jax or Megatron checkpoint
+  carries). `tokenizer`: a tokenizer file to store instead of the source's (required for Megatron files)."""
   if source not in SOURCES:
     raise ConversionError(f"source: unknown {source!r}; expected one of {list(SOURCES)}")
+  if source == "megatron":
+    from dmc_jax.convert import megatron
+    return megatron.read(src, tokenizer)
   if source == "dmc-jax":
     from dmc_jax.checkpoint import Checkpoint
     ck = Checkpoint(src)
-    tensors = list(ck.lazy_tensors().values())
-    conv = Converted(ck.config, tensors, ck.tokenizer_bytes(),
+    conv = Converted(ck.config, list(ck.lazy_tensors().values()), ck.tokenizer_bytes(),
                      {"format": "dmc-jax", "from_format": ck.format, "path": ck.directory},
-                     chat_template=ck.chat_template)
-    return conv, ck.dmc, ck.meta.get("experiment")
-  import importlib
-  reader = importlib.import_module(f"dmc_jax.convert.{source}").read
-  return reader(src), None, None
+                     chat_template=ck.chat_template, dmc=ck.dmc, experiment=ck.meta.get("experiment"))
+  else:
+    import importlib
+    conv = importlib.import_module(f"dmc_jax.convert.{source}").read(src)
+  if tokenizer:
+    conv.tokenizer = tokenizer_from_file(tokenizer, conv.config)
+  return conv
 
 
 def tokenizer_from_file(path: str, cfg: LlamaConfig) -> tuple[TokenizerInfo, bytes]:
@@ -69,14 +81,12 @@ def tokenizer_from_file(path: str, cfg: LlamaConfig) -> tuple[TokenizerInfo, byt
 
 def convert(src: str, out: str, *, source: str | None = None, dtype: str = "auto", tokenizer: str | None = None,
             force: bool = False, max_shard_bytes: int = 2 * 2**30, on_progress=None) -> str:
-  """Converts an HF directory, Meta checkpoint, GGUF file or older dmc-jax checkpoint into a dmc-jax checkpoint
+  """Converts an HF directory, Meta checkpoint, GGUF file, Megatron-LM checkpoint or older dmc-jax checkpoint into a dmc-jax checkpoint
   directory at `out` (written atomically, checksummed); returns its path. `source=None` detects the format."""
   from dmc_jax import checkpoint
-  converted, dmc, experiment = read(src, source or detect_source(src))
-  if tokenizer:
-    converted.tokenizer = tokenizer_from_file(tokenizer, converted.config)
-  return checkpoint.write(out, converted, dtype=dtype, force=force, dmc=dmc, experiment=experiment,
-                          max_shard_bytes=max_shard_bytes, on_progress=on_progress)
+  converted = read(src, source or detect_source(src), tokenizer)
+  return checkpoint.write(out, converted, dtype=dtype, force=force, max_shard_bytes=max_shard_bytes,
+                          on_progress=on_progress)
 
 
 class _CallableModule(types.ModuleType):

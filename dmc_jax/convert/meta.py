@@ -68,11 +68,15 @@ class _StorageType:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-  def __init__(self, f, path):
+  def __init__(self, f, path, extra_globals=None):
     super().__init__(f)
     self.path = path
+    # Extension hook: (module, name) -> a stand-in another format's files need (dmc_jax/convert/megatron.py).
+    self.extra_globals = dict(extra_globals or {})
 
   def find_class(self, module, name):
+    if (module, name) in self.extra_globals:
+      return self.extra_globals[(module, name)]
     if module == "torch._utils" and name == "_rebuild_tensor_v2":
       return _rebuild_tensor_v2
     if module == "torch._utils" and name == "_rebuild_parameter":
@@ -101,8 +105,13 @@ def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:
   return info.header_offset + 30 + name_len + extra_len
 
 
-def read_pth(path: str) -> dict[str, LazyTensor]:
-  """A torch-saved state dict as lazy tensors (no torch import, no code execution)."""
+def read_pth(path: str, extra_globals=None, select=None) -> dict[str, LazyTensor]:
+  """A torch-saved state dict as lazy tensors (no torch import, no code execution).
+
+  Hooks for formats that pickle more than a state dict: `extra_globals` maps (module, name) to a harmless
+  stand-in (every other global is still refused); `select(obj)` picks the dict of tensors out of the unpickled
+  object (default: the object itself, or its "model" entry).
+  """
   try:
     zf = zipfile.ZipFile(path)
   except FileNotFoundError:
@@ -116,13 +125,15 @@ def read_pth(path: str) -> dict[str, LazyTensor]:
       raise ConversionError(f"{path}: no data.pkl in the archive (not a torch checkpoint)")
     prefix = pkls[0][: -len("data.pkl")]
     try:
-      state = _RestrictedUnpickler(zf.open(pkls[0]), path).load()
+      state = _RestrictedUnpickler(zf.open(pkls[0]), path, extra_globals).load()
     except ConversionError:
       raise
     except Exception as e:  # malformed pickle
       raise ConversionError(f"{path}: cannot unpickle data.pkl ({type(e).__name__}: {e})") from None
     members = {n: zf.getinfo(n) for n in zf.namelist()}
-  if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+  if select is not None:
+    state = select(state)
+  elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
     state = state["model"]
   if not isinstance(state, dict):
     raise ConversionError(f"{path}: expected a dict of tensors, got {type(state).__name__}")

@@ -18,13 +18,15 @@ log = logging.getLogger("dmc_jax")
 
 def _configure_convert(p: argparse.ArgumentParser) -> None:
   from dmc_jax.convert import SOURCES
-  p.add_argument("src", help="HF directory, Meta checkpoint directory, .gguf file, or a dmc-jax checkpoint")
+  p.add_argument("src", help="HF directory, Meta checkpoint directory, .gguf file, Megatron-LM checkpoint (root, "
+                 "iter_*/mp_rank_* directory, or .pt file), or a dmc-jax checkpoint")
   p.add_argument("--from", dest="src_format", required=True, choices=SOURCES,
                  help="source format (dmc-jax: rewrite an older checkpoint in the current format, tensors unchanged)")
   p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                  help="stored parameter dtype (auto: the source's float dtype; quantized GGUF → float32)")
-  p.add_argument("--tokenizer", help="tokenizer.json or tokenizer.model to store instead of the source's")
+  p.add_argument("--tokenizer", help="tokenizer.json or tokenizer.model to store instead of the source's "
+                 "(required for megatron: those files carry none)")
   p.add_argument("--force", action="store_true", help="replace --out if it exists")
   p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest params shard file, in GiB")
 
