@@ -189,8 +189,8 @@ def layers_of(cache: DMCCache) -> dict[str, Array]:
   return {f: getattr(cache, f) for f in LAYER_FIELDS}
 
 
-def decode_layer(pool: dict, state: dict, positions_B: Array, k_BxKxD: Array, v_BxKxD: Array, alpha_BxK: Array,
-                 omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int) -> tuple[dict, dict]:
+def decode_layer(pool: dict, state: dict, *, positions_B: Array, k_BxKxD: Array, v_BxKxD: Array,
+                 alpha_BxK: Array, omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int) -> tuple[dict, dict]:
   """One token per sequence through one layer: merge into or append to each row's last slot (DMC.md §4).
 
   k is pre-RoPE with channel ch zeroed; the candidate slot is RoPE_t(S^k / Z) at the new token's position t.
@@ -245,15 +245,6 @@ def decode_layer(pool: dict, state: dict, positions_B: Array, k_BxKxD: Array, v_
               "next_free": next_free, "overflow": pool["overflow"] | overflow}
   new.update(block_table=table, lengths=length + 1 - alpha_i, sum_k=sum_k, sum_v=sum_v, sum_w=sum_w, run=run)
   return new_pool, new
-
-
-def decode_update(cache: DMCCache, layer: int, k_BxKxD: Array, v_BxKxD: Array, alpha_BxK: Array,
-                  omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int) -> DMCCache:
-  """`decode_layer` on layer `layer` of a whole cache (the unrolled-layers path)."""
-  state = {f: v[layer] for f, v in layers_of(cache).items()}
-  pool, state = decode_layer(pool_of(cache), state, cache.positions, k_BxKxD, v_BxKxD, alpha_BxK, omega_BxK,
-                             cos_BxD, sin_BxD, ch)
-  return cache.replace(**pool, **{f: getattr(cache, f).at[layer].set(v) for f, v in state.items()})
 
 
 # -- bookkeeping ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dmc_jax import cache as dmc_cache
 from dmc_jax import dmc as dmc_math
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model import rope
+from dmc_jax.model.modes import DMCDecode, Mode, Parallel, VanillaCache
 from pallas_kernels.dmc_attention.api import dmc_attention
 from pallas_kernels.dmc_decode.api import paged_decode_attention
 
@@ -127,29 +128,33 @@ class Attention(nn.Module):
     out = jnp.einsum("blhk,hkd->bld", out_BxLxHxD.astype(dt), self.o_proj().astype(dt))
     return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
 
-  def __call__(self, x_BxLxD: Array, ctx: dict, cache=None, forced_alpha_BxLxK: Array | None = None):
-    """Parallel forward (training, evaluation, prefill) or a vanilla-cache step. Returns (out, cache, aux)."""
+  def __call__(self, x_BxLxD: Array, ctx: Parallel | VanillaCache, cache=None,
+               forced_alpha_BxLxK: Array | None = None):
+    """The parallel forward (training, evaluation, prefill) or a vanilla-cache step (`ctx` says which).
+
+    Returns (out, cache, aux): the updated vanilla cache (None in parallel mode); aux only with a DMC mode."""
     q, k, v = self._project(x_BxLxD)
-    cos, sin = ctx["cos"], ctx["sin"]
     if self.dmc_mode != "off":
+      if ctx.mode is not Mode.PARALLEL:
+        raise ValueError(f"DMC attention runs in parallel mode here, got {ctx.mode}; decode with `decode`")
       return self._dmc_parallel(q, k, v, ctx, forced_alpha_BxLxK)
-    fade = ctx.get("fade")
+    cos, sin, fade = ctx.cos, ctx.sin, ctx.fade
     if fade is not None:
       q, k = dmc_math.scale_channel(q, self.ch, fade), dmc_math.scale_channel(k, self.ch, fade)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     if fade is not None:
       q, k = dmc_math.scale_channel(q, self.ch, fade), dmc_math.scale_channel(k, self.ch, fade)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-    if cache is not None:
-      cache = write_cache(cache, k, v, ctx["cache_index"])
-      return self._output(attend(q, cache["k"], cache["v"], ctx["mask"], kv_layout="bksd")), cache, None
-    return self._output(attend(q, k, v, ctx["mask"])), cache, None
+    if ctx.mode is Mode.VANILLA_CACHE:
+      cache = write_cache(cache, k, v, ctx.cache_index)
+      return self._output(attend(q, cache["k"], cache["v"], ctx.mask, kv_layout="bksd")), cache, None
+    return self._output(attend(q, k, v, ctx.mask)), None, None
 
   def _dmc_parallel(self, q, k, v, ctx, forced_alpha):
     dmc, ch = self.dmc, self.ch
     a, omega = dmc_math.decision_and_importance(q, k, dmc)
     q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)
-    starts = ctx["starts"]
+    starts = ctx.starts
     if forced_alpha is not None:
       alpha = jnp.where(starts[..., None], 0.0, forced_alpha.astype(jnp.float32))
       bias, alpha_st = dmc_math.key_bias_hard(alpha), alpha
@@ -164,18 +169,18 @@ class Attention(nn.Module):
     dt = q.dtype
     k_acc = (num_k / den[..., None]).astype(dt)
     v_acc = (num_v / den[..., None]).astype(dt)
-    q = dmc_math.scale_channel(rope.apply_rope(q, ctx["cos"], ctx["sin"]), ch, 0)
-    k_rot = dmc_math.scale_channel(rope.apply_rope(k_acc, ctx["cos"], ctx["sin"]), ch, 0)
+    q = dmc_math.scale_channel(rope.apply_rope(q, ctx.cos, ctx.sin), ch, 0)
+    k_rot = dmc_math.scale_channel(rope.apply_rope(k_acc, ctx.cos, ctx.sin), ch, 0)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-    out = dmc_attention(q, k_rot, v_acc, bias, ctx["segment_ids"], implementation=self.cfg.attention_impl)
+    out = dmc_attention(q, k_rot, v_acc, bias, ctx.segment_ids, implementation=self.cfg.attention_impl)
     aux = {"alpha": alpha_st}
-    if "collect_prefill" in ctx:  # key presence, not a value: ctx is traced under remat
+    if ctx.collect_prefill:  # a static field of the context
       aux["prefill"] = {"alpha": alpha, "omega": omega, "num_k": num_k, "num_v": num_v, "den": den,
                         "wk": omega[..., None] * k.astype(jnp.float32),
                         "wv": omega[..., None] * v.astype(jnp.float32), "k_slot": k_rot, "v_slot": v_acc}
     return self._output(out), None, aux
 
-  def decode(self, x_Bx1xD: Array, ctx: dict, pool: dict, state: dict, forced_alpha_BxK: Array | None = None):
+  def decode(self, x_Bx1xD: Array, ctx: DMCDecode, pool: dict, state: dict, forced_alpha_BxK: Array | None = None):
     """One token per sequence against the compressed cache: the shared page `pool` and this layer's `state`
     (see dmc_jax.cache.decode_layer). Returns (out, pool, state)."""
     dmc, ch = self.dmc, self.ch
@@ -184,9 +189,10 @@ class Attention(nn.Module):
     q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)
     # Decode never sees a sequence's first token (the prompt has at least one), so no start rule is needed.
     alpha = (a[:, 0] > 0).astype(jnp.float32) if forced_alpha_BxK is None else forced_alpha_BxK
-    cos, sin = ctx["cos"], ctx["sin"]
-    pool, state = dmc_cache.decode_layer(pool, state, ctx["positions"], k[:, 0], v[:, 0], alpha, omega[:, 0],
-                                         cos[:, 0], sin[:, 0], ch)
+    cos, sin = ctx.cos, ctx.sin
+    pool, state = dmc_cache.decode_layer(pool, state, positions_B=ctx.positions, k_BxKxD=k[:, 0],
+                                         v_BxKxD=v[:, 0], alpha_BxK=alpha, omega_BxK=omega[:, 0],
+                                         cos_BxD=cos[:, 0], sin_BxD=sin[:, 0], ch=ch)
     q = dmc_math.scale_channel(rope.apply_rope(q, cos, sin), ch, 0)
     b, _, h, d = q.shape
     kv = self.cfg.n_kv_heads

@@ -1,15 +1,17 @@
 """Llama in Flax Linen: RMSNorm, rotate-half RoPE, MHA/GQA/MQA, SwiGLU, tied or untied embeddings.
 
-Pure functional (`init`/`apply`). Every parameter carries logical axis names (see `dmc_jax.sharding`), every
-large activation a logical constraint (a no-op without a mesh). Two entry points:
+Pure functional (`init`/`apply`). Every parameter carries logical axis names (mapped to mesh axes by the caller's
+`nn.logical_axis_rules`), every large activation a logical constraint (a no-op without a mesh). Entry points, one
+per mode (`dmc_jax.model.modes`: each has its own typed context, and all of them run the same layer loop):
 
 * `Llama.__call__(tokens, positions, segment_ids)` — the parallel forward used by training and evaluation;
   segment ids keep packed documents apart (no attention across them, positions restart at 0). With a DMC
   mode ("train" relaxed, "eval" hard) it returns (logits, aux) where aux["alpha"] is [layers, B, L, K].
-* `Llama.forward_with_cache(tokens, positions, cache, cache_index)` — prefill or decode against a vanilla KV
+* `Llama.forward_with_cache(tokens, cache, cache_index)` — prefill or decode against a vanilla KV
   cache: sequence b writes its L new keys at slots cache_index[b] .. cache_index[b]+L-1 and attends to every
   slot ≤ its own, so prompts of different lengths share a batch.
-* `Llama.decode_dmc(tokens, cache)` — one step against the compressed DMC cache (prefill: `dmc_jax.generate`).
+* `Llama.prefill_dmc(tokens, lengths, cache)` — the eval-mode forward that fills the compressed DMC cache.
+* `Llama.decode_dmc(tokens, cache)` — one step against the compressed DMC cache.
 
 Parameter tree (unscanned): embed/embedding [V,D]; layers_i/{attn_norm,mlp_norm}/scale [D];
 layers_i/attn/{q_proj [D,H,Dh], k_proj [D,KV,Dh], v_proj [D,KV,Dh], o_proj [H,Dh,D]}/kernel;
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 from dmc_jax import cache as dmc_cache
 from dmc_jax import dmc as dmc_math
 from dmc_jax.config import DMCConfig, LlamaConfig
-from dmc_jax.model import rope
+from dmc_jax.model import modes, rope
 from dmc_jax.model.attention import Attention, Kernel, constrain
 
 Array = jax.Array
@@ -75,6 +77,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """One transformer block, in every mode. `__call__(carry, ctx, layer_xs) -> (carry, layer_ys)` is the one
+  layer function the layer loop (scanned or unrolled) calls; the static `ctx.mode` picks what flows:
+
+  * PARALLEL       carry {"x"};         xs {"forced_alpha"};           ys {"aux"} (DMC: alpha; None for vanilla)
+  * VANILLA_CACHE  carry {"x"};         xs {"cache"};                  ys {"cache"}
+  * DMC_PREFILL    carry {"x", "pool"}; xs {"state", "forced_alpha"};  ys {"state", "aux"}
+  * DMC_DECODE     carry {"x", "pool"}; xs {"state", "forced_alpha"};  ys {"state"}
+
+  The pool (shared by every layer) rides in the carry; per-layer values are xs/ys (see dmc_jax.cache).
+  """
+
   cfg: LlamaConfig
   dmc: DMCConfig | None = None
   dmc_mode: str = "off"
@@ -91,49 +104,50 @@ class DecoderLayer(nn.Module):
     x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)).astype(x_BxLxD.dtype)
     return constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
 
-  def __call__(self, x_BxLxD: Array, ctx: dict, layer_xs: dict):
-    """layer_xs: this layer's vanilla `cache` and `forced_alpha` (either may be None). Returns (x, layer_ys)."""
-    attn_out, cache, aux = self.attn(self.attn_norm(x_BxLxD), ctx, layer_xs.get("cache"),
-                                     layer_xs.get("forced_alpha"))
-    x_BxLxD = self._mlp_block(x_BxLxD + attn_out.astype(x_BxLxD.dtype))
-    return x_BxLxD, {"cache": cache, "aux": aux}
+  def __call__(self, carry: dict, ctx: modes.Context, layer_xs: dict):
+    x = carry["x"]
+    if ctx.mode in (modes.Mode.PARALLEL, modes.Mode.VANILLA_CACHE):
+      x, cache, aux = self.block(x, ctx, layer_xs.get("cache"), layer_xs.get("forced_alpha"))
+      return {"x": x}, ({"aux": aux} if ctx.mode is modes.Mode.PARALLEL else {"cache": cache})
+    h = self.attn_norm(x)
+    if ctx.mode is modes.Mode.DMC_PREFILL:
+      attn_out, _, aux = self.attn(h, ctx.parallel, None, layer_xs.get("forced_alpha"))
+      pool, state = dmc_cache.prefill_layer(carry["pool"], layer_xs["state"], aux.pop("prefill"), ctx.lengths)
+      ys = {"state": state, "aux": aux}
+    elif ctx.mode is modes.Mode.DMC_DECODE:
+      attn_out, pool, state = self.attn.decode(h, ctx, carry["pool"], layer_xs["state"],
+                                               layer_xs.get("forced_alpha"))
+      ys = {"state": state}
+    else:
+      raise ValueError(f"unknown mode {ctx.mode}")
+    return {"x": self._mlp_block(x + attn_out.astype(x.dtype)), "pool": pool}, ys
 
-  def prefill(self, x_BxLxD: Array, ctx: dict, pool: dict, state: dict, forced_alpha_BxLxK=None):
-    """Eval-mode parallel forward that also fills this layer's rows of the compressed cache."""
-    attn_out, _, aux = self.attn(self.attn_norm(x_BxLxD), dict(ctx, collect_prefill=True), None, forced_alpha_BxLxK)
-    pool, state = dmc_cache.prefill_layer(pool, state, aux.pop("prefill"), ctx["lengths"])
-    return self._mlp_block(x_BxLxD + attn_out.astype(x_BxLxD.dtype)), pool, state, aux
+  def block(self, x_BxLxD: Array, ctx, cache, forced_alpha):
+    """Parallel / vanilla-cache block: the part `remat_policy` rematerialises (see `_remat`)."""
+    attn_out, cache, aux = self.attn(self.attn_norm(x_BxLxD), ctx, cache, forced_alpha)
+    return self._mlp_block(x_BxLxD + attn_out.astype(x_BxLxD.dtype)), cache, aux
 
-  def decode(self, x_Bx1xD: Array, ctx: dict, pool: dict, state: dict, forced_alpha_BxK=None):
-    attn_out, pool, state = self.attn.decode(self.attn_norm(x_Bx1xD), ctx, pool, state, forced_alpha_BxK)
-    return self._mlp_block(x_Bx1xD + attn_out.astype(x_Bx1xD.dtype)), pool, state
+
+def _remat(cfg: LlamaConfig, scanned: bool):
+  """DecoderLayer, with `block` (the parallel and vanilla-cache modes) rematerialised under cfg.remat_policy.
+  The DMC cache modes are inference only: nothing to rematerialise."""
+  if cfg.remat_policy == "none":
+    return DecoderLayer
+  # Inside a scan CSE across iterations is impossible anyway, so prevent_cse's barriers only cost.
+  return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not scanned,
+                  methods=["block"])
 
 
 class _ScanBody(nn.Module):
-  """Adapts DecoderLayer to nn.scan's (carry, xs) -> (carry, ys) shape.
-
-  The carry's structure (static under tracing) selects the method: an array is the parallel forward; a dict
-  {"x", "pool"} threads the shared DMC page pool through the layers — a prefill when ctx has the prompt
-  "lengths", else a decode step.
-  """
+  """Adapts DecoderLayer to nn.scan (its parameters stay under layers/layer/...)."""
 
   cfg: LlamaConfig
   dmc: DMCConfig | None = None
   dmc_mode: str = "off"
 
   @nn.compact
-  def __call__(self, x, ctx, layer_xs):
-    if isinstance(x, dict):
-      block = DecoderLayer(self.cfg, self.dmc, self.dmc_mode, name="layer")
-      if "lengths" in ctx:
-        y, pool, state, aux = block.prefill(x["x"], ctx, x["pool"], layer_xs["state"], layer_xs.get("forced_alpha"))
-        return {"x": y, "pool": pool}, {"state": state, "aux": aux}
-      y, pool, state = block.decode(x["x"], ctx, x["pool"], layer_xs["state"], layer_xs.get("forced_alpha"))
-      return {"x": y, "pool": pool}, {"state": state}
-    layer = DecoderLayer
-    if self.cfg.remat_policy != "none":
-      layer = nn.remat(layer, policy=_REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False)
-    return layer(self.cfg, self.dmc, self.dmc_mode, name="layer")(x, ctx, layer_xs)
+  def __call__(self, carry, ctx, layer_xs):
+    return _remat(self.cfg, scanned=True)(self.cfg, self.dmc, self.dmc_mode, name="layer")(carry, ctx, layer_xs)
 
 
 def positions_from_segments(segment_ids_BxL: Array) -> Array:
@@ -160,9 +174,7 @@ class Llama(nn.Module):
           in_axes=(nn.broadcast, 0), length=c.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(c, self.dmc, self.dmc_mode, name="layers")
     else:
-      layer = DecoderLayer
-      if c.remat_policy != "none":
-        layer = nn.remat(layer, policy=_REMAT_POLICIES[c.remat_policy])
+      layer = _remat(c, scanned=False)
       self.blocks = [layer(c, self.dmc, self.dmc_mode, name=f"layers_{i}") for i in range(c.n_layers)]
     self.final_norm = RMSNorm(c.rms_norm_eps, pd, jnp.dtype(c.dtype))
     if not c.tie_embeddings:
@@ -185,18 +197,30 @@ class Llama(nn.Module):
       logits = jnp.einsum("bld,dv->blv", x, self.lm_head().astype(dt), preferred_element_type=acc)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
-  def _run_layers(self, x, ctx, layers_xs: dict):
-    """layers_xs: name -> None, or per-layer values stacked on axis 0 (an array or, unscanned, a list).
+  def _run_layers(self, carry: dict, ctx: modes.Context, layers_xs: dict):
+    """The layer loop, for every mode: `DecoderLayer.__call__` over the layers, scanned or unrolled.
 
-    Returns (x, per-layer outputs): stacked by nn.scan, or a list of dicts when unscanned.
+    layers_xs: name -> None, or per-layer values — stacked on axis 0 (arrays or trees of arrays), or a list with
+    one entry per layer (the unscanned vanilla cache: separate buffers, updated in place). Returns (carry,
+    per-layer outputs): stacked by nn.scan, or a list of dicts when unrolled (see `_stacked`).
     """
     if self.cfg.scan_layers:
-      return self.layers(x, ctx, layers_xs)
+      return self.layers(carry, ctx, layers_xs)
+    def at(v, i):
+      if v is None or isinstance(v, list):
+        return None if v is None else v[i]
+      return jax.tree.map(lambda a: a[i], v)
     ys = []
     for i, block in enumerate(self.blocks):
-      x, y = block(x, ctx, {k: None if v is None else v[i] for k, v in layers_xs.items()})
+      carry, y = block(carry, ctx, {k: at(v, i) for k, v in layers_xs.items()})
       ys.append(y)
-    return x, ys
+    return carry, ys
+
+  def _stacked(self, ys, name: str):
+    """Per-layer output `name` stacked on axis 0, whether the layers were scanned or unrolled."""
+    if self.cfg.scan_layers:
+      return ys[name]
+    return jax.tree.map(lambda *a: jnp.stack(a), *[y[name] for y in ys])
 
   def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
                segment_ids_BxL: Array | None = None, *, forced_alpha: Array | None = None,
@@ -207,18 +231,15 @@ class Llama(nn.Module):
     fade: stage-1 multiplier of channel ch (vanilla mode). collect_prefill: aux["prefill"] holds every layer's
     per-position DMC states (what `dmc_jax.cache.prefill_layer` consumes; `prefill_dmc` never stacks them).
     """
-    ctx = self._parallel_ctx(tokens_BxL, positions_BxL, segment_ids_BxL)
-    ctx["fade"] = fade
-    if collect_prefill:  # signalled by the key's presence (a bool leaf would be traced under remat)
-      ctx["collect_prefill"] = True
-    x, ys = self._run_layers(self._embed(tokens_BxL), ctx, {"forced_alpha": forced_alpha})
-    logits = self._logits(x)
+    ctx = self._parallel_ctx(tokens_BxL, positions_BxL, segment_ids_BxL, fade=fade, collect_prefill=collect_prefill)
+    carry, ys = self._run_layers({"x": self._embed(tokens_BxL)}, ctx, {"forced_alpha": forced_alpha})
+    logits = self._logits(carry["x"])
     if self.dmc_mode == "off":
       return logits
-    aux = ys["aux"] if self.cfg.scan_layers else jax.tree.map(lambda *a: jnp.stack(a), *[y["aux"] for y in ys])
-    return logits, aux
+    return logits, self._stacked(ys, "aux")
 
-  def _parallel_ctx(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> dict:
+  def _parallel_ctx(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, fade=None,
+                    collect_prefill: bool = False) -> modes.Parallel:
     b, l = tokens_BxL.shape
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones((b, l), jnp.int32)
@@ -228,8 +249,15 @@ class Llama(nn.Module):
     mask_BxLxL = (idx[None, :, None] >= idx[None, None, :]) & (
         segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
     cos, sin = rope.cos_sin(positions_BxL, self.cfg)
-    return {"cos": cos, "sin": sin, "mask": mask_BxLxL, "segment_ids": segment_ids_BxL,
-            "starts": dmc_math.document_starts(segment_ids_BxL)}
+    return modes.Parallel(cos=cos, sin=sin, segment_ids=segment_ids_BxL,
+                          starts=dmc_math.document_starts(segment_ids_BxL), mask=mask_BxLxL, fade=fade,
+                          collect_prefill=collect_prefill)
+
+  def _dmc_cache_pass(self, x, ctx: modes.DMCPrefill | modes.DMCDecode, cache, forced_alpha):
+    """The layer loop against the compressed cache: the pool threads through, each layer's slice is xs/ys."""
+    pool, states = dmc_cache.pool_of(cache), dmc_cache.layers_of(cache)
+    carry, ys = self._run_layers({"x": x, "pool": pool}, ctx, {"state": states, "forced_alpha": forced_alpha})
+    return carry["x"], cache.replace(**carry["pool"], **self._stacked(ys, "state")), ys
 
   def prefill_dmc(self, tokens_BxP: Array, lengths_B: Array, cache, forced_alpha: Array | None = None):
     """Eval-mode forward over right-padded prompts that fills the compressed cache layer by layer.
@@ -239,24 +267,9 @@ class Llama(nn.Module):
     """
     if self.dmc_mode != "eval":
       raise ValueError("prefill_dmc needs dmc_mode='eval' (hard, noiseless decisions)")
-    ctx = self._parallel_ctx(tokens_BxP)
-    ctx["lengths"] = lengths_B
-    x = self._embed(tokens_BxP)
-    pool, states = dmc_cache.pool_of(cache), dmc_cache.layers_of(cache)
-    if self.cfg.scan_layers:
-      carry, ys = self.layers({"x": x, "pool": pool}, ctx, {"state": states, "forced_alpha": forced_alpha})
-      x, pool, states, aux = carry["x"], carry["pool"], ys["state"], ys["aux"]
-    else:
-      new_states, auxes = [], []
-      for i, block in enumerate(self.blocks):
-        x, pool, state, aux = block.prefill(x, ctx, pool, {f: v[i] for f, v in states.items()},
-                                            None if forced_alpha is None else forced_alpha[i])
-        new_states.append(state)
-        auxes.append(aux)
-      states = {f: jnp.stack([s[f] for s in new_states]) for f in states}
-      aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
-    cache = cache.replace(**pool, **states, positions=lengths_B.astype(jnp.int32))
-    return self._logits(x), cache, aux
+    ctx = modes.DMCPrefill(parallel=self._parallel_ctx(tokens_BxP, collect_prefill=True), lengths=lengths_B)
+    x, cache, ys = self._dmc_cache_pass(self._embed(tokens_BxP), ctx, cache, forced_alpha)
+    return self._logits(x), cache.replace(positions=lengths_B.astype(jnp.int32)), self._stacked(ys, "aux")
 
   def forward_with_cache(self, tokens_BxL: Array, cache: KVCache, cache_index_B: Array,
                          positions_BxL: Array | None = None, fade: Array | None = None) -> tuple[Array, KVCache]:
@@ -271,11 +284,11 @@ class Llama(nn.Module):
     if positions_BxL is None:
       positions_BxL = slots_BxL
     cos, sin = rope.cos_sin(positions_BxL, self.cfg)
-    ctx = {"cos": cos, "sin": sin, "mask": jnp.arange(s)[None, None, :] <= slots_BxL[:, :, None],
-           "cache_index": cache_index_B, "fade": fade}
-    x, ys = self._run_layers(self._embed(tokens_BxL), ctx, {"cache": cache})
+    ctx = modes.VanillaCache(cos=cos, sin=sin, mask=jnp.arange(s)[None, None, :] <= slots_BxL[:, :, None],
+                             cache_index=cache_index_B, fade=fade)
+    carry, ys = self._run_layers({"x": self._embed(tokens_BxL)}, ctx, {"cache": cache})
     new_cache = ys["cache"] if self.cfg.scan_layers else [y["cache"] for y in ys]
-    return self._logits(x), new_cache
+    return self._logits(carry["x"]), new_cache
 
   def decode_dmc(self, tokens_Bx1: Array, cache, forced_alpha: Array | None = None):
     """One token per sequence against the compressed cache. forced_alpha: [layers, B, K].
@@ -284,20 +297,9 @@ class Llama(nn.Module):
     unroll the layers.
     """
     cos, sin = rope.cos_sin(cache.positions[:, None], self.cfg)
-    ctx = {"cos": cos, "sin": sin, "positions": cache.positions}
-    x = self._embed(tokens_Bx1)
-    pool, states = dmc_cache.pool_of(cache), dmc_cache.layers_of(cache)
-    if self.cfg.scan_layers:
-      carry, ys = self.layers({"x": x, "pool": pool}, ctx, {"state": states, "forced_alpha": forced_alpha})
-      x, pool, states = carry["x"], carry["pool"], ys["state"]
-    else:
-      new_states = []
-      for i, block in enumerate(self.blocks):
-        x, pool, state = block.decode(x, ctx, pool, {f: v[i] for f, v in states.items()},
-                                      None if forced_alpha is None else forced_alpha[i])
-        new_states.append(state)
-      states = {f: jnp.stack([s[f] for s in new_states]) for f in states}
-    return self._logits(x), cache.replace(**pool, **states, positions=cache.positions + 1)
+    ctx = modes.DMCDecode(cos=cos, sin=sin, positions=cache.positions)
+    x, cache, _ = self._dmc_cache_pass(self._embed(tokens_Bx1), ctx, cache, forced_alpha)
+    return self._logits(x), cache.replace(positions=cache.positions + 1)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:

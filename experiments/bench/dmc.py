@@ -165,7 +165,7 @@ def time_decode(gen, cache, batch: int, context: int, steps: int):
   return (time.perf_counter() - t0) / steps, cache
 
 
-def decode_equal_memory(spec: str, budget: int, context: int, steps: int, crs, dtype: str, page_size: int,
+def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs, dtype: str, page_size: int,
                         attention_impl, policies=()) -> list[dict]:
   import jax
   from dmc_jax import cache as dmc_cache
@@ -376,8 +376,8 @@ def run(args: argparse.Namespace) -> int:
   with trace:
     if "decode" not in skip:
       for spec, budget in zip(models, budgets):
-        for r in decode_equal_memory(spec, int(budget * 2**20), context, steps, crs, dtype, args.page_size, impl,
-                                     policies):
+        for r in decode_equal_memory(spec, budget=int(budget * 2**20), context=context, steps=steps, crs=crs,
+                                     dtype=dtype, page_size=args.page_size, attention_impl=impl, policies=policies):
           result["decode"].append(dict(r, budget_mb=budget))
     if "kernel" not in skip:
       # GPU: one layer's rows at the largest DMC batch; CPU: a small batch (the XLA path copies what it gathers).

@@ -198,7 +198,7 @@ def test_config_validation():
 def test_train_mode_attention_equals_the_dense_formula(monkeypatch):
   """One relaxed DMC attention layer (float64) against DMC.md §5 written out as loops: same noise in the
   accumulation and the bias, bias log(1 − α̃_{j+1}) with the diagonal exempt, α̃ = 0 at document starts."""
-  from dmc_jax.model import attention, rope
+  from dmc_jax.model import attention, modes, rope
   jax.config.update("jax_enable_x64", True)
   try:
     cfg = LlamaConfig(vocab_size=61, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=32, head_dim=8,
@@ -210,7 +210,7 @@ def test_train_mode_attention_equals_the_dense_formula(monkeypatch):
     seg = jnp.array([[1] * 5 + [2] * 4])
     pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
     cos, sin = rope.cos_sin(pos, cfg)
-    ctx = {"cos": cos, "sin": sin, "starts": dmc_math.document_starts(seg), "segment_ids": seg}
+    ctx = modes.Parallel(cos=cos, sin=sin, starts=dmc_math.document_starts(seg), segment_ids=seg)
     x = jax.random.normal(jax.random.key(1), (1, l, 16), jnp.float64)
     att = attention.Attention(cfg, dmc, "train")
     params = nn.unbox(att.init({"params": jax.random.key(0), "dmc": jax.random.key(2)}, x, ctx))
@@ -224,7 +224,7 @@ def test_train_mode_attention_equals_the_dense_formula(monkeypatch):
     a = k[..., ch]
     om = 1 / (1 + np.exp(-q[..., ch].reshape(l, 2, g).mean(-1))) + 2 ** -7
     al = 1 / (1 + np.exp(-(a + noise[0]) / tau))
-    al[np.asarray(ctx["starts"][0])] = 0
+    al[np.asarray(ctx.starts[0])] = 0
     q[..., ch] = 0
     k[..., ch] = 0
     inv = np.asarray(rope.inverse_frequencies(cfg), np.float64)

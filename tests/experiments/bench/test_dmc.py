@@ -5,7 +5,8 @@ from experiments.bench import dmc as bench_dmc
 
 def test_equal_memory_decode_sizes_every_cache_to_the_budget():
   budget, context, steps = 4 * 2**20, 64, 2
-  rows = bench_dmc.decode_equal_memory("smollm2-135m@1", budget, context, steps, [2.0], "float32", 32, None,
+  rows = bench_dmc.decode_equal_memory("smollm2-135m@1", budget=budget, context=context, steps=steps, crs=[2.0],
+                                       dtype="float32", page_size=32, attention_impl=None,
                                        policies=["h2o", "streaming"])
   by = {r["method"]: r for r in rows}
   assert list(by) == ["vanilla", "dmc cr 2", "h2o cr 2", "streaming cr 2"]
