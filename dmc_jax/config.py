@@ -269,7 +269,7 @@ def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -
 
 @dataclasses.dataclass(frozen=True)
 class DMCConfig:
-  """Dynamic Memory Compression settings (DMC.md §3–5); they travel in a checkpoint's `dmc` field."""
+  """Dynamic Memory Compression settings (docs/dmc.md §3–5); stored in a checkpoint's `compression` field."""
 
   decision_channel: str = "last"  # "last" (d-1, NVIDIA's code) or "first" (0, the paper's Algorithm 1)
   offset: float = 5.0  # c: a = k[ch] - c, omega = sigmoid(mean q[ch] + c) + eps

@@ -1,4 +1,4 @@
-"""The parallel eval-mode forward and prefill + step-by-step decode through the paged cache agree (DMC.md §5)."""
+"""The parallel eval-mode forward and prefill + step-by-step decode through the paged cache agree (docs/dmc.md §5)."""
 
 import flax.linen as nn
 import jax

@@ -30,7 +30,7 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.train.stage1_steps = 50  # stage 1: channel fade-out, then decision-row surgery
   cfg.train.ramp_steps = 700  # stage 2: target CR ramps 1 -> target_cr; the rest is stage 3 at target_cr
   cfg.train.lr = 3e-5  # peak learning rate (warmup then cosine)
-  cfg.train.decision_lr = 1e-3  # learning rate of the q/k rows producing channel ch (DMC.md §6: small budgets)
+  cfg.train.decision_lr = 1e-3  # learning rate of the q/k rows producing channel ch (docs/dmc.md §6: small budgets)
   cfg.train.cr_weight = 1.0  # weight of the CR loss (paper: 1; short runs need more, see dmc_jax/train.py)
   cfg.train.warmup_steps = 20  # linear warmup
   cfg.train.weight_decay = 0.1  # AdamW weight decay
@@ -93,7 +93,7 @@ def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict
 
 def small_budget(cfg, steps: int, batch_size: int, seq_len: int, stage1_steps: int, ramp_steps: int, lr: float,
                  decision_lr: float, cr_weight: float):
-  """A run of a few hundred steps at most: DMC.md §6 — the decision rows need a large LR to reach the target in
+  """A run of a few hundred steps at most: docs/dmc.md §6 — the decision rows need a large LR to reach the target in
   time, and the rest of the model a larger LR than the paper's 3e-5 to adapt at all (the vanilla baseline gets
   the same). The CR loss weight is raised so that its consistent push on the decision rows is not drowned by the
   LM gradient's noise within so few steps (dmc_jax/train.py)."""
