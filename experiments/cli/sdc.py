@@ -54,10 +54,11 @@ def _run_predict(args: argparse.Namespace) -> None:
 
 COMMANDS = [
     cli.Command("train", "train SDC-Net on the shared harness (Orbax, TensorBoard, resume)", _configure_train,
-                _run_train, takes_config_overrides=True),
+                _run_train, takes_config_overrides=True, requires=("sdc",)),
     cli.Command("eval", "SSIM/PSNR/L1 per clip beside copy-last-frame and flow extrapolation; PNG grids",
-                _configure_eval, _run_eval),
-    cli.Command("predict", "write predicted frames as an mp4", _configure_predict, _run_predict),
+                _configure_eval, _run_eval, requires=("sdc",)),
+    cli.Command("predict", "write predicted frames as an mp4", _configure_predict, _run_predict,
+                requires=("sdc",)),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

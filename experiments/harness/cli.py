@@ -26,6 +26,22 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   return (UserError, HarnessError, SDCError, FileNotFoundError)
 
 
+# Optional extras (pyproject.toml) and the modules that tell whether each is installed.
+EXTRAS = {"sdc": ("cv2", "skvideo", "dm_pix", "skimage"), "eval": ("lm_eval",)}
+
+
+def missing_extra(extras: Sequence[str]) -> str | None:
+  """A one-line message naming the first extra in `extras` whose modules do not import, else None."""
+  import importlib
+  for extra in extras:
+    for module in EXTRAS[extra]:
+      try:
+        importlib.import_module(module)
+      except ImportError:
+        return f"needs the optional extra [{extra}] (module {module!r} is missing): pip install 'dmc-jax[{extra}]'"
+  return None
+
+
 @dataclasses.dataclass
 class Command:
   name: str
@@ -34,6 +50,7 @@ class Command:
   run: Callable[[argparse.Namespace], int | None]
   # Accepts experiment-config overrides (--config.a.b=value) after its own arguments.
   takes_config_overrides: bool = False
+  requires: tuple[str, ...] = ()  # optional extras the command needs (EXTRAS)
 
 
 def add_config_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -57,6 +74,10 @@ def main(prog: str, description: str, commands: Sequence[Command], argv: Sequenc
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
   args.config_overrides = rest
   progress.setup_logging(args.verbose)
+  missing = missing_extra(command.requires)
+  if missing:
+    print(f"{prog} {args.command}: error: {missing}", file=sys.stderr)
+    return 2
   try:
     return int(command.run(args) or 0)
   except user_error_types() as e:
