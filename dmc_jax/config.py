@@ -259,14 +259,6 @@ def to_hf_config(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, An
   }
 
 
-def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-  """Meta's FFN width formula (llama/model.py)."""
-  hidden = int(2 * 4 * dim / 3)
-  if ffn_dim_multiplier is not None:
-    hidden = int(ffn_dim_multiplier * hidden)
-  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 @dataclasses.dataclass(frozen=True)
 class DMCConfig:
   """Dynamic Memory Compression settings (docs/dmc.md §3–5); stored in a checkpoint's `compression` field."""

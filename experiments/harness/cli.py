@@ -1,8 +1,8 @@
 """The subcommand CLI both entry points share: argparse subcommands, logging, one-line errors.
 
-A subcommand is registered with `@command(name, help)` on a function that takes the parsed namespace; its
-argument setup is a function `configure(parser)`. Errors the user can fix (bad input files, config keys,
-shapes) are one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+Each entry point lists `Command`s: a name, a help line, `configure(parser)` to add its arguments and `run(args)`.
+Errors the user can fix (the bases dmc_jax.errors.UserError, sdc_jax.errors.SDCError, harness HarnessError, and a
+missing optional extra) are one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

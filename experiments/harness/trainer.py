@@ -1,4 +1,4 @@
-"""The one training loop (SDC now, DMC later): model-agnostic, sharded, checkpointed, resumable.
+"""The one training loop of both systems (SDC-Net and DMC retrofits): model-agnostic, sharded, checkpointed, resumable.
 
 A `Task` supplies pure pieces; the loop supplies everything else:
 
@@ -185,5 +185,3 @@ def batch_size_check(batch_size: int, mesh_shape) -> None:
     raise mesh_lib.MeshError(f"train.batch_size {batch_size} is not divisible by the {n} data-parallel devices")
 
 
-def as_numpy(tree):
-  return jax.tree.map(np.asarray, tree)
