@@ -38,7 +38,7 @@ def read(src: str) -> Converted:
       tokenizer = (info, f.read())
   files = sorted(n for n in os.listdir(src) if n.endswith((".json", ".safetensors", ".model")))
   return Converted(cfg, tensors, tokenizer, {"format": "hf", "path": os.path.abspath(src), "files": files,
-                                             "hf_config": hf_cfg})
+                                             "hf_config": hf_cfg, "inputs": [os.path.abspath(src)]})
 
 
 def write(directory: str, cfg, params: dict, tokenizer: tuple | None, max_shard_bytes: int,

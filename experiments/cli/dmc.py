@@ -36,6 +36,8 @@ def _run_convert(args: argparse.Namespace) -> None:
   converted = reader(args.src)
   if args.tokenizer:
     converted.tokenizer = _tokenizer_from_file(args.tokenizer, converted.config)
+    converted.source["inputs"] = list(converted.source.get("inputs", [])) + [os.path.abspath(args.tokenizer)]
+    converted.source["tokenizer_file"] = os.path.abspath(args.tokenizer)
   with progress.bar(total=None, desc=f"writing {os.path.basename(os.path.abspath(args.out))}", unit="B",
                     unit_scale=True) as bar:
     def on_progress(done, total):
@@ -52,6 +54,9 @@ def _run_convert(args: argparse.Namespace) -> None:
 
 def _tokenizer_from_file(path: str, cfg):
   from dmc_jax.tokenizer import TokenizerInfo
+  from experiments.harness.errors import HarnessError
+  if not os.path.isfile(path):
+    raise HarnessError(f"--tokenizer {path}: not a file (expected tokenizer.json or tokenizer.model)")
   with open(path, "rb") as f:
     data = f.read()
   if path.endswith(".json"):
@@ -82,7 +87,7 @@ def _run_export(args: argparse.Namespace) -> None:
     with open(os.path.join(ckpt.directory, ckpt.tokenizer_info.filename), "rb") as f:
       tokenizer = (ckpt.tokenizer_info, f.read())
   total = sum(t.nbytes for t in tensors.values())
-  with checkpoint.atomic_directory(args.out, args.force) as tmp:
+  with checkpoint.atomic_directory(args.out, args.force, inputs=[ckpt.directory]) as tmp:
     with progress.bar(total=total, desc="exporting", unit="B", unit_scale=True) as bar:
       hf.write(tmp, ckpt.config, tensors, tokenizer, int(args.max_shard_gb * 2**30),
                on_tensor=lambda t: bar.update(t.nbytes))
