@@ -129,6 +129,8 @@ class Checkpoint:
       raise CheckpointError(f"{self.directory}: not a directory")
     self.meta = read_json(path, "missing (not a dmc-jax checkpoint; convert one with `dmc-jax convert`)",
                           CheckpointError)
+    if not isinstance(self.meta, dict):
+      raise CheckpointError(f"{path}: expected a JSON object, got a {type(self.meta).__name__}")
     if self.meta.get("format") != FORMAT:
       raise CheckpointError(f"{path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
     try:

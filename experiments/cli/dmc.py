@@ -24,7 +24,7 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
                  help="stored parameter dtype (auto: the source's float dtype; quantized GGUF → float32)")
   p.add_argument("--tokenizer", help="tokenizer.json or tokenizer.model to store instead of the source's")
   p.add_argument("--force", action="store_true", help="replace --out if it exists")
-  p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest params shard file, in GiB")
+  p.add_argument("--max-shard-gb", type=cli.positive_float, default=2.0, help="largest params shard file, in GiB")
 
 
 def _run_convert(args: argparse.Namespace) -> None:
@@ -71,7 +71,7 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
   p.add_argument("--out", required=True, help="HF output directory (written atomically)")
   p.add_argument("--force", action="store_true", help="replace --out if it exists")
-  p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+  p.add_argument("--max-shard-gb", type=cli.positive_float, default=5.0, help="largest safetensors shard, in GiB")
 
 
 def _run_export(args: argparse.Namespace) -> None:
@@ -101,10 +101,10 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
   p.add_argument("--prompt", action="append", required=True,
                  help="prompt text; repeat for a batch (prompts may differ in length)")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--max-new-tokens", type=cli.positive_int, default=64)
+  p.add_argument("--temperature", type=cli.float_range(0.0), default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=cli.non_negative_int, default=0, help="0 = off; at most the vocabulary size")
+  p.add_argument("--top-p", type=cli.float_range(0.0, 1.0, lo_open=True), default=1.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: float32; bfloat16 is faster on GPU, slower on CPU)")
@@ -113,14 +113,14 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("DMC (compressed KV cache)")
   g.add_argument("--dmc", action="store_true",
                  help="decode with the paged DMC cache, using the checkpoint's DMC settings (defaults if none)")
-  g.add_argument("--page-size", type=int, default=32, help="slots per cache page")
-  g.add_argument("--kv-budget-mb", type=float, default=None,
+  g.add_argument("--page-size", type=cli.positive_int, default=32, help="slots per cache page")
+  g.add_argument("--kv-budget-mb", type=cli.positive_float, default=None,
                  help="size the page pool from this KV-memory budget (default: never run out)")
-  g.add_argument("--dmc-force-cr", type=float, default=None,
+  g.add_argument("--dmc-force-cr", type=cli.float_range(1.0), default=None,
                  help="force decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model)")
   g = p.add_argument_group("eviction policy (a compact cache of ceil(T / CR) + 1 slots per layer and KV head)")
   g.add_argument("--policy", default=None, help="streaming, h2o or tova")
-  g.add_argument("--policy-cr", type=float, default=2.0, help="target CR: ceil(t / CR) entries after t tokens")
+  g.add_argument("--policy-cr", type=cli.float_range(1.0), default=2.0, help="target CR: ceil(t / CR) entries after t tokens")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -133,6 +133,7 @@ def _run_generate(args: argparse.Namespace) -> None:
   cfg = ckpt.config.replace(dtype=args.dtype or "float32")
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
   prompts = [tokenizer.encode(p, add_special_tokens=not args.no_special_tokens) for p in args.prompt]
+  _check_generate_args(args, cfg, prompts)
   t0 = time.perf_counter()
   params = jax.device_put(ckpt.load_params())
   load_s = time.perf_counter() - t0
@@ -165,6 +166,20 @@ def _run_generate(args: argparse.Namespace) -> None:
     print(f"[policy] {gen.policy.label()}: entries kept per layer and KV head at the end "
           f"{kept_entries(gen.policy, result.prompt_lengths, result.decode_steps)}",
           file=sys.stderr)
+
+
+def _check_generate_args(args, cfg, prompts) -> None:
+  """The ranges that depend on the checkpoint (argparse has checked the rest): before any weight is loaded or
+  cache allocated, so that 10^8 new tokens is one line, not a 25 GB allocation."""
+  from dmc_jax.errors import ArgumentError
+  if args.top_k > cfg.vocab_size:
+    raise ArgumentError(f"--top-k: {args.top_k} exceeds the vocabulary of {cfg.vocab_size} tokens")
+  if not all(prompts):
+    raise ArgumentError("--prompt: a prompt encodes to no tokens (give text, or drop --no-special-tokens)")
+  longest = max(len(p) for p in prompts)
+  if longest + args.max_new_tokens > cfg.max_position_embeddings:
+    raise ArgumentError(f"--max-new-tokens: {longest} prompt + {args.max_new_tokens} new tokens exceed the "
+                        f"model's {cfg.max_position_embeddings} positions")
 
 
 def _dmc_options(args, ckpt, cfg):
@@ -223,6 +238,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--init-from", metavar="CKPT",
                  help="converted checkpoint to retrofit (same as --config.model.init_from=CKPT)")
   p.add_argument("--workdir", help="run directory (same as --config.workdir=DIR)")
+  cli.add_workdir_arguments(p)
   g = p.add_argument_group("multi-host (default: DMC_JAX_* environment, a detected SLURM/MPI/TPU-pod cluster, "
                            "else one process)")
   g.add_argument("--coordinator", help="host:port of process 0's coordination service")
@@ -244,7 +260,7 @@ def _run_train(args: argparse.Namespace) -> None:
     overrides.append(f"--config.workdir={args.workdir}")
   cfg = config.load(args.config, overrides)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  summary = dmc_run.train(cfg)
+  summary = dmc_run.train(cfg, break_lock=args.break_lock, allow_config_change=args.allow_config_change)
   print(json.dumps(summary, indent=2, default=str))
 
 
@@ -260,9 +276,9 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _configure_plan(p: argparse.ArgumentParser) -> None:
   cli.add_config_argument(p)
-  p.add_argument("--devices", type=int, default=None,
+  p.add_argument("--devices", type=cli.positive_int, default=None,
                  help="fake CPU devices (default: the product of the mesh sizes; needed when one is -1)")
-  p.add_argument("--layers", type=int, default=None, help="plan only this many layers (same widths; quick checks)")
+  p.add_argument("--layers", type=cli.positive_int, default=None, help="plan only this many layers (same widths; quick checks)")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -289,7 +305,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def _configure_gqa_pool(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
-  p.add_argument("--kv-heads", type=int, required=True, help="KV heads after pooling (divides the current count)")
+  p.add_argument("--kv-heads", type=cli.positive_int, required=True, help="KV heads after pooling (divides the current count)")
   p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
   p.add_argument("--force", action="store_true", help="replace --out if it exists")
 
