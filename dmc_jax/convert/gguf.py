@@ -51,8 +51,8 @@ def check_table(path: str) -> None:
     nonlocal pos
     if n < 0 or pos + n > len(head):
       if pos + n > size or len(head) == size:
-        raise ConversionError(f"{path}: truncated: the GGUF header needs {pos + n} bytes for {what}, file has "
-                              f"{size}")
+        raise ConversionError(f"{path}: truncated or corrupt GGUF header: {what[:60]!r} needs {pos + n} bytes, "
+                              f"file has {size}")
       fail(f"header larger than {len(head)} bytes")
     out = head[pos:pos + n]
     pos += n
@@ -102,7 +102,7 @@ def check_table(path: str) -> None:
     name = take(u64("a tensor name"), "a tensor name").decode("utf-8", "replace")
     n_dims = u32(name)
     if n_dims > 8:
-      fail(f"tensor {name!r} has {n_dims} dimensions")
+      fail(f"tensor {name!r:.60} has {n_dims} dimensions")
     dims = [u64(name) for _ in range(n_dims)]
     ttype, offset = u32(name), u64(name)
     infos.append((name, dims, ttype, offset))

@@ -307,7 +307,7 @@ def test_malformed_gguf(tmp_path, capsys):
     struct.pack_into(fmt, d, pos, v)
     return bytes(d)
   for cut in (20, 700, 12790, 300000, len(b) - 1):
-    case(f"cut{cut}.gguf", b[:cut], "truncated: ")
+    case(f"cut{cut}.gguf", b[:cut], "truncated")
   case("last.gguf", b[:-1], f"needs")  # the message names the tensor, its size and offset and the file's size
   assert "file has %d" % (len(b) - 1) in one_line_error(capsys, "truncated: tensor", tmp_path / "last.gguf",
                                                          "--from", "gguf", "--out", tmp_path / "out")
