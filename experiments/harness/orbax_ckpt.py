@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -23,12 +24,26 @@ RUN_JSON = "run.json"
 log = logging.getLogger("dmc_jax")
 
 
+PRUNED = "pruned"  # checkpoints/pruned/<step>: old checkpoints renamed here by Orbax (atomic), then deleted by us
+
+
 class Checkpointer:
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, primary: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.primary = primary
+    self.purge_pruned()
+    # Pruning renames a step out of the way before deleting it: a kill during the deletion leaves a partial
+    # folder in pruned/, never a partial checkpoints/<step> that every later resume would warn about.
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                             enable_async_checkpointing=async_save))
+                                                             enable_async_checkpointing=async_save,
+                                                             todelete_subdir=PRUNED))
+
+  def purge_pruned(self) -> None:
+    """Deletes what pruning moved aside (a previous run may have been killed while deleting it)."""
+    pruned = os.path.join(self.directory, PRUNED)
+    if self.primary and os.path.isdir(pruned):
+      shutil.rmtree(pruned, ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -86,6 +101,7 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+    self.purge_pruned()
 
 
 def restore_raw(workdir: str, step: int | None = None) -> tuple[int, Any]:

@@ -108,7 +108,7 @@ def _train(task: Task, cfg: LoopConfig, workdir: str,
     batch_sh = mesh_lib.batch_sharding(mesh)
     rep = mesh_lib.replicated(mesh)
     primary = jax.process_index() == 0  # multi-host: one process writes the run's files
-    ckpt = orbax_ckpt.Checkpointer(workdir, keep=cfg.keep, async_save=cfg.async_ckpt)
+    ckpt = orbax_ckpt.Checkpointer(workdir, keep=cfg.keep, async_save=cfg.async_ckpt, primary=primary)
     data_it = task.data()
     try:
       # The config check comes first: checkpoints of another model would fail to restore and be taken for corrupt.

@@ -253,7 +253,6 @@ def predict(workdir: str, video: str, out: str, steps: int | None = None, max_fr
             fps: float | None = None) -> dict:
   """With steps: the video followed by K recursively predicted frames. Without: the next-frame prediction for
   every window (frame t+1 predicted from frames ≤ t; the first s frames are copied)."""
-  import cv2
   import jax
   from sdc_jax import data, flow as flow_lib
   from sdc_jax.predict import Predictor
@@ -272,21 +271,33 @@ def predict(workdir: str, video: str, out: str, steps: int | None = None, max_fr
     bwd = flow_lib.backward_flows(frames, estimator)
     preds = [predictor.next_frame(frames[t:t + s], bwd[t:t + s - 1]) for t in range(len(frames) - s)]
     written = np.concatenate([frames[:s], np.stack(preds)])
-  if fps is not None and not (0 < fps < float("inf")):
-    raise SDCError(f"--fps: expected a positive frame rate, got {fps}")
-  if fps is None:
-    path = data.resolve(video)
-    fps = 0.0
-    if os.path.isfile(path):  # a frame folder or a decoded clip has no rate of its own
-      cap = cv2.VideoCapture(path)
-      fps = cap.get(cv2.CAP_PROP_FPS)
-      cap.release()
-    if not (0 < fps < 1000):
-      log.warning("%s has no frame rate; writing %s at 25 fps (set --fps to choose)", video, out)
-      fps = 25.0
-  write_mp4(out, written, fps)
+  write_mp4(out, written, output_fps(video, fps, out))
   return {"out": os.path.abspath(out), "frames": int(len(written)), "size": list(written.shape[1:3]),
           "predicted": int(steps if steps is not None else len(frames) - s)}
+
+
+DEFAULT_FPS = 25.0
+
+
+def output_fps(video: str, fps: float | None, out: str) -> float:
+  """`fps` if given (positive), else the input video's rate; a frame folder (or a file without a usable rate) has
+  none, so DEFAULT_FPS with a note — OpenCV cannot open a writer at 0 fps."""
+  import cv2
+  from sdc_jax import data
+  if fps is not None:
+    if not 0 < fps < float("inf"):
+      raise SDCError(f"--fps: expected a positive frame rate, got {fps}")
+    return float(fps)
+  path = data.resolve(video)
+  rate = 0.0
+  if os.path.isfile(path):
+    cap = cv2.VideoCapture(path)
+    rate = cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+  if not 0 < rate < 1000:  # NaN and 0 included
+    log.warning("%s has no frame rate; writing %s at %g fps (set --fps to choose)", video, out, DEFAULT_FPS)
+    return DEFAULT_FPS
+  return float(rate)
 
 
 def write_mp4(path: str, frames_TxHxWx3: np.ndarray, fps: float) -> None:

@@ -94,3 +94,17 @@ def test_sdc_arguments_and_run_dirs(capsys, tmp_path):
                                   "--config.train.batch_size=0"], "train.batch_size=0 must be >= 1")
   one_line(capsys, cli_sdc.main, ["train", "--config", SDC, "--config.data.reverse_prob=2.0"],
            "data.reverse_prob=2.0 must be >= 0 and <= 1")
+
+
+def test_predict_frame_rate_defaults_for_a_frame_folder(tmp_path, caplog):
+  import numpy as np
+  from experiments.sdc import run as sdc_run
+  frames = tmp_path / "frames"
+  frames.mkdir()
+  # a frame folder has no rate: 25 fps, and the note says so (it used to fail as "cannot open an mp4 writer")
+  assert sdc_run.output_fps(str(frames), None, "o.mp4") == 25.0
+  assert "has no frame rate; writing o.mp4 at 25 fps" in caplog.text
+  clip = tmp_path / "c.mp4"
+  sdc_run.write_mp4(str(clip), np.zeros((3, 32, 32, 3), np.uint8), 10.0)
+  assert sdc_run.output_fps(str(clip), None, "o.mp4") == 10.0  # a video keeps its own
+  assert sdc_run.output_fps(str(clip), 7.5, "o.mp4") == 7.5

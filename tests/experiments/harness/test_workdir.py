@@ -19,18 +19,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 @pytest.fixture(scope="module")
 def harness_task():
+  """One task for the module: the same step function every run, so JAX compiles it once, not once per run."""
   sys.path.insert(0, os.path.join(ROOT, "tests", "data"))
   try:
     import harness_task
   finally:
     sys.path.pop(0)
-  return harness_task
+  return harness_task.make_task()
 
 
-def _task(harness_task, lr=1e-3, steps=4, **model):
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+  """The curves PNG is not what these tests check (and matplotlib's text layout is most of a tiny run's time)."""
+  from experiments.harness import metrics
+  monkeypatch.setattr(metrics.MetricsWriter, "plot", lambda self, path=None: None)
+
+
+def _task(task, lr=1e-3, steps=4, **model):
   describe = {"format": "test/1", "model": {"width": 16, **model},
               "experiment": {"train": {"lr": lr, "steps": steps, "log_every": 2}, "workdir": "x"}}
-  return dataclasses.replace(harness_task.make_task(), describe=describe)
+  return dataclasses.replace(task, describe=describe)
 
 
 def _loop(steps=4, **kw):
@@ -105,7 +113,7 @@ def test_resume_refuses_a_changed_config_and_records_allowed_changes(tmp_path, h
   assert len(meta["history"]) == 3
 
 
-def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, harness_task, caplog):
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, harness_task, caplog, capsys):
   wd = str(tmp_path)
   trainer.train(_task(harness_task), _loop(4), wd)
   ckpts = tmp_path / "checkpoints"
@@ -130,6 +138,14 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, harness
     orbax_ckpt.restore_raw(wd)
   with pytest.raises(TrainCheckpointError, match="no intact checkpoint"):
     trainer.train(_task(harness_task), _loop(4), wd)
+  # `sdc-jax eval` on such a run: one line, exit 2 (it restores through the same fallback)
+  from experiments.cli import sdc as cli_sdc
+  from experiments.sdc import run as sdc_run
+  from sdc_jax.model import SDCNetConfig
+  orbax_ckpt.write_run_json(wd, {"format": sdc_run.FORMAT, "model": SDCNetConfig().to_dict(), "data": {}})
+  assert cli_sdc.main(["eval", wd]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert "no intact checkpoint" in err[-1] and "error:" in err[-1] and not any("Traceback" in l for l in err)
 
 
 def test_disk_full_is_one_line_and_loses_nothing(tmp_path, harness_task, monkeypatch):
@@ -149,3 +165,16 @@ def test_disk_full_is_one_line_and_loses_nothing(tmp_path, harness_task, monkeyp
   assert not os.path.exists(tmp_path / "lock.json")  # and the lock was released
   monkeypatch.setattr(orbax_ckpt.Checkpointer, "save", real_save)
   assert trainer.train(_task(harness_task, steps=6), _loop(6), wd).start_step == 2
+
+
+def test_kill_during_pruning_leaves_nothing_to_warn_about(tmp_path):
+  # Pruning renames a step into checkpoints/pruned/ (atomic) before deleting it; a run killed while deleting
+  # leaves a partial folder there, which the next run removes before Orbax looks at the directory.
+  partial = tmp_path / "checkpoints" / "pruned" / "2" / "state"
+  partial.mkdir(parents=True)
+  (partial / "d").write_bytes(b"half-deleted")
+  c = orbax_ckpt.Checkpointer(str(tmp_path), async_save=False)
+  try:
+    assert not (tmp_path / "checkpoints" / "pruned").exists() and list(c.manager.all_steps()) == []
+  finally:
+    c.close()
