@@ -187,9 +187,16 @@ class Model:
       raise ArgumentError(str(e)) from None
     if not math.isfinite(sampling.temperature):
       raise ArgumentError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if sampling.top_k > self.config.vocab_size:
+      raise ArgumentError(f"top_k: {sampling.top_k} exceeds the vocabulary of {self.config.vocab_size} tokens")
     ids = [self.encode(p, add_special_tokens) for p in prompts]
     if any(not i for i in ids):
-      raise ArgumentError("prompts: a prompt encodes to no tokens (empty text without special tokens)")
+      raise ArgumentError("prompts: a prompt encodes to no tokens (give text, or keep the special tokens)")
+    # Checked before any cache is allocated: 10^8 new tokens is one line, not a 25 GB allocation.
+    longest = max(len(i) for i in ids)
+    if longest + max_new_tokens > self.config.max_position_embeddings:
+      raise ArgumentError(f"max_new_tokens: {longest} prompt + {max_new_tokens} new tokens exceed the model's "
+                          f"{self.config.max_position_embeddings} positions")
     gen = self.generator(choice, page_size=page_size, kv_budget_mb=kv_budget_mb)
     eos = self.eos_ids
     result = gen.generate(ids, max_new_tokens, sampling, seed=seed, eos_ids=eos, stop_at_eos=stop_at_eos)

@@ -60,6 +60,51 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   return cfg
 
 
+def _ranges():
+  from experiments.harness.config import OneOf, Range
+  pos_int, nonneg_int, pos = Range(1, integer=True), Range(0, integer=True), Range(0, lo_open=True)
+  return {
+      "seed": nonneg_int,
+      "model.dtype": OneOf("float32", "bfloat16", "float16"),
+      "model.remat": OneOf("none", "full", "dots", "dots_no_batch"),
+      "model.attention_impl": OneOf("auto", "xla", "pallas"),
+      "dmc.decision_channel": OneOf("last", "first"),
+      "dmc.window": Range(1, integer=True, optional=True),
+      "dmc.temperature": pos,
+      "dmc.offset": Range(),
+      "train.mode": OneOf("dmc", "vanilla"),
+      "train.target_cr": Range(1.0),
+      "train.steps": pos_int,
+      "train.stage1_steps": nonneg_int,
+      "train.ramp_steps": nonneg_int,
+      "train.lr": pos,
+      "train.decision_lr": pos,
+      "train.cr_weight": Range(0),
+      "train.warmup_steps": nonneg_int,
+      "train.weight_decay": Range(0),
+      "train.clip": pos,
+      "train.batch_size": pos_int,
+      "train.grad_accum": pos_int,
+      "train.seq_len": Range(2, integer=True),
+      "train.log_every": pos_int,
+      "train.ckpt_every": pos_int,
+      "train.eval_every": nonneg_int,
+      "train.eval_batches": pos_int,
+      "train.keep": pos_int,
+      "train.peak_tflops": Range(0),
+      "data.kind": OneOf("stdlib", "files", "tfds"),
+      "mesh.data": Range(1, integer=True, allowed=(-1,)),
+      "mesh.fsdp": Range(1, integer=True, allowed=(-1,)),
+      "mesh.tensor": Range(1, integer=True, allowed=(-1,)),
+      "batch/grad_accum": lambda c: (None if c.train.batch_size % c.train.grad_accum == 0 else
+                                     f"train.batch_size={c.train.batch_size} is not a multiple of "
+                                     f"train.grad_accum={c.train.grad_accum}"),
+  }
+
+
+RANGES = _ranges()  # every field's allowed values, checked by `dmc-jax train` and `dmc-jax plan`
+
+
 SMOLLM2_CKPT = ".work/ckpt/smollm2-135m-instruct"  # where `make demo-dmc` converts the bundled GGUF
 VARIANTS = (None, "tiny", "cpu", "toy")
 
