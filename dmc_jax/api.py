@@ -1,12 +1,13 @@
 """The Python API: load a checkpoint, generate with any cache, score text.
 
     import dmc_jax
+    dmc_jax.convert("SmolLM2-135M-Instruct.Q4_1.gguf", "ckpt/smollm2", source="gguf")
     model = dmc_jax.load("ckpt/smollm2")                          # a dmc-jax checkpoint directory
-    model.generate(["The capital of France is"], max_new_tokens=8)  # -> [" Paris. ..."]
-    model.generate(prompts, cache="h2o", cr=2)                     # an eviction policy at a target ratio
-    model.generate(prompts, cache="dmc", dmc_force_cr=4)           # DMC with forced decisions (benchmarks)
-    model.perplexity(texts, cache="tova", cr=3)
-    dmc_jax.convert("SmolLM2.gguf", "ckpt/smollm2", source="gguf")
+    prompts = ["The capital of France is", "Gravity is the force that"]
+    model.generate(prompts, max_new_tokens=8)                     # -> [" Paris. ...", ...]
+    model.generate(prompts, max_new_tokens=8, cache="h2o", cr=2)  # an eviction policy at a target ratio
+    model.generate(prompts, max_new_tokens=8, dmc_force_cr=4)     # DMC with forced decisions (benchmarks)
+    model.perplexity(["The quick brown fox jumps over the lazy dog."], cache="tova", cr=3)
 
 The cache-selection contract (the CLI's `--cache NAME [--cr CR] [--dmc-force-cr CR]` mirrors it):
 * `cache=None` uses the checkpoint's own learned method (`compression.method`, e.g. "dmc"), else "vanilla".
