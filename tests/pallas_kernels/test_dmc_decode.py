@@ -253,8 +253,8 @@ def _decode_shapes(r, g, d, p, s, m, dtype):
 
 @pytest.mark.parametrize("shape,dtype", [
     ((4096, 1, 128, 9000, 32, 18), jnp.bfloat16),  # Llama-2-7B: batch 128 × 32 KV heads (MHA), 576 slots
-    ((192, 3, 64, 4000, 32, 64), jnp.bfloat16),  # SmolLM2-135M: batch 64 × 3 KV heads, G = 3, D = 64, 2048 slots
-    ((24, 3, 64, 300, 16, 40), jnp.float32)], ids=["llama2-7b-bf16", "smollm2-bf16", "smollm2-f32-page16"])
+    ((192, 3, 64, 8000, 16, 128), jnp.float32)],  # SmolLM2-135M: batch 64 × 3 KV heads, G = 3, D = 64, 2048 slots
+    ids=["llama2-7b-bf16", "smollm2-f32-page16"])
 def test_tpu_lowers_for_tpu(shape, dtype):
   """The real Pallas → Mosaic lowering (block-shape rules, every op lowered to Mosaic), on this host."""
   lowered = tpu.lower_for_tpu(lambda *a: tpu.paged_decode_attention(*a), *_decode_shapes(*shape, dtype))
