@@ -45,8 +45,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 LANES = 128
-# Tiling defaults, chosen by reasoning (no TPU here to tune on): a grid step costs ≈0.35 µs of fixed overhead,
-# so a step should move a few hundred KiB — 128 slots per row (one lane width of logits) × 8 rows is 512 KiB of
+# Tiling defaults, chosen by reasoning (no TPU here to tune on; untuned): a grid step has a fixed overhead, so a
+# step should move a few hundred KiB — 128 slots per row (one lane width of logits) × 8 rows is 512 KiB of
 # bfloat16 K+V at D = 128.
 SLOTS_PER_BLOCK = 128
 ROWS_PER_BLOCK = 8
@@ -126,9 +126,9 @@ def _kernel(lengths_ref, fetch_ref, q_ref, *refs, scale: float, page_size: int, 
 
   @pl.when(i == pl.num_programs(1) - 1)
   def _finish():
-    l = l_ref[...].max(axis=2, keepdims=True)  # [R_b, G, 1]
+    total = l_ref[...].max(axis=2, keepdims=True)  # [R_b, G, 1] softmax denominators
     # A row with no slots never ran: l = 0 and acc = 0, giving 0 as the reference does.
-    o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+    o_ref[...] = (acc_ref[...] / jnp.where(total > 0, total, 1.0)).astype(o_ref.dtype)
 
 
 def _positive(name: str, n) -> int:

@@ -279,3 +279,16 @@ def test_tpu_lowering_rejects_an_illegal_block():
   assert "tpu_custom_call" in tpu.lower_for_tpu(copy(8), pool).as_text()
   with pytest.raises(ValueError, match="divisible by 8 and 128"):
     tpu.lower_for_tpu(copy(4), pool)
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (Mosaic's own compile and the real DMAs)")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("g,d", [(1, 128), (3, 64)], ids=["llama2", "smollm2"])
+def test_native_tpu_matches_oracle(g, d, dtype):
+  """On a TPU: the compiled kernel at its default tiling, the API's choice for None, against the oracle."""
+  rng = np.random.default_rng(3)
+  lengths = np.concatenate([[0, 1, 31, 32, 33, 32 * 24], rng.integers(0, 32 * 24, 100)])
+  case = make_case(lengths, g=g, d=d, page_size=32, max_pages=24, dtype=dtype, seed=3)
+  assert _backend.resolve(api.OP, None) == "tpu" and not _backend.interpret(target="tpu")
+  out = np.asarray(run(case, None).astype(jnp.float32))
+  np.testing.assert_allclose(out, oracle(*as64(case)), atol=TOL[dtype], rtol=TOL[dtype])
