@@ -107,7 +107,9 @@ def _kernel(lengths_ref, fetch_ref, q_ref, *refs, scale: float, page_size: int, 
         s_valid = page_start + lax.broadcasted_iota(jnp.int32, (g, page_size), 1) < length
         logits.append(jnp.where(s_valid, s, MASK_VALUE))  # before exp: a masked slot may be NaN
         v_valid = page_start + lax.broadcasted_iota(jnp.int32, (page_size, d), 0) < length
-        values.append(jnp.where(v_valid, v, jnp.zeros_like(v)))  # 0·NaN would poison p @ v
+        # 0·NaN would poison p @ v. The select runs in float32, as jax's ragged paged attention does it (v5e's
+        # VPU has no bfloat16 arithmetic).
+        values.append(jnp.where(v_valid, v.astype(jnp.float32), 0.0).astype(v.dtype))
       m_prev = m_ref[rr].max(axis=1, keepdims=True)  # [G, 1] (lane-replicated in scratch)
       l_prev = l_ref[rr].max(axis=1, keepdims=True)
       m_next = m_prev
