@@ -95,13 +95,14 @@ class Completion:
 class Model:
   """A loaded checkpoint: parameters on the device, the tokenizer, and compiled generators per cache."""
 
-  def __init__(self, ckpt: Checkpoint, dtype: str | None = None):
+  def __init__(self, ckpt: Checkpoint, dtype: str | None = None, attention_impl: str | None = None):
     import jax
     from dmc_jax.config import DTYPES
     if dtype is not None and dtype not in DTYPES:
       raise ArgumentError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
     self.checkpoint = ckpt
-    self.config: LlamaConfig = ckpt.config.replace(dtype=dtype or "float32", scan_layers=False, remat_policy="none")
+    self.config: LlamaConfig = ckpt.config.replace(dtype=dtype or "float32", scan_layers=False, remat_policy="none",
+                                                   attention_impl=attention_impl)
     self.tokenizer = ckpt.tokenizer()
     self.params = jax.device_put(ckpt.load_params())
     self._generators: dict = {}
@@ -312,11 +313,13 @@ def _prompt_list(prompts, name: str = "prompts") -> list[str]:
   return prompts
 
 
-def load(path: str, *, adapter: str | None = None, dtype: str | None = None, verify: bool = True) -> Model:
+def load(path: str, *, adapter: str | None = None, dtype: str | None = None, verify: bool = True,
+         attention_impl: str | None = None) -> Model:
   """Opens a dmc-jax checkpoint directory (checksums verified unless `verify=False`) and loads its parameters.
 
   `dtype`: compute dtype (default float32; bfloat16 is faster on accelerators, slower on CPUs).
+  `attention_impl`: the DMC attention and decode kernels (LlamaConfig.attention_impl; None: the best available).
   """
   if adapter is not None:
     raise ArgumentError("adapter: loading adapters is not supported by this version (full checkpoints only)")
-  return Model(Checkpoint(path, verify=verify), dtype=dtype)
+  return Model(Checkpoint(path, verify=verify), dtype=dtype, attention_impl=attention_impl)

@@ -15,7 +15,8 @@ from dmc_jax.errors import ConfigError
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: gradient checks in tests
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
-ATTENTION_IMPLS = (None, "xla", "pallas")  # None: Pallas kernels on a GPU, the XLA references elsewhere
+# None: the Pallas kernels on a GPU, the TPU decode kernel on a TPU, the XLA references elsewhere.
+ATTENTION_IMPLS = (None, "xla", "pallas", "tpu")
 
 
 def check_keys(cls, d: Mapping[str, Any], where: str, error: type[Exception] = ConfigError) -> None:

@@ -132,6 +132,9 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
   p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
   p.add_argument("--no-special-tokens", action="store_true", help="encode prompts without BOS/EOS")
   p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's sha256 check (large checkpoints)")
+  p.add_argument("--attention-impl", choices=("auto", "xla", "pallas", "tpu"), default="auto",
+                 help="DMC attention and decode kernels (auto: Pallas on a GPU, the TPU decode kernel on a TPU, "
+                 "XLA elsewhere; a kernel off its platform runs interpreted: slow, for checking)")
   add_cache_arguments(p)
   g = p.add_argument_group("DMC page pool")
   g.add_argument("--page-size", type=cli.positive_int, default=32, help="slots per cache page")
@@ -143,7 +146,8 @@ def _run_generate(args: argparse.Namespace) -> None:
   import jax
   import dmc_jax
   t0 = time.perf_counter()
-  model = dmc_jax.load(args.ckpt, dtype=args.dtype, verify=not args.no_verify)
+  model = dmc_jax.load(args.ckpt, dtype=args.dtype, verify=not args.no_verify,
+                       attention_impl=None if args.attention_impl == "auto" else args.attention_impl)
   load_s = time.perf_counter() - t0
   c = model.complete(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      top_p=args.top_p, seed=args.seed, kv_budget_mb=args.kv_budget_mb, page_size=args.page_size,
