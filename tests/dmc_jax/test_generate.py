@@ -161,8 +161,9 @@ def test_cli_generate_with_dmc_settings_from_the_checkpoint(tmp_path, smollm2_ck
 def test_cli_generate_dmc_with_the_tpu_kernel(tmp_path, smollm2_ckpt, capsys, monkeypatch):
   """`generate --dmc --attention-impl tpu`: the DMC decode runs the Pallas TPU kernel (interpreted here)."""
   from conftest import write_checkpoint
-  from experiments.cli import dmc as cli_dmc
+
   from dmc_jax import checkpoint
+  from experiments.cli import dmc as cli_dmc
   from pallas_kernels.dmc_decode import tpu
   calls, kernel = [], tpu.paged_decode_attention
   monkeypatch.setattr(tpu, "paged_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))

@@ -36,7 +36,8 @@ def test_equal_memory_decode_with_the_tpu_kernel(monkeypatch):
   calls, kernel = [], tpu.paged_decode_attention
   monkeypatch.setattr(tpu, "paged_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
   budget = 2 * 2**20
-  rows = bench_dmc.decode_equal_memory("smollm2-135m@1", budget, 32, 1, [4.0], "float32", 16, "tpu", policies=[])
+  rows = bench_dmc.decode_equal_memory("smollm2-135m@1", budget=budget, context=32, steps=1, crs=[4.0],
+                                       dtype="float32", page_size=16, attention_impl="tpu", policies=[])
   assert [r["method"] for r in rows] == ["vanilla", "dmc cr 4"]
   assert all(0 < r["kv_bytes"] <= budget and r["tokens_per_s"] > 0 for r in rows)
   assert rows[1]["realised_cr"] > 1.5 and calls, rows[1]
