@@ -10,7 +10,7 @@ import pytest
 from experiments.cli import sdc as cli_sdc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-CONFIG = os.path.join(ROOT, "experiments", "sdc", "skvideo_sdc.py")
+CONFIG = os.path.join(ROOT, "experiments", "sdc", "configs", "skvideo_sdc.py")
 
 
 @pytest.fixture(scope="module")
