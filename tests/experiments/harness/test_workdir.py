@@ -128,6 +128,14 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, harness
   assert "4.corrupt-0" in os.listdir(ckpts) and "4" in os.listdir(ckpts)  # moved aside, then retrained
   step, _ = orbax_ckpt.restore_raw(wd)
   assert step == 4
+  # a truncated array file in the latest checkpoint: the loader falls back too
+  files = [os.path.join(d, f) for d, _, fs in os.walk(ckpts / "4" / "state") for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  caplog.clear()
+  step, _ = orbax_ckpt.restore_raw(wd)
+  assert step == 2 and "checkpoint step 4 is unreadable" in caplog.text
   # every checkpoint broken: one line, for training and for restore_raw (sdc-jax eval's loader)
   for d in ("2", "4"):
     for root, _, fs in os.walk(ckpts / d):
