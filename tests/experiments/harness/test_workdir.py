@@ -151,6 +151,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, harness
   from experiments.sdc import run as sdc_run
   from sdc_jax.model import SDCNetConfig
   orbax_ckpt.write_run_json(wd, {"format": sdc_run.FORMAT, "model": SDCNetConfig().to_dict(), "data": {}})
+  capsys.readouterr()  # only what the command prints
   assert cli_sdc.main(["eval", wd]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert "no intact checkpoint" in err[-1] and "error:" in err[-1] and not any("Traceback" in l for l in err)
