@@ -138,8 +138,8 @@ def write_run_json(workdir: str, meta: dict) -> str:
 
 
 def read_run_json(workdir: str, expected_format: str) -> dict:
-  if not os.path.isdir(workdir):
-    raise TrainCheckpointError(f"{workdir}: not a run directory ({'a file' if os.path.exists(workdir) else 'missing'})")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise TrainCheckpointError(f"{workdir}: not a run directory (a file)")
   path = os.path.join(workdir, RUN_JSON)
   meta = read_json(path, "missing (not a training run directory)", TrainCheckpointError)
   if not isinstance(meta, dict) or meta.get("format") != expected_format:

@@ -32,8 +32,8 @@ NOT_COMPUTATION = ("experiment.name", "experiment.workdir", "experiment.train.lo
                    "experiment.train.keep", "experiment.train.peak_tflops", "experiment.train.eval_baseline",
                    "experiment.data.data_dir", "experiment.data.eval_windows", "experiment.model.tokenizer_from",
                    "experiment.model.init_from", "experiment.model.attention_impl", "experiment.model.remat",
-                   "experiment.model.implementation", "model.remat_policy", "model.attention_impl",
-                   "model.implementation", "history")
+                   "experiment.model.implementation", "experiment.data.eval_videos", "data.eval_videos",
+                   "model.remat_policy", "model.attention_impl", "model.implementation", "history")
 EXTENDABLE = "experiment.train.steps"
 
 

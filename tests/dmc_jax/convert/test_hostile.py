@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from dmc_jax import checkpoint, io_safety
-from dmc_jax.convert import gguf as gguf_convert, hf, meta
-from dmc_jax.errors import UserError
+from dmc_jax.convert import gguf as gguf_convert, meta
 from experiments.cli import dmc as cli_dmc
 
 GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "golden")
@@ -308,7 +307,7 @@ def test_malformed_gguf(tmp_path, capsys):
     return bytes(d)
   for cut in (20, 700, 12790, 300000, len(b) - 1):
     case(f"cut{cut}.gguf", b[:cut], "truncated")
-  case("last.gguf", b[:-1], f"needs")  # the message names the tensor, its size and offset and the file's size
+  case("last.gguf", b[:-1], "needs")  # the message names the tensor, its size and offset and the file's size
   assert "file has %d" % (len(b) - 1) in one_line_error(capsys, "truncated: tensor", tmp_path / "last.gguf",
                                                          "--from", "gguf", "--out", tmp_path / "out")
   case("heads0.gguf", patch(kvs["llama.attention.head_count"], "<I", 0),

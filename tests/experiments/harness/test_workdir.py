@@ -128,6 +128,14 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, harness
   assert "4.corrupt-0" in os.listdir(ckpts) and "4" in os.listdir(ckpts)  # moved aside, then retrained
   step, _ = orbax_ckpt.restore_raw(wd)
   assert step == 4
+  # a truncated array file in the latest checkpoint: the loader falls back too
+  files = [os.path.join(d, f) for d, _, fs in os.walk(ckpts / "4" / "state") for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  caplog.clear()
+  step, _ = orbax_ckpt.restore_raw(wd)
+  assert step == 2 and "checkpoint step 4 is unreadable" in caplog.text
   # every checkpoint broken: one line, for training and for restore_raw (sdc-jax eval's loader)
   for d in ("2", "4"):
     for root, _, fs in os.walk(ckpts / d):
@@ -143,6 +151,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, harness
   from experiments.sdc import run as sdc_run
   from sdc_jax.model import SDCNetConfig
   orbax_ckpt.write_run_json(wd, {"format": sdc_run.FORMAT, "model": SDCNetConfig().to_dict(), "data": {}})
+  capsys.readouterr()  # only what the command prints
   assert cli_sdc.main(["eval", wd]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert "no intact checkpoint" in err[-1] and "error:" in err[-1] and not any("Traceback" in l for l in err)
