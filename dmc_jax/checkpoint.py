@@ -289,6 +289,9 @@ class Checkpoint:
       if tensors[name].shape != shape:
         raise CheckpointError(f"{self.directory}: parameter {name!r} has shape {list(tensors[name].shape)}, "
                               f"expected {list(shape)}")
+      if tensors[name].dtype not in FLOAT_DTYPES.values():
+        raise CheckpointError(f"{self.directory}: parameter {name!r} is {tensors[name].dtype}, expected a float "
+                              f"dtype ({', '.join(sorted(FLOAT_DTYPES))})")
     extra = sorted(set(tensors) - set(expected))
     if extra:
       raise CheckpointError(f"{self.directory}: unexpected parameter {extra[0]!r}")
