@@ -94,7 +94,7 @@ class Completion:
 class Model:
   """A loaded checkpoint: parameters on the device, the tokenizer, and compiled generators per cache."""
 
-  def __init__(self, ckpt: Checkpoint, dtype: str | None = None):
+  def __init__(self, ckpt: Checkpoint, dtype: str | None = None, adapter=None):
     import jax
     from dmc_jax.config import DTYPES
     if dtype is not None and dtype not in DTYPES:
@@ -102,7 +102,9 @@ class Model:
     self.checkpoint = ckpt
     self.config: LlamaConfig = ckpt.config.replace(dtype=dtype or "float32", scan_layers=False, remat_policy="none")
     self.tokenizer = ckpt.tokenizer()
-    self.params = jax.device_put(ckpt.load_params())
+    self.adapter = adapter  # dmc_jax.adapter.Adapter applied to the checkpoint's parameters, or None
+    params = ckpt.load_params()
+    self.params = jax.device_put(params if adapter is None else adapter.apply(params))
     self._generators: dict = {}
     self._scorers: dict = {}
     self._stacked = None
@@ -111,14 +113,16 @@ class Model:
 
   @property
   def method(self) -> str | None:
-    """The learned compression method of the weights ("dmc") or None."""
-    return self.checkpoint.method
+    """The learned compression method of the weights ("dmc") or None; an adapter's method when one is applied."""
+    return self.adapter.method if self.adapter is not None else self.checkpoint.method
 
   @property
   def chat_template(self) -> str | None:
     return self.checkpoint.chat_template
 
   def dmc_config(self) -> DMCConfig | None:
+    if self.adapter is not None:
+      return self.adapter.dmc
     d = self.checkpoint.dmc
     return None if d is None else DMCConfig.from_dict(d, where=f"{self.checkpoint.directory}/checkpoint.json: "
                                                               "compression")
@@ -308,7 +312,14 @@ def load(path: str, *, adapter: str | None = None, dtype: str | None = None, ver
   """Opens a dmc-jax checkpoint directory (checksums verified unless `verify=False`) and loads its parameters.
 
   `dtype`: compute dtype (default float32; bfloat16 is faster on accelerators, slower on CPUs).
+  `adapter`: an adapter directory (`dmc-jax train` with train.trainable != all writes WORKDIR/adapter) applied to
+  the checkpoint's parameters; its method becomes the default cache (cache="vanilla" turns it off). A checkpoint
+  whose parameter digest is not the adapter's base is refused.
   """
+  ckpt = Checkpoint(path, verify=verify)
+  applied = None
   if adapter is not None:
-    raise ArgumentError("adapter: loading adapters is not supported by this version (full checkpoints only)")
-  return Model(Checkpoint(path, verify=verify), dtype=dtype)
+    from dmc_jax import adapter as adapter_lib
+    applied = adapter_lib.load(adapter, verify=verify)
+    applied.check_base(ckpt)
+  return Model(ckpt, dtype=dtype, adapter=applied)

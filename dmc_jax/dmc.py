@@ -181,7 +181,7 @@ def zero_decision_rows(params: Any, dmc: DMCConfig) -> Any:
   the last axis of q_proj/k_proj kernels. Any tree that mirrors the parameters works too (optimizer moments).
   """
   def fix(path, x):
-    if dmc.channel(x.shape[-1]) is None:  # the adapter form: no rows to zero
+    if dmc.decisions == "adapter":  # no repurposed channel, no rows to zero
       return x
     if getattr(path[-1], "key", None) == "rows":  # split-out decision rows (dmc_jax.adapter): all of them
       return jnp.zeros_like(x)
