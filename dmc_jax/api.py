@@ -95,7 +95,8 @@ class Completion:
 class Model:
   """A loaded checkpoint: parameters on the device, the tokenizer, and compiled generators per cache."""
 
-  def __init__(self, ckpt: Checkpoint, dtype: str | None = None, attention_impl: str | None = None):
+  def __init__(self, ckpt: Checkpoint, dtype: str | None = None, attention_impl: str | None = None,
+               adapter=None):
     import jax
     from dmc_jax.config import DTYPES
     if dtype is not None and dtype not in DTYPES:
@@ -104,7 +105,9 @@ class Model:
     self.config: LlamaConfig = ckpt.config.replace(dtype=dtype or "float32", scan_layers=False, remat_policy="none",
                                                    attention_impl=attention_impl)
     self.tokenizer = ckpt.tokenizer()
-    self.params = jax.device_put(ckpt.load_params())
+    self.adapter = adapter  # dmc_jax.adapter.Adapter applied to the checkpoint's parameters, or None
+    params = ckpt.load_params()
+    self.params = jax.device_put(params if adapter is None else adapter.apply(params))
     self._generators: dict = {}
     self._scorers: dict = {}
     self._stacked = None
@@ -113,14 +116,16 @@ class Model:
 
   @property
   def method(self) -> str | None:
-    """The learned compression method of the weights ("dmc") or None."""
-    return self.checkpoint.method
+    """The learned compression method of the weights ("dmc") or None; an adapter's method when one is applied."""
+    return self.adapter.method if self.adapter is not None else self.checkpoint.method
 
   @property
   def chat_template(self) -> str | None:
     return self.checkpoint.chat_template
 
   def dmc_config(self) -> DMCConfig | None:
+    if self.adapter is not None:
+      return self.adapter.dmc
     d = self.checkpoint.dmc
     return None if d is None else DMCConfig.from_dict(d, where=f"{self.checkpoint.directory}/checkpoint.json: "
                                                               "compression")
@@ -319,7 +324,14 @@ def load(path: str, *, adapter: str | None = None, dtype: str | None = None, ver
 
   `dtype`: compute dtype (default float32; bfloat16 is faster on accelerators, slower on CPUs).
   `attention_impl`: the DMC attention and decode kernels (LlamaConfig.attention_impl; None: the best available).
+  `adapter`: an adapter directory (`dmc-jax train` with train.trainable != all writes WORKDIR/adapter) applied to
+  the checkpoint's parameters; its method becomes the default cache (cache="vanilla" turns it off). A checkpoint
+  whose parameter digest is not the adapter's base is refused.
   """
+  ckpt = Checkpoint(path, verify=verify)
+  applied = None
   if adapter is not None:
-    raise ArgumentError("adapter: loading adapters is not supported by this version (full checkpoints only)")
-  return Model(Checkpoint(path, verify=verify), dtype=dtype, attention_impl=attention_impl)
+    from dmc_jax import adapter as adapter_lib
+    applied = adapter_lib.load(adapter, verify=verify)
+    applied.check_base(ckpt)
+  return Model(ckpt, dtype=dtype, attention_impl=attention_impl, adapter=applied)

@@ -190,7 +190,7 @@ def layers_of(cache: DMCCache) -> dict[str, Array]:
 
 
 def decode_layer(pool: dict, state: dict, *, positions_B: Array, k_BxKxD: Array, v_BxKxD: Array,
-                 alpha_BxK: Array, omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int) -> tuple[dict, dict]:
+                 alpha_BxK: Array, omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int | None) -> tuple[dict, dict]:
   """One token per sequence through one layer: merge into or append to each row's last slot (docs/dmc.md §4).
 
   k is pre-RoPE with channel ch zeroed; the candidate slot is RoPE_t(S^k / Z) at the new token's position t.
@@ -225,7 +225,8 @@ def decode_layer(pool: dict, state: dict, *, positions_B: Array, k_BxKxD: Array,
 
   k_cand = sum_k / sum_w[..., None]
   k_cand = rope.apply_rope(k_cand[:, None], cos_BxD[:, None], sin_BxD[:, None])[:, 0]
-  k_cand = k_cand.at[..., ch].set(0.0)
+  if ch is not None:  # None: the adapter form, no repurposed channel
+    k_cand = k_cand.at[..., ch].set(0.0)
   v_cand = sum_v / sum_w[..., None]
 
   length = state["lengths"]

@@ -283,6 +283,10 @@ class Checkpoint:
     except ConversionError as e:
       raise CheckpointError(str(e)) from None
     expected = layout.our_shapes(self.config)
+    if (self.dmc or {}).get("decisions") == "adapter":  # a merged adapter-form DMC model: its decision adapters
+      c = self.config
+      expected.update({f"layers_{i}/attn/decision_adapter/kernel": (c.d_model, c.n_kv_heads, 2)
+                       for i in range(c.n_layers)})
     for name, shape in expected.items():
       if name not in tensors:
         raise CheckpointError(f"{self.directory}: missing parameter {name!r}")

@@ -375,8 +375,13 @@ class DMCConfig:
   temperature: float = 0.1  # tau of the Gumbel-sigmoid relaxation
   window: int | None = 12  # W: a slot averages at most the last W tokens of its run; None = unbounded
   epsilon: float = 2.0 ** -7
+  # "channel": a = k[ch] - c, omega from q[ch] (NVIDIA's form; ch is lost to attention). "adapter": a zero-initialised
+  # linear map per layer from the attention input to (a + c, omega - c) per KV head; all channels stay attention's.
+  decisions: str = "channel"
 
   def __post_init__(self):
+    if self.decisions not in ("channel", "adapter"):
+      raise ConfigError(f"dmc.decisions: expected 'channel' or 'adapter', got {self.decisions!r}")
     if self.decision_channel not in ("last", "first"):
       raise ConfigError(f"dmc.decision_channel: expected 'last' or 'first', got {self.decision_channel!r}")
     if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
@@ -384,7 +389,10 @@ class DMCConfig:
     if self.temperature <= 0:
       raise ConfigError(f"dmc.temperature: expected > 0, got {self.temperature}")
 
-  def channel(self, head_dim: int) -> int:
+  def channel(self, head_dim: int) -> int | None:
+    """The repurposed channel of q and k (None in the adapter form: none is repurposed)."""
+    if self.decisions == "adapter":
+      return None
     return head_dim - 1 if self.decision_channel == "last" else 0
 
   def to_dict(self) -> dict[str, Any]:

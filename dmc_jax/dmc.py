@@ -36,8 +36,21 @@ def decision_and_importance(q_BxLxHxD: Array, k_BxLxKxD: Array, dmc: DMCConfig) 
   return a_BxLxK, omega_BxLxK
 
 
-def scale_channel(x: Array, ch: int, scale) -> Array:
-  """x with channel `ch` of its last axis multiplied by `scale` (0 zeroes it)."""
+def adapter_decision_and_importance(x_BxLxD: Array, w_DxKx2: Array, dmc: DMCConfig) -> tuple[Array, Array]:
+  """The adapter form: (a, ω), float32 [B, L, K], from the attention input through a per-layer linear map.
+
+  a = x·W[:, :, 0] − c and ω = σ(x·W[:, :, 1] + c) + ε: with W = 0 (its initialisation) every decision is
+  "append" (a = −c) and every weight equal, so the model computes exactly the original attention."""
+  acc = jnp.promote_types(x_BxLxD.dtype, jnp.float32)
+  logits_BxLxKx2 = jnp.einsum("bld,dkt->blkt", x_BxLxD.astype(acc), w_DxKx2.astype(acc))
+  return logits_BxLxKx2[..., 0] - dmc.offset, jax.nn.sigmoid(logits_BxLxKx2[..., 1] + dmc.offset) + dmc.epsilon
+
+
+def scale_channel(x: Array, ch: int | None, scale) -> Array:
+  """x with channel `ch` of its last axis multiplied by `scale` (0 zeroes it); x itself when ch is None (the
+  adapter form repurposes no channel)."""
+  if ch is None:
+    return x
   return x.at[..., ch].multiply(jnp.asarray(scale, x.dtype))
 
 
@@ -168,5 +181,9 @@ def zero_decision_rows(params: Any, dmc: DMCConfig) -> Any:
   the last axis of q_proj/k_proj kernels. Any tree that mirrors the parameters works too (optimizer moments).
   """
   def fix(path, x):
+    if dmc.decisions == "adapter":  # no repurposed channel, no rows to zero
+      return x
+    if getattr(path[-1], "key", None) == "rows":  # split-out decision rows (dmc_jax.adapter): all of them
+      return jnp.zeros_like(x)
     return x.at[..., dmc.channel(x.shape[-1])].set(0) if is_decision_kernel(path) else x
   return jax.tree_util.tree_map_with_path(fix, params)

@@ -73,13 +73,26 @@ def write_hf_dir(path, cfg, tensors: dict[str, np.ndarray], shards: int = 1) -> 
   return str(path)
 
 
-def write_checkpoint(path, cfg, params, tokenizer_from: str | None = None, dmc: dict | None = None) -> str:
+def word_level_tokenizer(vocab_size: int) -> tuple:
+  """(TokenizerInfo, tokenizer.json bytes) of a whitespace word-level tokenizer with exactly `vocab_size` ids, for
+  tiny models (a real tokenizer's ids would exceed their vocabulary and be refused)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from dmc_jax.tokenizer import TokenizerInfo
+  vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  return TokenizerInfo("hf", None, ()), tok.to_str().encode()
+
+
+def write_checkpoint(path, cfg, params, tokenizer_from: str | None = None, dmc: dict | None = None,
+                     tokenizer: tuple | None = None) -> str:
   """A dmc-jax checkpoint of a Flax parameter tree, with the tokenizer of checkpoint `tokenizer_from`."""
   from dmc_jax.convert import Converted, LazyTensor, layout
   from dmc_jax import checkpoint
   flat = {k: np.asarray(v) for k, v in layout.flatten(params["params"]).items()}
   tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
-  tokenizer = checkpoint.Checkpoint(tokenizer_from).tokenizer_bytes() if tokenizer_from else None
+  if tokenizer is None and tokenizer_from:
+    tokenizer = checkpoint.Checkpoint(tokenizer_from).tokenizer_bytes()
   return checkpoint.write(str(path), Converted(cfg, tensors, tokenizer, {"format": "test"}), dmc=dmc)
 
 

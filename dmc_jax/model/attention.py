@@ -110,10 +110,20 @@ class Attention(nn.Module):
     self.k_proj = Kernel((c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), pd)
     self.v_proj = Kernel((c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), pd)
     self.o_proj = Kernel((c.n_heads, c.head_dim, c.d_model), ("q_heads", "kv", "embed"), pd)
+    if self.dmc is not None and self.dmc.decisions == "adapter" and self.dmc_mode != "off":
+      # Zero-initialised: at init every token appends and the model is the original (dmc_jax.dmc).
+      self.decision_adapter = Kernel((c.d_model, c.n_kv_heads, 2), ("embed", "kv_heads", None), pd,
+                                     init=nn.initializers.zeros)
 
   @property
-  def ch(self) -> int:
+  def ch(self) -> int | None:
     return self.dmc.channel(self.cfg.head_dim)
+
+  def _decide(self, x_BxLxD: Array, q: Array, k: Array) -> tuple[Array, Array]:
+    """(a, ω) [B, L, K]: from the repurposed channel, or from the decision adapter on the attention input."""
+    if self.dmc.decisions == "adapter":
+      return dmc_math.adapter_decision_and_importance(x_BxLxD, self.decision_adapter(), self.dmc)
+    return dmc_math.decision_and_importance(q, k, self.dmc)
 
   def _project(self, x_BxLxD: Array):
     dt = jnp.dtype(self.cfg.dtype)
@@ -137,7 +147,7 @@ class Attention(nn.Module):
     if self.dmc_mode != "off":
       if ctx.mode is not Mode.PARALLEL:
         raise ValueError(f"DMC attention runs in parallel mode here, got {ctx.mode}; decode with `decode`")
-      return self._dmc_parallel(q, k, v, ctx, forced_alpha_BxLxK)
+      return self._dmc_parallel(x_BxLxD, q, k, v, ctx, forced_alpha_BxLxK)
     cos, sin, fade = ctx.cos, ctx.sin, ctx.fade
     if fade is not None:
       q, k = dmc_math.scale_channel(q, self.ch, fade), dmc_math.scale_channel(k, self.ch, fade)
@@ -150,9 +160,9 @@ class Attention(nn.Module):
       return self._output(attend(q, cache["k"], cache["v"], ctx.mask, kv_layout="bksd")), cache, None
     return self._output(attend(q, k, v, ctx.mask)), None, None
 
-  def _dmc_parallel(self, q, k, v, ctx, forced_alpha):
+  def _dmc_parallel(self, x, q, k, v, ctx, forced_alpha):
     dmc, ch = self.dmc, self.ch
-    a, omega = dmc_math.decision_and_importance(q, k, dmc)
+    a, omega = self._decide(x, q, k)
     q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)
     starts = ctx.starts
     if forced_alpha is not None:
@@ -185,7 +195,7 @@ class Attention(nn.Module):
     (see dmc_jax.cache.decode_layer). Returns (out, pool, state)."""
     dmc, ch = self.dmc, self.ch
     q, k, v = self._project(x_Bx1xD)
-    a, omega = dmc_math.decision_and_importance(q, k, dmc)
+    a, omega = self._decide(x_Bx1xD, q, k)
     q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)
     # Decode never sees a sequence's first token (the prompt has at least one), so no start rule is needed.
     alpha = (a[:, 0] > 0).astype(jnp.float32) if forced_alpha_BxK is None else forced_alpha_BxK

@@ -224,19 +224,25 @@ class Llama(nn.Module):
 
   def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
                segment_ids_BxL: Array | None = None, *, forced_alpha: Array | None = None,
-               fade: Array | None = None, collect_prefill: bool = False):
+               fade: Array | None = None, collect_prefill: bool = False, hidden: bool = False):
     """Parallel forward: float32 logits [B, L, V]; with a DMC mode, (logits, aux).
 
+    hidden: return the last layer's output [B, L, D] (before the final norm) instead of the logits; `head` maps it
+    to logits (a loss can then materialise the vocabulary-sized logits a chunk of tokens at a time).
     forced_alpha [layers, B, L, K]: hard decisions to use instead of the model's (tests, benchmarks).
     fade: stage-1 multiplier of channel ch (vanilla mode). collect_prefill: aux["prefill"] holds every layer's
     per-position DMC states (what `dmc_jax.cache.prefill_layer` consumes; `prefill_dmc` never stacks them).
     """
     ctx = self._parallel_ctx(tokens_BxL, positions_BxL, segment_ids_BxL, fade=fade, collect_prefill=collect_prefill)
     carry, ys = self._run_layers({"x": self._embed(tokens_BxL)}, ctx, {"forced_alpha": forced_alpha})
-    logits = self._logits(carry["x"])
+    logits = carry["x"] if hidden else self._logits(carry["x"])
     if self.dmc_mode == "off":
       return logits
     return logits, self._stacked(ys, "aux")
+
+  def head(self, x_BxLxD: Array) -> Array:
+    """Final norm and output projection of `__call__(..., hidden=True)`'s output: float32 logits."""
+    return self._logits(x_BxLxD)
 
   def _parallel_ctx(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, fade=None,
                     collect_prefill: bool = False) -> modes.Parallel:

@@ -135,6 +135,7 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
   p.add_argument("--attention-impl", choices=("auto", "xla", "pallas", "tpu"), default="auto",
                  help="DMC attention and decode kernels (auto: Pallas on a GPU, the TPU decode kernel on a TPU, "
                  "XLA elsewhere; a kernel off its platform runs interpreted: slow, for checking)")
+  p.add_argument("--adapter", default=None, help="adapter directory to apply (its method becomes the default cache)")
   add_cache_arguments(p)
   g = p.add_argument_group("DMC page pool")
   g.add_argument("--page-size", type=cli.positive_int, default=32, help="slots per cache page")
@@ -146,7 +147,7 @@ def _run_generate(args: argparse.Namespace) -> None:
   import jax
   import dmc_jax
   t0 = time.perf_counter()
-  model = dmc_jax.load(args.ckpt, dtype=args.dtype, verify=not args.no_verify,
+  model = dmc_jax.load(args.ckpt, adapter=args.adapter, dtype=args.dtype, verify=not args.no_verify,
                        attention_impl=None if args.attention_impl == "auto" else args.attention_impl)
   load_s = time.perf_counter() - t0
   c = model.complete(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -297,6 +298,18 @@ def _run_report(args: argparse.Namespace) -> None:
   log.info("wrote %s and %s", md, png)
 
 
+def _configure_merge_adapter(p: argparse.ArgumentParser) -> None:
+  p.add_argument("base", help="the base checkpoint the adapter was trained on")
+  p.add_argument("adapter", help="adapter directory (WORKDIR/adapter of a train.trainable != all run)")
+  p.add_argument("--out", required=True, help="output checkpoint directory")
+  p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def _run_merge_adapter(args: argparse.Namespace) -> None:
+  from dmc_jax import adapter
+  print(adapter.merge_into_checkpoint(args.base, args.adapter, args.out, force=args.force))
+
+
 COMMANDS = [
     cli.Command("convert", "convert an HF / Meta / GGUF Llama checkpoint into a dmc-jax checkpoint",
                 _configure_convert, _run_convert),
@@ -316,6 +329,8 @@ COMMANDS = [
                 _configure_gqa_pool, _run_gqa_pool),
     cli.Command("report", "Markdown table and perplexity-vs-CR plot from `dmc-jax eval` JSON files",
                 _configure_report, _run_report),
+    cli.Command("merge-adapter", "apply an adapter to its base checkpoint; writes an ordinary checkpoint",
+                _configure_merge_adapter, _run_merge_adapter),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

@@ -31,6 +31,8 @@ LABELS = {"streaming": "StreamingLLM", "h2o": "H2O", "tova": "TOVA"}
 def configure(p: argparse.ArgumentParser) -> None:
   from experiments.harness import cli
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
+  p.add_argument("--adapter", default=None,
+                 help="adapter directory applied to the checkpoint (implies --dmc unless --cache vanilla)")
   p.add_argument("--cache", action="append", default=[], choices=("vanilla", "dmc", "streaming", "h2o", "tova"),
                  help="evaluate with this cache beside vanilla (dmc: the checkpoint's settings, hard α; an eviction "
                  "policy at every --cr); repeat")
@@ -162,13 +164,22 @@ def evaluate(args) -> dict:
     raise ConfigError("--cr: sets the target CR of --policy; no --policy given")
   if any(c < 1 for c in args.cr):
     raise ConfigError(f"--cr: expected values >= 1, got {args.cr}")
+  applied = None
+  if getattr(args, "adapter", None):
+    from dmc_jax import adapter as adapter_lib
+    applied = adapter_lib.load(args.adapter)
+    applied.check_base(ckpt)
+    args.dmc = args.dmc or "vanilla" not in (args.cache or [])
   dmc_settings = None
-  if args.dmc:
+  if args.dmc and applied is not None:
+    dmc_settings = applied.dmc
+  elif args.dmc:
     if not ckpt.dmc:
       raise ConfigError(f"--dmc: {ckpt.directory}/checkpoint.json has no DMC settings (not a DMC checkpoint)")
     dmc_settings = DMCConfig.from_dict(ckpt.dmc, where=f"{ckpt.directory}/checkpoint.json: compression")
   cfg = ckpt.config.replace(dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none")
-  params = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float32), ckpt.load_params()))
+  params = ckpt.load_params() if applied is None else applied.apply(ckpt.load_params())
+  params = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float32), params))
   batches = held_out_batches(ckpt.tokenizer(), args)
   for b in batches:
     b["ends"] = document_ends(b["segment_ids"])

@@ -126,8 +126,9 @@ def retrofit_pieces(cfg, llama, dmc):
   retrofit = dmc_run.make_retrofit_step(cfg, llama, dmc, tx)
 
   def init(rng):
-    params = Llama(llama).init(rng, jnp.zeros((1, 8), jnp.int32))  # boxed: the optimizer state inherits the names
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    model = Llama(llama, dmc, "eval") if dmc.decisions == "adapter" else Llama(llama)  # + decision adapters
+    params = model.init(rng, jnp.zeros((1, 8), jnp.int32))  # boxed: the optimizer state inherits the names
+    return dmc_run.initial_state(cfg, dmc, tx, params)
 
   def train_step(state, batch, rng):
     state, m = retrofit(state, batch, rng)

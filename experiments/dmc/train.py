@@ -4,6 +4,8 @@ Three stages as one step function of the step counter (dmc_jax.train.make_retrof
 params + optimizer state + step + data-iterator state (a killed run resumes); metrics to TensorBoard and
 metrics.jsonl; at the end a self-describing DMC checkpoint in WORKDIR/dmc_checkpoint (usable by
 `dmc-jax generate --dmc`) and a PNG heatmap of the realised CR per layer × KV head on validation text.
+With train.trainable != all only a subset trains (the base frozen, held once) and WORKDIR/adapter holds just
+what trained (dmc_jax.adapter); train.loss distill / distill+lm distils from the original model with DMC off.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def _model_and_tokenizer(cfg):
   from dmc_jax.presets import preset
   from dmc_jax import checkpoint
   dmc = DMCConfig(decision_channel=cfg.dmc.decision_channel, window=cfg.dmc.window,
-                  temperature=cfg.dmc.temperature, offset=cfg.dmc.offset)
+                  temperature=cfg.dmc.temperature, offset=cfg.dmc.offset, decisions=cfg.dmc.decisions)
   source = checkpoint.Checkpoint(cfg.model.init_from) if cfg.model.init_from else None
   tok_dir = cfg.model.tokenizer_from or cfg.model.init_from
   if not tok_dir:
@@ -51,12 +53,56 @@ def make_optimizer(cfg, dmc):
                      dmc_train.scale_decision_rows(t.decision_lr / t.lr, dmc))
 
 
+def loss_spec(cfg):
+  from dmc_jax import train as dmc_train
+  t = cfg.train
+  return dmc_train.LossSpec(t.loss, direction=t.distill_direction, temperature=t.distill_temperature,
+                            weight=t.distill_weight, chunk=t.distill_chunk)
+
+
+def adapter_spec(cfg, dmc):
+  """The trainable subset (dmc_jax.adapter.AdapterSpec), None for train.trainable = all."""
+  from dmc_jax import adapter
+  t = cfg.train
+  return adapter.AdapterSpec.for_trainable(t.trainable, dmc, t.lora_rank, t.lora_alpha, tuple(t.lora_targets))
+
+
 def make_retrofit_step(cfg, llama, dmc, tx):
   """The experiment's pure train step (`dmc-jax plan` compiles this same step)."""
   from dmc_jax import train as dmc_train
   t = cfg.train
   return dmc_train.make_retrofit_step(llama, dmc, tx, t.stage1_steps, t.ramp_steps, t.target_cr, mode=t.mode,
-                                      grad_accum=t.grad_accum, cr_weight=t.cr_weight)
+                                      grad_accum=t.grad_accum, cr_weight=t.cr_weight, loss=loss_spec(cfg),
+                                      adapter_spec=adapter_spec(cfg, dmc))
+
+
+def initial_state(cfg, dmc, tx, params) -> dict:
+  """The train state from the initial parameters (boxed or not): everything trains, or the parts of
+  `adapter_spec` do (unboxed: small, replicated) with the boxed base frozen beside them."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  spec, loss = adapter_spec(cfg, dmc), loss_spec(cfg)
+  state = {"step": jnp.zeros((), jnp.int32)}
+  if spec is None:
+    state["params"] = params
+    if loss.distill:
+      state["frozen"] = jax.tree.map(jnp.copy, params)  # the teacher: the original, not the student
+  else:
+    from dmc_jax import adapter
+    state["params"] = adapter.split(nn.unbox(params), spec, dmc, jax.random.key(cfg.seed))
+    state["frozen"] = params
+  state["opt_state"] = tx.init(state["params"])
+  return state
+
+
+def full_params(cfg, dmc, state):
+  """The student's whole parameter tree (the frozen base with the trained parts merged in)."""
+  spec = adapter_spec(cfg, dmc)
+  if spec is None:
+    return state["params"]
+  from dmc_jax import adapter
+  return adapter.merge(state["frozen"], state["params"], spec, dmc)
 
 
 def check_config(cfg) -> None:
@@ -95,20 +141,28 @@ def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> d
       m["cr_per_layer"] = 1.0 / jnp.maximum(1.0 - jnp.mean(frac, axis=-1), 1e-6)
     return state, m
 
+  adapter_form = dmc.decisions == "adapter"
+  spec = adapter_spec(cfg, dmc)
+
   def init(rng):
     # Boxed (logically named) parameters, so that the optimizer state inherits the names: the harness shards
-    # both from them (unboxing here would replicate everything).
-    params = Llama(llama).init(rng, jnp.zeros((1, 8), jnp.int32))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    # both from them (unboxing here would replicate everything). The adapter form adds its decision adapters.
+    model = Llama(llama, dmc, "eval") if adapter_form else Llama(llama)
+    return initial_state(cfg, dmc, tx, model.init(rng, jnp.zeros((1, 8), jnp.int32)))
 
-  def source_params(shardings):
-    return jax.device_put({"params": layout.stack_layers(source.load_params()["params"], llama.n_layers)},
-                          shardings)
+  def source_params(shardings=None):
+    tree = {"params": layout.stack_layers(source.load_params()["params"], llama.n_layers)}
+    return jax.device_put(tree) if shardings is None else jax.device_put(tree, shardings)
 
   def load(shardings):
-    params = source_params(shardings["params"])
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+    params = source_params()
+    if adapter_form:  # zero-initialised decision adapters: at step 0 the model is the source
+      attn = params["params"]["layers"]["layer"]["attn"]
+      attn["decision_adapter"] = {"kernel": jnp.zeros((llama.n_layers, llama.d_model, llama.n_kv_heads, 2),
+                                                      jnp.float32)}
+    return jax.jit(lambda p: initial_state(cfg, dmc, tx, p), out_shardings=shardings)(params)
+
+  merged_params = jax.jit(lambda st: full_params(cfg, dmc, st))
 
   eval_model = Llama(llama, dmc, "eval")
   vanilla_model = Llama(llama)
@@ -142,7 +196,8 @@ def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> d
 
   def eval_fn(state):
     # DMC runs are evaluated with DMC only once decisions exist (after the stage-1 surgery).
-    ev = evaluate(state["params"], not vanilla and int(state["step"]) > cfg.train.stage1_steps)
+    ev = evaluate(merged_params(state) if spec else state["params"],
+                  not vanilla and int(state["step"]) > cfg.train.stage1_steps)
     last_heads["fraction"] = ev.pop("merge_fraction")
     return ev
 
@@ -170,13 +225,17 @@ def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> d
              "eval": final_eval}
   if source is not None and cfg.train.eval_baseline:
     # The unretrofitted model on the same validation tokens: what "quality preserved" is measured against.
-    before = evaluate(source_params(jax.tree.map(lambda x: x.sharding, res.state["params"])), False)
+    before = evaluate(source_params(), False)
     summary["eval_before"] = {k: v for k, v in before.items() if k != "merge_fraction"}
     summary["perplexity_ratio"] = round(final_eval["perplexity"] / before["perplexity"], 4)
+  final = merged_params(res.state) if spec else res.state["params"]
   if vanilla:
-    summary["checkpoint"] = _export(res.state["params"], llama, None, tokenizer, cfg, workdir)
+    summary["checkpoint"] = _export(final, llama, None, tokenizer, cfg, workdir)
   else:
-    summary["dmc_checkpoint"] = _export(res.state["params"], llama, dmc, tokenizer, cfg, workdir)
+    summary["dmc_checkpoint"] = _export(final, llama, dmc, tokenizer, cfg, workdir)
+  if spec is not None:
+    summary["adapter"] = _export_adapter(res.state, spec, llama, dmc, source, cfg, workdir,
+                                         tokens=summary["tokens"])
     summary["heatmap"] = _plot_heatmap(last_heads.get("fraction"), os.path.join(workdir, "cr_heatmap.png"))
   summary["curves"] = _plot_curves(res.history, cfg, os.path.join(workdir, "loss_cr_curves.png"))
   log.info("retrofit done: %s", summary)
@@ -204,6 +263,25 @@ def _export(params, llama, dmc, tokenizer, cfg, workdir) -> str:
   name, dmc_fields = ("checkpoint", None) if dmc is None else ("dmc_checkpoint", dmc.to_dict())
   return checkpoint.write(os.path.join(workdir, name), converted, force=True, dmc=dmc_fields,
                           experiment=json.loads(cfg.to_json_best_effort()))
+
+
+def _export_adapter(state, spec, llama, dmc, source, cfg, workdir, tokens: int) -> str:
+  """WORKDIR/adapter: only what trained, naming its base by the base's parameter digest."""
+  import jax
+  from dmc_jax import adapter, checkpoint
+  from dmc_jax.convert import layout
+  if source is not None:
+    digest, dtype = source.param_digest, source.meta.get("param_dtype")
+  else:  # a random base (toy runs): the digest of the frozen parameters as an unscanned float32 checkpoint
+    tree = layout.unstack_layers(jax.device_get(state["frozen"])["params"], llama.n_layers)
+    d = checkpoint.ParamDigest()
+    for name, a in sorted(layout.flatten(tree).items()):
+      if "decision_adapter" not in name:
+        d.add(name, np.asarray(a, np.float32))
+    digest, dtype = d.hexdigest(), "float32"
+  return adapter.save(os.path.join(workdir, "adapter"), state["params"], spec, dmc, n_layers=llama.n_layers,
+                      base_digest=digest, base_param_dtype=dtype, tokens=tokens,
+                      extra={"experiment": cfg.name, "workdir": os.path.abspath(workdir)})
 
 
 def _plot_heatmap(fraction, path) -> str | None:

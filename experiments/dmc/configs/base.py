@@ -22,6 +22,7 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.dmc.window = 12  # partial-accumulation window W
   cfg.dmc.temperature = 0.1  # Gumbel-sigmoid tau
   cfg.dmc.offset = 5.0  # c in a = k[ch] - c
+  cfg.dmc.decisions = "channel"  # channel (repurposed q/k channel ch) | adapter (zero-initialised decision adapter)
 
   cfg.train = config_dict.ConfigDict()
   cfg.train.mode = "dmc"  # dmc | vanilla (the continued-training baseline: same LR, data and tokens, no DMC)
@@ -45,6 +46,15 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.train.keep = 2  # Orbax checkpoints kept
   cfg.train.peak_tflops = 0.0  # all devices' peak TFLOP/s for the MFU estimate (0: from the device kind)
   cfg.train.eval_baseline = True  # also evaluate the unretrofitted init_from model on the same validation tokens
+  cfg.train.loss = "lm"  # lm (cross entropy) | distill (KL to the original, DMC off) | distill+lm
+  cfg.train.distill_direction = "forward"  # forward KL(teacher || student) | reverse KL(student || teacher)
+  cfg.train.distill_temperature = 1.0  # softens both distributions (the KL is scaled by T^2)
+  cfg.train.distill_weight = 1.0  # weight of the KL term in distill+lm
+  cfg.train.distill_chunk = 128  # tokens per block of vocabulary-sized logits (loss memory ~5*B*chunk*V floats)
+  cfg.train.trainable = "all"  # all | decisions | decisions+norms | lora (the decisions too); != all writes an adapter
+  cfg.train.lora_rank = 8  # LoRA rank r
+  cfg.train.lora_alpha = 16.0  # LoRA alpha (delta scaled by alpha / r)
+  cfg.train.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections with LoRA (+ gate, up, down)
 
   cfg.data = config_dict.ConfigDict()
   cfg.data.kind = "stdlib"  # stdlib (offline English corpus) | files | tfds
@@ -106,7 +116,10 @@ RANGES = _ranges()  # every field's allowed values, checked by `dmc-jax train` a
 
 
 SMOLLM2_CKPT = ".work/ckpt/smollm2-135m-instruct"  # where `make demo-dmc` converts the bundled GGUF
-VARIANTS = (None, "tiny", "cpu", "toy")
+SIZES = ("tiny", "cpu", "toy")
+# Small-budget retrofit recipes (docs/dmc.md, "adapter form and distillation"); each also as RECIPE_<size>.
+RECIPES = ("distill_adapter", "distill_lora", "distill_all")
+VARIANTS = (None,) + SIZES + RECIPES + tuple(f"{r}_{s}" for r in RECIPES for s in SIZES)
 
 
 def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict:
@@ -118,6 +131,14 @@ def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict
   toy   a random 2-layer body with the real tokenizer and data (tests of the harness itself)
   """
   from experiments.harness.config import variant_error
+  if variant is not None and variant not in VARIANTS:
+    raise variant_error(path, variant, VARIANTS)
+  recipe = next((r for r in RECIPES if variant is not None and variant.startswith(r)), None)
+  if recipe is not None:
+    size = variant[len(recipe) + 1:] or None
+    cfg = smollm2_135m(target_cr, size, path)
+    cfg.name = f"{cfg.name}_{recipe}"
+    return retrofit_recipe(cfg, recipe)
   cfg = base_config(f"smollm2_135m_cr{target_cr:g}", target_cr)
   cfg.model.init_from = SMOLLM2_CKPT
   if variant is None:
@@ -134,6 +155,31 @@ def smollm2_135m(target_cr: float, variant, path: str) -> config_dict.ConfigDict
     cfg.model.tokenizer_from = SMOLLM2_CKPT
     return cfg
   raise variant_error(path, variant, VARIANTS)
+
+
+def retrofit_recipe(cfg, recipe: str):
+  """The small-budget recipes, on top of a size's steps and batch:
+
+  distill_adapter  decisions from a zero-initialised decision adapter (the model is the original at step 0), only
+                   the adapter trains (base frozen, no stage 1), KL to the original as the only token loss
+  distill_lora     the same plus rank-8 LoRA on the attention projections
+  distill_all      the channel form, everything trains, cross entropy + KL to the original (the teacher keeps
+                   the original decision rows the stage-1 surgery takes from the student)
+  """
+  t = cfg.train
+  if recipe in ("distill_adapter", "distill_lora"):
+    cfg.dmc.decisions = "adapter"
+    t.trainable = "decisions" if recipe == "distill_adapter" else "lora"
+    t.loss = "distill"
+    t.ramp_steps += t.stage1_steps  # no stage 1 to spend: the ramp starts at step 0
+    t.stage1_steps = 0
+    # A step moves each adapter weight by about the LR (Adam) and a decision logit sums d_model of them: an LR
+    # near 1/d_model moves a by O(1) a step, the decision rows' 5e-2 of the channel form would overshoot.
+    t.decision_lr = min(t.decision_lr, 3e-3)
+    t.lr = min(t.lr, 1e-3)  # LoRA
+  elif recipe == "distill_all":
+    t.loss = "distill+lm"
+  return cfg
 
 
 def small_budget(cfg, steps: int, batch_size: int, seq_len: int, stage1_steps: int, ramp_steps: int, lr: float,

@@ -74,3 +74,41 @@ def test_vanilla_continued_training_from_a_converted_checkpoint(tmp_path, smollm
     np.testing.assert_allclose(after[name]["kernel"], before[name]["kernel"], atol=1e-6)
   np.testing.assert_allclose(after["layers_1"]["mlp"]["down"]["kernel"], before["layers_1"]["mlp"]["down"]["kernel"],
                              atol=1e-6)
+
+
+def test_distill_lora_adapter_run_writes_an_adapter_that_loads_and_merges(tmp_path, smollm2_ckpt, capsys):
+  """The adapter-form LoRA recipe from a converted (random, toy-sized) base: only the parts train, WORKDIR/adapter
+  names the base by digest; generate --adapter and merge-adapter use it on that base and refuse another."""
+  cfg_model = preset("smollm2-tiny").replace(tie_embeddings=False)
+  import dataclasses
+  converted = hf.read(write_hf_dir(tmp_path / "hf", cfg_model, random_hf_model(cfg_model, seed=4)))
+  converted = dataclasses.replace(converted, tokenizer=checkpoint.Checkpoint(smollm2_ckpt).tokenizer_bytes())
+  src = checkpoint.write(str(tmp_path / "src"), converted)
+  args = [f"--config.workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'data'}",
+          f"--config.model.init_from={src}", f"--config.model.tokenizer_from={smollm2_ckpt}",
+          "--config.train.steps=4", "--config.train.eval_baseline=False"]
+  assert cli_dmc.main(["train", "--config", f"{CONFIG}:distill_lora_toy", *args]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert all(r["train/stage"] >= 2 for r in rows if "train/stage" in r)  # no stage 1 in the adapter form
+  assert any(r.get("train/distill_loss", 0) > 0 for r in rows)
+  from dmc_jax import adapter
+  ad = adapter.load(summary["adapter"])
+  assert [p["kind"] for p in ad.meta["parts"]] == ["decision_adapter", "lora"] and ad.dmc.decisions == "adapter"
+  assert ad.meta["provenance"]["tokens"] == summary["tokens"] == 4 * 2 * 64
+  assert ad.base_digest == checkpoint.Checkpoint(src).param_digest
+  # merge-adapter reproduces the run's own export (the base with the trained parts merged).
+  assert cli_dmc.main(["merge-adapter", src, summary["adapter"], "--out", str(tmp_path / "full")]) == 0
+  merged = checkpoint.Checkpoint(str(tmp_path / "full")).load_params()["params"]
+  export = checkpoint.Checkpoint(summary["dmc_checkpoint"]).load_params()["params"]
+  for name in ("layers_0/attn/q_proj/kernel", "layers_1/attn/decision_adapter/kernel", "lm_head/kernel"):
+    from dmc_jax.convert import layout
+    np.testing.assert_allclose(layout.flatten(merged)[name], layout.flatten(export)[name], atol=1e-6)
+  capsys.readouterr()
+  assert cli_dmc.main(["generate", src, "--adapter", summary["adapter"], "--prompt", "Hi",
+                       "--max-new-tokens", "2"]) == 0
+  assert "[dmc] realised CR" in capsys.readouterr().err  # the adapter's method is the default cache
+  # The export is not the adapter's base: refused, in one line.
+  assert cli_dmc.main(["generate", summary["dmc_checkpoint"], "--adapter", summary["adapter"], "--prompt", "Hi",
+                       "--max-new-tokens", "2"]) == 2
+  assert "was trained on base" in capsys.readouterr().err
