@@ -24,6 +24,7 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 
 
+@jax.named_scope("lm_loss")  # the profiler scopes: docs/profiling.md
 def lm_loss(logits_BxLxV: Array, targets_BxL: Array, loss_mask_BxL: Array) -> Array:
   """Mean next-token cross entropy over the positions the mask keeps (float32)."""
   logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
@@ -43,7 +44,8 @@ def vanilla_loss(cfg: LlamaConfig, dmc: DMCConfig) -> Callable:
   model = Llama(cfg, dmc, "off")
 
   def loss_fn(params, batch: Batch, fade) -> tuple[Array, dict]:
-    logits = model.apply(params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"), fade=fade)
+    with jax.named_scope("forward"):
+      logits = model.apply(params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"), fade=fade)
     loss = lm_loss(logits, batch["targets"], batch["loss_mask"])
     return loss, {"lm_loss": loss, "fade": jnp.asarray(fade, jnp.float32)}
   return loss_fn
@@ -54,11 +56,13 @@ def dmc_loss(cfg: LlamaConfig, dmc: DMCConfig) -> Callable:
   model = Llama(cfg, dmc, "train")
 
   def loss_fn(params, batch: Batch, rng: Array, target_cr) -> tuple[Array, dict]:
-    logits, aux = model.apply(params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"),
-                              rngs={"dmc": rng})
+    with jax.named_scope("forward"):
+      logits, aux = model.apply(params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"),
+                                rngs={"dmc": rng})
     lm = lm_loss(logits, batch["targets"], batch["loss_mask"])
     valid = _valid(batch)
-    cr = dmc_math.cr_loss(aux["alpha"], valid, target_cr)
+    with jax.named_scope("cr_loss"):
+      cr = dmc_math.cr_loss(aux["alpha"], valid, target_cr)
     weights = valid.astype(jnp.float32)[None, :, :, None]
     per_head = jnp.sum(aux["alpha"] * weights, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1.0)
     metrics = {"lm_loss": lm, "cr_loss": cr, "target_cr": jnp.asarray(target_cr, jnp.float32),
@@ -156,7 +160,8 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
     rows = batch["tokens"].shape[0]
     if rows % grad_accum:
       raise ValueError(f"train.grad_accum {grad_accum} does not divide the per-step batch of {rows} rows")
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    # Backward ops carry the forward's scopes under transpose(jvp(...)) (docs/profiling.md).
+    grad_fn = jax.named_scope("forward_backward")(jax.value_and_grad(micro_loss, has_aux=True))
     if grad_accum == 1:  # no scan: keeps the single-batch step's HLO (and its RNG draws) unchanged
       (loss, metrics), grads = grad_fn(params, dict(batch), rng, s, jnp.ones((), jnp.float32), 1.0)
     else:
@@ -180,8 +185,9 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
       m0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), m0)
       (grads, loss, metrics), _ = jax.lax.scan(accumulate, (zeros, zero, m0),
                                                (micro, jnp.arange(grad_accum), lm_weight_A))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
     stage = jnp.asarray(0 if mode == "vanilla" else 1 + (s >= stage1_steps) + (s >= stage1_steps + ramp_steps))
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), stage=stage)
     return {"step": s + 1, "params": params, "opt_state": opt_state}, metrics

@@ -7,17 +7,19 @@ import json
 import sys
 
 from experiments.cli.dmc import _configure_config, run_config
-from experiments.harness import cli
+from experiments.harness import cli, profiling
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
   cli.add_config_argument(p)
+  profiling.add_profile_arguments(p, unit="optimizer step")
 
 
 def _run_train(args: argparse.Namespace) -> None:
   from experiments.sdc import run as sdc_run
   from experiments.harness import config
-  summary = sdc_run.train(config.load(args.config, args.config_overrides))
+  with profiling.from_args(args, "train", unit="optimizer step"):
+    summary = sdc_run.train(config.load(args.config, args.config_overrides))
   print(json.dumps(summary))
 
 
@@ -45,11 +47,14 @@ def _configure_predict(p: argparse.ArgumentParser) -> None:
                                             "prediction for every window)")
   p.add_argument("--max-frames", type=int, default=0, help="read at most this many frames")
   p.add_argument("--fps", type=float, help="output frame rate (default: the input's)")
+  profiling.add_profile_arguments(p, unit="predicted frame")
 
 
 def _run_predict(args: argparse.Namespace) -> None:
   from experiments.sdc import run as sdc_run
-  print(json.dumps(sdc_run.predict(args.ckpt, args.video, args.out, args.steps, args.max_frames, args.fps)))
+  with profiling.from_args(args, "predict", unit="predicted frame"):
+    out = sdc_run.predict(args.ckpt, args.video, args.out, args.steps, args.max_frames, args.fps)
+  print(json.dumps(out))
 
 
 COMMANDS = [
