@@ -252,18 +252,21 @@ def hlo_scopes(xplane_path: str) -> dict[str, dict[str, str]]:
 
 
 # The scopes the library opens (docs/profiling.md). An op's scope is the path of these in its op_name: Flax's
-# per-method frames (Llama._run_layers, attn.decode), control flow (while/body) and the primitive are dropped;
-# autodiff's wrappers stay (transpose(jvp(forward)) = the backward pass of `forward`).
+# per-method frames (Llama._run_layers, attn.decode), control flow (while/body), autodiff's jvp() and the
+# primitive are dropped; autodiff's transpose(jvp()) frame becomes `backward`.
 SCOPES = ("prefill", "decode_step", "layers", "attention", "dmc_update", "paged_attention", "mlp", "logits",
-          "sample", "forward_backward", "forward", "lm_loss", "cr_loss", "sdc_loss", "optimizer")
+          "sample", "forward_backward", "forward", "backward", "lm_loss", "cr_loss", "sdc_loss", "optimizer")
 _KERNEL_PREFIXES = ("dmc_decode_attention", "dmc_attention")  # the Pallas/XLA kernels' own scopes
 
 
 def _scope_of(op_name: str) -> str:
   """'jit(_step_fn)/decode_step/Llama.decode_dmc/layers/while/body/attn.decode/attention/dot_general' →
-  'decode_step/layers/attention'."""
+  'decode_step/layers/attention'; 'jit(train_step)/forward_backward/transpose(jvp())/cond/forward/Llama/layers/…'
+  → 'forward_backward/backward/forward/layers'."""
   keep = []
   for part in op_name.split("/")[1:-1]:
+    if part.startswith("transpose("):  # autodiff's transpose(jvp()) frame: what follows is the backward pass
+      part = "backward"
     core = part
     while core.endswith(")") and "(" in core:  # jvp(forward) → forward
       core = core[core.index("(") + 1:-1]
