@@ -143,10 +143,11 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
   import jax
   import dmc_jax
+  prof = profiling.from_args(args, "decode", unit="decode step")  # a bad --profile-steps fails before the load
   t0 = time.perf_counter()
   model = dmc_jax.load(args.ckpt, dtype=args.dtype, verify=not args.no_verify)
   load_s = time.perf_counter() - t0
-  with profiling.from_args(args, "decode", unit="decode step"):  # on_step(s) runs after decode step s
+  with prof:  # on_step(s) runs after decode step s
     c = model.complete(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, kv_budget_mb=args.kv_budget_mb, page_size=args.page_size,
                        stop_at_eos=not args.ignore_eos, add_special_tokens=not args.no_special_tokens,

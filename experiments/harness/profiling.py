@@ -42,8 +42,12 @@ def add_profile_arguments(p: argparse.ArgumentParser, unit: str = "step", steps:
                  help="write a jax.profiler trace under DIR/plugins/profile/<run>/ (open with xprof or TensorBoard)")
   if steps:
     g.add_argument("--profile-steps", metavar="A:B", default=None,
-                   help=f"trace {unit}s A .. B-1, counted from 1 (default {DEFAULT_STEPS}: after compilation and "
-                   "warm-up)")
+                   help=f"trace {_plural(unit)} A .. B-1, counted from 1 (default {DEFAULT_STEPS}: after "
+                   "compilation and warm-up)")
+
+
+def _plural(unit: str) -> str:
+  return unit + ("es" if unit.endswith(("ch", "sh", "s")) else "s")
 
 
 def parse_steps(text: str) -> tuple[int, int]:
@@ -128,7 +132,7 @@ class Profiler:
   def close(self) -> None:
     if self.active:
       self._stop()
-    what = (f"{self.name} {self.unit}s {self.traced[0]}-{self.traced[-1]}" if self.traced and self.window
+    what = (f"{_plural(self.unit)} {self.traced[0]}-{self.traced[-1]}" if self.traced and self.window
             else self.name)
     if self.run_dir:
       print(f"[profile] trace of {what} → {self.run_dir} (view: xprof --logdir {self.directory} --port 8791; "
