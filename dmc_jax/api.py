@@ -181,8 +181,11 @@ class Model:
   def complete(self, prompts: str | Sequence[str], max_new_tokens: int = 64, *, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, cache: str | None = None,
                cr: float | None = None, dmc_force_cr: float | None = None, kv_budget_mb: float | None = None,
-               page_size: int = 32, stop_at_eos: bool = True, add_special_tokens: bool = True) -> Completion:
-    """Generates a continuation of every prompt (one batch) and returns texts, ids and statistics."""
+               page_size: int = 32, stop_at_eos: bool = True, add_special_tokens: bool = True,
+               on_step=None) -> Completion:
+    """Generates a continuation of every prompt (one batch) and returns texts, ids and statistics.
+
+    on_step(s): called after decode step s (`Generator.generate`'s hook; the CLI's --profile uses it)."""
     from dmc_jax.generate import Sampling
     prompts = _prompt_list(prompts)
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
@@ -206,7 +209,8 @@ class Model:
                           f"{self.config.max_position_embeddings} positions")
     gen = self.generator(choice, page_size=page_size, kv_budget_mb=kv_budget_mb)
     eos = self.eos_ids
-    result = gen.generate(ids, max_new_tokens, sampling, seed=seed, eos_ids=eos, stop_at_eos=stop_at_eos)
+    result = gen.generate(ids, max_new_tokens, sampling, seed=seed, eos_ids=eos, stop_at_eos=stop_at_eos,
+                          on_step=on_step)
     new = [[t for t in toks if t not in eos] for toks in result.tokens]
     return Completion([self.tokenizer.decode(t) for t in new], new, ids, choice, result, gen)
 

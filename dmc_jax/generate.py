@@ -39,6 +39,7 @@ class Sampling:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+@jax.named_scope("sample")  # the profiler scopes: docs/profiling.md
 def sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
   """Next tokens [B] from float32 logits."""
   if s.temperature == 0.0:
@@ -141,6 +142,7 @@ class Generator:
     return dmc_cache.init_cache(self.cfg, self.dmc.dmc, batch, max_len, self.dmc.page_size, self.dmc.pool_pages,
                                 self.cache_dtype)
 
+  @jax.named_scope("prefill")
   def _prefill_fn(self, params, tokens_BxP, cache, lengths_B, key, sampling: Sampling):
     if self.dmc is None:
       logits, cache = self.model.apply(params, tokens_BxP, cache, jnp.zeros_like(lengths_B),
@@ -151,6 +153,7 @@ class Generator:
     last_BxV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     return sample(last_BxV, key, sampling), cache
 
+  @jax.named_scope("decode_step")
   def _step_fn(self, params, cache, token_B, index_B, key, sampling: Sampling):
     if self.dmc is None:
       logits, cache = self.model.apply(params, token_B[:, None], cache, index_B, method=Llama.forward_with_cache)

@@ -29,6 +29,7 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 
 
+@jax.named_scope("lm_loss")  # the profiler scopes: docs/profiling.md
 def lm_loss(logits_BxLxV: Array, targets_BxL: Array, loss_mask_BxL: Array) -> Array:
   """Mean next-token cross entropy over the positions the mask keeps (float32)."""
   logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
@@ -123,12 +124,15 @@ def _student_terms(cfg: LlamaConfig, model: Llama, spec: LossSpec, params, batch
   """(mean cross entropy, mean KL (0 for spec lm), aux or None) of `model` on the batch."""
   args = (batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
   if not spec.distill:
-    out = model.apply(params, *args, **kw)
+    with jax.named_scope("forward"):
+      out = model.apply(params, *args, **kw)
     logits, aux = (out, None) if model.dmc_mode == "off" else out
-    return lm_loss(logits, batch["targets"], batch["loss_mask"]), jnp.zeros((), jnp.float32), aux
+    with jax.named_scope("lm_loss"):
+      return lm_loss(logits, batch["targets"], batch["loss_mask"]), jnp.zeros((), jnp.float32), aux
   if teacher is None:
     raise ValueError(f"train.loss={spec.kind!r} needs the teacher's parameters")
-  out = model.apply(params, *args, hidden=True, **kw)
+  with jax.named_scope("forward"):
+    out = model.apply(params, *args, hidden=True, **kw)
   h_s, aux = (out, None) if model.dmc_mode == "off" else out
   # The teacher: the original weights, vanilla attention, no fade; nothing of it is differentiated.
   teacher_model = Llama(cfg)
@@ -175,7 +179,8 @@ def dmc_loss(cfg: LlamaConfig, dmc: DMCConfig, spec: LossSpec = LM) -> Callable:
   def loss_fn(params, batch: Batch, rng: Array, target_cr, teacher=None) -> tuple[Array, dict]:
     lm, kl, aux = _student_terms(cfg, model, spec, params, batch, teacher, rngs={"dmc": rng})
     valid = _valid(batch)
-    cr = dmc_math.cr_loss(aux["alpha"], valid, target_cr)
+    with jax.named_scope("cr_loss"):
+      cr = dmc_math.cr_loss(aux["alpha"], valid, target_cr)
     weights = valid.astype(jnp.float32)[None, :, :, None]
     per_head = jnp.sum(aux["alpha"] * weights, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1.0)
     metrics = {"lm_loss": lm, "distill_loss": kl, "cr_loss": cr, "target_cr": jnp.asarray(target_cr, jnp.float32),
@@ -304,7 +309,8 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
     rows = batch["tokens"].shape[0]
     if rows % grad_accum:
       raise ValueError(f"train.grad_accum {grad_accum} does not divide the per-step batch of {rows} rows")
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    # Backward ops carry the forward's scopes under transpose(jvp(...)) (docs/profiling.md).
+    grad_fn = jax.named_scope("forward_backward")(jax.value_and_grad(micro_loss, has_aux=True))
     if grad_accum == 1:  # no scan: keeps the single-batch step's HLO (and its RNG draws) unchanged
       (total, metrics), grads = grad_fn(params, dict(batch), rng, s, jnp.ones((), jnp.float32), 1.0, frozen)
     else:
@@ -329,8 +335,9 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
       m0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), m0)
       (grads, total, metrics), _ = jax.lax.scan(accumulate, (zeros, zero, m0),
                                                (micro, jnp.arange(grad_accum), lm_weight_A))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
     stage = jnp.asarray(0 if mode == "vanilla" else 1 + (s >= stage1_steps) + (s >= stage1_steps + ramp_steps))
     metrics = dict(metrics, loss=total, grad_norm=optax.tree.norm(grads), stage=stage)
     new = {"step": s + 1, "params": params, "opt_state": opt_state}

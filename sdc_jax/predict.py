@@ -33,13 +33,15 @@ class Predictor:
       flows_FxHxWx2 = flow_lib.backward_flows(frames, self.estimator)
     return to_uint8(self._fn(self.params, frames[None], flows_FxHxWx2[-(s - 1):][None])[0])
 
-  def rollout(self, frames_SxHxWx3: np.ndarray, steps: int) -> np.ndarray:
-    """K recursively predicted frames: KxHxWx3 uint8."""
+  def rollout(self, frames_SxHxWx3: np.ndarray, steps: int, on_step=None) -> np.ndarray:
+    """K recursively predicted frames: KxHxWx3 uint8. on_step(i): called after frame i (from 1) is predicted."""
     history = list(frames_SxHxWx3[-self.cfg.frames:])
     out = []
-    for _ in range(steps):
+    for i in range(steps):
       nxt = self.next_frame(np.stack(history))
       out.append(nxt)
+      if on_step is not None:
+        on_step(i + 1)
       history = history[1:] + [nxt]
     return np.stack(out)
 

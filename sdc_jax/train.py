@@ -44,13 +44,17 @@ def make_train_step(model: SDCNet, tx: optax.GradientTransformation, weights=(0.
     inputs, flows, target = split_batch(batch, model.cfg.frames)
 
     def loss_fn(params):
-      out = model.apply({"params": params}, inputs, flows)
-      total, terms = losses.sdc_loss(out["pred"], target, out["uv"], *weights)
+      with jax.named_scope("forward"):  # the profiler scopes: docs/profiling.md (as a DMC retrofit step's)
+        out = model.apply({"params": params}, inputs, flows)
+      with jax.named_scope("sdc_loss"):
+        total, terms = losses.sdc_loss(out["pred"], target, out["uv"], *weights)
       return total, terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    grad_fn = jax.named_scope("forward_backward")(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, terms), grads = grad_fn(state["params"])
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     return new, {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
   return train_step

@@ -46,9 +46,16 @@ timeout 200 $PY -m experiments.bench.decode --model llama2-7b --batch 32 --promp
 
 # 3. `dmc-jax bench --preset gpu`: Llama-2-7B shape, DMC (Pallas decode kernel) vs vanilla at an equal 30 GiB KV
 #    budget with analytic batches, CR 2/4/8; decode-kernel bandwidth vs copy bandwidth; train step fused vs dense.
-#    (Add --profile DIR for a jax.profiler trace; not here, so that the timings carry no tracing overhead.)
+#    (Untraced, so that the timings carry no tracing overhead; 3b writes the traces.)
 timeout 300 $PY -m experiments.cli.dmc bench --preset gpu --json "$OUT/bench_dmc.json" \
   > "$OUT/bench_dmc.md" 2> "$OUT/bench_dmc.err" || { status=1; tail -5 "$OUT/bench_dmc.err"; }
+
+# 3b. Traces of the Llama-2-7B shape (docs/profiling.md): DMC decode steps 3-5 (whole model, bf16, CR 4, the batch
+#     of an 8 GiB KV budget at 1024 tokens) and retrofit steps 3-5 (2 layers, 1 × 4096, stage 2). Separate from
+#     the timed runs above; written beside their JSON: $OUT/profile/{decode,retrofit}/plugins/profile/<run>/,
+#     step times and trace paths in $OUT/profile_steps.json. View: xprof --logdir $OUT/profile/decode.
+timeout 240 $PY -m experiments.bench.profile_steps --out "$OUT/profile" --json "$OUT/profile_steps.json" \
+  > "$OUT/profile_steps.log" 2> "$OUT/profile_steps.err" || { status=1; tail -5 "$OUT/profile_steps.err"; }
 
 fi
 
@@ -74,6 +81,7 @@ grep -hE "passed|failed|error" "$OUT/pytest_kernels.log" 2>/dev/null | tail -1
 cat "$OUT/bench_llama2_7b.md" 2>/dev/null
 echo
 cat "$OUT/bench_dmc.md" 2>/dev/null
+grep -h '"trace"' "$OUT/profile_steps.json" 2>/dev/null
 grep -hE "passed|failed|error" "$OUT/pytest_sdc.log" 2>/dev/null | tail -1
 echo
 cat "$OUT/bench_sdc.md" "$OUT/bench_sdc_model.md" 2>/dev/null

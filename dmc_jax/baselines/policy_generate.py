@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from dmc_jax.baselines import evict_model
@@ -25,11 +26,13 @@ class PolicyGenerator(Generator):
   def _new_cache(self, batch: int, max_len: int):
     return evict_model.init_cache(self.cfg, self.policy, batch, max_len, self.cache_dtype)
 
+  @jax.named_scope("prefill")  # as Generator's (docs/profiling.md)
   def _prefill_fn(self, params, tokens_BxP, cache, lengths_B, key, sampling: Sampling):
     logits, cache = evict_model.prefill(self.cfg, self.policy, params, tokens_BxP, lengths_B, cache)
     last_BxV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     return sample(last_BxV, key, sampling), cache
 
+  @jax.named_scope("decode_step")
   def _step_fn(self, params, cache, token_B, index_B, key, sampling: Sampling):
     logits, cache = evict_model.decode(self.cfg, self.policy, params, token_B, index_B, cache)
     return sample(logits, key, sampling), cache

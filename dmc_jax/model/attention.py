@@ -138,6 +138,7 @@ class Attention(nn.Module):
     out = jnp.einsum("blhk,hkd->bld", out_BxLxHxD.astype(dt), self.o_proj().astype(dt))
     return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
 
+  @jax.named_scope("attention")  # the profiler scopes: docs/profiling.md
   def __call__(self, x_BxLxD: Array, ctx: Parallel | VanillaCache, cache=None,
                forced_alpha_BxLxK: Array | None = None):
     """The parallel forward (training, evaluation, prefill) or a vanilla-cache step (`ctx` says which).
@@ -190,6 +191,7 @@ class Attention(nn.Module):
                         "wv": omega[..., None] * v.astype(jnp.float32), "k_slot": k_rot, "v_slot": v_acc}
     return self._output(out), None, aux
 
+  @jax.named_scope("attention")
   def decode(self, x_Bx1xD: Array, ctx: DMCDecode, pool: dict, state: dict, forced_alpha_BxK: Array | None = None):
     """One token per sequence against the compressed cache: the shared page `pool` and this layer's `state`
     (see dmc_jax.cache.decode_layer). Returns (out, pool, state)."""
@@ -200,13 +202,15 @@ class Attention(nn.Module):
     # Decode never sees a sequence's first token (the prompt has at least one), so no start rule is needed.
     alpha = (a[:, 0] > 0).astype(jnp.float32) if forced_alpha_BxK is None else forced_alpha_BxK
     cos, sin = ctx.cos, ctx.sin
-    pool, state = dmc_cache.decode_layer(pool, state, positions_B=ctx.positions, k_BxKxD=k[:, 0],
-                                         v_BxKxD=v[:, 0], alpha_BxK=alpha, omega_BxK=omega[:, 0],
-                                         cos_BxD=cos[:, 0], sin_BxD=sin[:, 0], ch=ch)
+    with jax.named_scope("dmc_update"):  # the merge/append of this token's key and value
+      pool, state = dmc_cache.decode_layer(pool, state, positions_B=ctx.positions, k_BxKxD=k[:, 0],
+                                           v_BxKxD=v[:, 0], alpha_BxK=alpha, omega_BxK=omega[:, 0],
+                                           cos_BxD=cos[:, 0], sin_BxD=sin[:, 0], ch=ch)
     q = dmc_math.scale_channel(rope.apply_rope(q, cos, sin), ch, 0)
     b, _, h, d = q.shape
     kv = self.cfg.n_kv_heads
-    out = paged_decode_attention(q.reshape(b * kv, h // kv, d), pool["k_pages"], pool["v_pages"],
-                                 state["block_table"].reshape(b * kv, -1), state["lengths"].reshape(-1),
-                                 implementation=self.cfg.attention_impl)
+    with jax.named_scope("paged_attention"):  # the page gather and the attention over the pages in use
+      out = paged_decode_attention(q.reshape(b * kv, h // kv, d), pool["k_pages"], pool["v_pages"],
+                                   state["block_table"].reshape(b * kv, -1), state["lengths"].reshape(-1),
+                                   implementation=self.cfg.attention_impl)
     return self._output(out.reshape(b, 1, h, d)), pool, state

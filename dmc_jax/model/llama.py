@@ -100,6 +100,7 @@ class DecoderLayer(nn.Module):
     self.mlp_norm = RMSNorm(c.rms_norm_eps, pd, dt)
     self.mlp = MLP(c)
 
+  @jax.named_scope("mlp")  # the profiler scopes: docs/profiling.md
   def _mlp_block(self, x_BxLxD: Array) -> Array:
     x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)).astype(x_BxLxD.dtype)
     return constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
@@ -187,6 +188,7 @@ class Llama(nn.Module):
     x = jnp.take(table, tokens_BxL, axis=0).astype(jnp.dtype(self.cfg.dtype))
     return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
+  @jax.named_scope("logits")
   def _logits(self, x_BxLxD: Array) -> Array:
     x = self.final_norm(x_BxLxD)
     dt = jnp.dtype(self.cfg.dtype)
@@ -197,6 +199,7 @@ class Llama(nn.Module):
       logits = jnp.einsum("bld,dv->blv", x, self.lm_head().astype(dt), preferred_element_type=acc)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
+  @jax.named_scope("layers")
   def _run_layers(self, carry: dict, ctx: modes.Context, layers_xs: dict):
     """The layer loop, for every mode: `DecoderLayer.__call__` over the layers, scanned or unrolled.
 

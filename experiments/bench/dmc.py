@@ -15,14 +15,13 @@ step time (fused DMC vs vanilla vs dense-bias DMC). Random weights: speed does n
 * Training: value-and-grad of the LM loss, vanilla attention vs DMC with the dense-bias XLA reference vs DMC with
   the fused Pallas kernel (GPU only: on a CPU Pallas only runs interpreted).
 
-`--profile DIR` writes a jax.profiler trace (named scopes: `bench/...` phases, `dmc_decode_attention_*`,
-`dmc_attention_*`).
+`--profile DIR` writes a jax.profiler trace of the whole run (experiments/harness/profiling.py; host annotations
+`bench/...` per section, the library's named scopes inside: docs/profiling.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -349,7 +348,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                  "XLA elsewhere)")
   p.add_argument("--skip", default="", help="comma-separated parts to skip: decode, kernel, train")
   p.add_argument("--json", help="also write the result here")
-  p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace here")
+  from experiments.harness import profiling
+  # No --profile-steps: each timed section already runs after its own compile and warm-up, so the whole run is
+  # traced; its TraceAnnotations (bench/decode/..., bench/kernel/..., bench/train/...) name the sections.
+  profiling.add_profile_arguments(p, steps=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -373,8 +375,8 @@ def run(args: argparse.Namespace) -> int:
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform, "jax": jax.__version__,
             "copy_bandwidth_GBps": copy_bandwidth() / 1e9, "context": context, "steps": steps, "dtype": dtype,
             "decode_impl": _backend.resolve("paged_decode_attention", impl), "decode": [], "kernel": [], "train": []}
-  trace = jax.profiler.trace(args.profile) if args.profile else contextlib.nullcontext()
-  with trace:
+  from experiments.harness import profiling
+  with profiling.from_args(args, "bench", whole=True):
     if "decode" not in skip:
       for spec, budget in zip(models, budgets):
         for r in decode_equal_memory(spec, budget=int(budget * 2**20), context=context, steps=steps, crs=crs,

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from experiments.harness import cli
+from experiments.harness import cli, profiling
 
 log = logging.getLogger("dmc_jax")
 
@@ -141,19 +141,22 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
   g.add_argument("--page-size", type=cli.positive_int, default=32, help="slots per cache page")
   g.add_argument("--kv-budget-mb", type=cli.positive_float, default=None,
                  help="size the page pool from this KV-memory budget (default: never run out)")
+  profiling.add_profile_arguments(p, unit="decode step")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
   import jax
   import dmc_jax
+  prof = profiling.from_args(args, "decode", unit="decode step")  # a bad --profile-steps fails before the load
   t0 = time.perf_counter()
   model = dmc_jax.load(args.ckpt, adapter=args.adapter, dtype=args.dtype, verify=not args.no_verify,
                        attention_impl=None if args.attention_impl == "auto" else args.attention_impl)
   load_s = time.perf_counter() - t0
-  c = model.complete(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, seed=args.seed, kv_budget_mb=args.kv_budget_mb, page_size=args.page_size,
-                     stop_at_eos=not args.ignore_eos, add_special_tokens=not args.no_special_tokens,
-                     **cache_choice_arguments(args))
+  with prof:  # on_step(s) runs after decode step s
+    c = model.complete(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, kv_budget_mb=args.kv_budget_mb, page_size=args.page_size,
+                       stop_at_eos=not args.ignore_eos, add_special_tokens=not args.no_special_tokens,
+                       on_step=lambda s: profiling.step(s + 1), **cache_choice_arguments(args))
   for i, (text, new) in enumerate(zip(args.prompt, c.texts)):
     if len(args.prompt) > 1:
       print(f"--- [{i}] ---")
@@ -214,6 +217,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
   g.add_argument("--coordinator", help="host:port of process 0's coordination service")
   g.add_argument("--num-processes", type=int, help="processes forming the global mesh")
   g.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
+  profiling.add_profile_arguments(p, unit="optimizer step")
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -230,7 +234,8 @@ def _run_train(args: argparse.Namespace) -> None:
     overrides.append(f"--config.workdir={args.workdir}")
   cfg = config.load(args.config, overrides)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  summary = dmc_run.train(cfg, break_lock=args.break_lock, allow_config_change=args.allow_config_change)
+  with profiling.from_args(args, "train", unit="optimizer step"):
+    summary = dmc_run.train(cfg, break_lock=args.break_lock, allow_config_change=args.allow_config_change)
   print(json.dumps(summary, indent=2, default=str))
 
 

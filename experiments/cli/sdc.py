@@ -7,19 +7,21 @@ import json
 import sys
 
 from experiments.cli.dmc import _configure_config, run_config
-from experiments.harness import cli
+from experiments.harness import cli, profiling
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
   cli.add_config_argument(p)
   cli.add_workdir_arguments(p)
+  profiling.add_profile_arguments(p, unit="optimizer step")
 
 
 def _run_train(args: argparse.Namespace) -> None:
   from experiments.sdc import run as sdc_run
   from experiments.harness import config
-  summary = sdc_run.train(config.load(args.config, args.config_overrides), break_lock=args.break_lock,
-                          allow_config_change=args.allow_config_change)
+  with profiling.from_args(args, "train", unit="optimizer step"):
+    summary = sdc_run.train(config.load(args.config, args.config_overrides), break_lock=args.break_lock,
+                            allow_config_change=args.allow_config_change)
   print(json.dumps(summary))
 
 
@@ -49,11 +51,14 @@ def _configure_predict(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max-frames", type=cli.non_negative_int, default=0, help="read at most this many frames")
   p.add_argument("--fps", type=cli.positive_float, help="output frame rate (default: the input's; 25 for a frame "
                                                          "folder)")
+  profiling.add_profile_arguments(p, unit="predicted frame")
 
 
 def _run_predict(args: argparse.Namespace) -> None:
   from experiments.sdc import run as sdc_run
-  print(json.dumps(sdc_run.predict(args.ckpt, args.video, args.out, args.steps, args.max_frames, args.fps)))
+  with profiling.from_args(args, "predict", unit="predicted frame"):
+    out = sdc_run.predict(args.ckpt, args.video, args.out, args.steps, args.max_frames, args.fps)
+  print(json.dumps(out))
 
 
 COMMANDS = [

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from dmc_jax.config import ConfigError
+from experiments.harness import profiling
 
 log = logging.getLogger("dmc_jax")
 FORMAT = "dmc-jax-eval/1"
@@ -55,6 +56,7 @@ def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("--base-kv-heads", type=cli.positive_int, default=None,
                  help="KV heads of the model this checkpoint was GQA-pooled from (its CR = base / own)")
   p.add_argument("--out", help="write the results here as JSON")
+  profiling.add_profile_arguments(p, unit="batch")
 
 
 def held_out_batches(tokenizer, args) -> list[dict]:
@@ -190,7 +192,8 @@ def evaluate(args) -> dict:
   for method, label, cr_target, fn in scorers(cfg, params, args, dmc_settings):
     t0 = time.perf_counter()
     nll, entries = 0.0, 0.0
-    for b in batches:
+    for i, b in enumerate(batches):
+      profiling.step(i + 1)  # --profile: batch i + 1 of the first method whose batches reach the window
       n, e = fn(b)
       nll += float(n)
       entries += float(e) if e is not None else 0.0
@@ -210,7 +213,8 @@ def evaluate(args) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-  result = evaluate(args)
+  with profiling.from_args(args, "eval", unit="batch"):
+    result = evaluate(args)
   text = json.dumps(result, indent=2)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

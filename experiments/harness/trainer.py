@@ -26,7 +26,7 @@ import numpy as np
 
 from experiments.harness import mesh as mesh_lib
 from experiments.harness import metrics as metrics_lib
-from experiments.harness import orbax_ckpt, progress
+from experiments.harness import orbax_ckpt, profiling, progress
 from experiments.harness import workdir as workdir_lib
 from experiments.harness.errors import TrainCheckpointError
 from dmc_jax.convert.tensors import read_json
@@ -145,6 +145,7 @@ def _train(task: Task, cfg: LoopConfig, workdir: str,
     try:
       with progress.bar(total=cfg.steps, initial=start, desc="train", unit="step") as bar:
         for step in range(start + 1, cfg.steps + 1):
+          profiling.step(step)  # --profile: the trace window and the step annotation (a no-op otherwise)
           batch = mesh_lib.global_batch(next(data_it), batch_sh)
           state, m = step_fn(state, batch, jax.random.fold_in(step_key, step))
           m = {k: np.asarray(v, np.float64) for k, v in jax.device_get(m).items()}

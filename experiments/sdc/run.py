@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from experiments.harness import profiling
 from sdc_jax.errors import SDCError
 
 log = logging.getLogger("dmc_jax")
@@ -266,10 +267,13 @@ def predict(workdir: str, video: str, out: str, steps: int | None = None, max_fr
   if steps is not None:
     if steps < 1:
       raise SDCError(f"--steps: must be at least 1, got {steps}")
-    written = np.concatenate([frames, predictor.rollout(frames, steps)])
+    written = np.concatenate([frames, predictor.rollout(frames, steps, on_step=lambda i: profiling.step(i + 1))])
   else:
     bwd = flow_lib.backward_flows(frames, estimator)
-    preds = [predictor.next_frame(frames[t:t + s], bwd[t:t + s - 1]) for t in range(len(frames) - s)]
+    preds = []
+    for t in range(len(frames) - s):
+      profiling.step(t + 1)  # --profile: frame t + 1 (docs/profiling.md)
+      preds.append(predictor.next_frame(frames[t:t + s], bwd[t:t + s - 1]))
     written = np.concatenate([frames[:s], np.stack(preds)])
   write_mp4(out, written, output_fps(video, fps, out))
   return {"out": os.path.abspath(out), "frames": int(len(written)), "size": list(written.shape[1:3]),
