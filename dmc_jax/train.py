@@ -127,8 +127,7 @@ def _student_terms(cfg: LlamaConfig, model: Llama, spec: LossSpec, params, batch
     with jax.named_scope("forward"):
       out = model.apply(params, *args, **kw)
     logits, aux = (out, None) if model.dmc_mode == "off" else out
-    with jax.named_scope("lm_loss"):
-      return lm_loss(logits, batch["targets"], batch["loss_mask"]), jnp.zeros((), jnp.float32), aux
+    return lm_loss(logits, batch["targets"], batch["loss_mask"]), jnp.zeros((), jnp.float32), aux
   if teacher is None:
     raise ValueError(f"train.loss={spec.kind!r} needs the teacher's parameters")
   with jax.named_scope("forward"):
