@@ -60,7 +60,7 @@ def test_cr_1_generates_like_the_vanilla_cache(params):
 
 
 def test_generate_cli_with_a_policy(tmp_path, smollm2_ckpt, params, capsys):
-  from conftest import write_checkpoint
+  from helpers import write_checkpoint
   from experiments.cli import dmc as cli_dmc
   from dmc_jax import checkpoint
   real = checkpoint.Checkpoint(smollm2_ckpt).config

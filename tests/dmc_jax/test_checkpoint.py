@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import random_hf_model, write_hf_dir
+from helpers import random_hf_model, write_hf_dir
 from dmc_jax.config import LlamaConfig
 from dmc_jax.convert import hf
 from dmc_jax import checkpoint

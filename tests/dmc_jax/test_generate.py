@@ -160,7 +160,7 @@ def test_cli_generate_with_dmc_settings_from_the_checkpoint(tmp_path, smollm2_ck
 @pytest.mark.slow  # 42 s on 2 busy cores, as long with --attention-impl xla: the generator's compiles
 def test_cli_generate_dmc_with_the_tpu_kernel(tmp_path, smollm2_ckpt, capsys, monkeypatch):
   """`generate --dmc --attention-impl tpu`: the DMC decode runs the Pallas TPU kernel (interpreted here)."""
-  from conftest import write_checkpoint
+  from helpers import write_checkpoint
 
   from dmc_jax import checkpoint
   from experiments.cli import dmc as cli_dmc

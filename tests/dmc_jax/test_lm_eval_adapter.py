@@ -18,7 +18,7 @@ from dmc_jax.baselines.policies import Policy
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model.llama import Llama
 
-from conftest import write_checkpoint
+from helpers import write_checkpoint
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "lm_eval_mc.jsonl")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

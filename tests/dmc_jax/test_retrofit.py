@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import dmc_jax
-from conftest import word_level_tokenizer, write_checkpoint
+from helpers import word_level_tokenizer, write_checkpoint
 from dmc_jax import adapter as adapter_lib
 from dmc_jax import checkpoint
 from dmc_jax import train

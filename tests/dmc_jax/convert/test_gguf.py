@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import random_hf_model, write_hf_dir
+from helpers import random_hf_model, write_hf_dir
 from dmc_jax.config import LlamaConfig
 from dmc_jax.convert import gguf as gguf_convert
 from dmc_jax.convert import hf

@@ -16,7 +16,7 @@ from dmc_jax.model.llama import Llama
 from experiments.cli import dmc as cli_dmc
 from experiments.dmc import eval as eval_dmc
 
-from conftest import write_checkpoint
+from helpers import write_checkpoint
 
 DMC = DMCConfig(window=4)
 EVAL = ["--tokens", "256", "--seq-len", "128"]

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from conftest import random_hf_model, write_hf_dir
+from helpers import random_hf_model, write_hf_dir
 from dmc_jax.convert import hf
 from dmc_jax.presets import preset
 from experiments.cli import dmc as cli_dmc
