@@ -12,12 +12,15 @@ rather than as an N×N box blur; the vector head is the N = 1 special case.
 Motion parameterisation (`motion`):
 * "direct" (the paper's): the head's first two channels are the motion (u, v) in pixels.
 * "residual": the motion is the last backward flow plus the head's (u, v), and the SDC kernels are
-  k = δ + g·(softmax(logits) − δ) with a per-pixel gate g ∈ [0, 1] (one extra head channel; the forward value is
-  clipped to [0, 1], the gradient passes straight through so the gate can leave 0). The (u, v) and gate channels
-  start at exactly zero (zero weights and bias), so the untrained model *is* flow extrapolation: warp the last
-  frame by the last flow with a delta kernel, which the SDC op evaluates as plain bilinear warping. Copying the
-  last frame, the optimum a direct head drifts to on slow-motion data, is then no longer the starting point.
-  The kernels stay positive and sum to one (a convex combination of δ and a softmax).
+  k = δ + g·(softmax(logits) − δ) with a per-pixel gate g = tanh(a) (one extra head channel). The (u, v) and
+  gate channels start at exactly zero (zero weights and bias), so the untrained model *is* flow extrapolation:
+  warp the last frame by the last flow with a delta kernel, which the SDC op evaluates as plain bilinear warping.
+  Copying the last frame, the optimum a direct head drifts to on slow-motion data, is no longer the start.
+  The kernels always sum to one; for g ≥ 0 they are positive (a convex combination of δ and a softmax), for
+  g < 0 they sharpen (centre tap above one), which counters the blur of bilinear resampling. The gate is a
+  smooth function on purpose: a clipped gate with a straight-through gradient was pushed ever further below 0
+  (towards sharpening it could not deliver), and that unanswered push grew the features until training
+  diverged (activations ×3000 in 50 steps; docs/_notes_sdc.md).
 
 Normalisation of inputs (as NVIDIA's release): images minus the per-sample channel mean over the input frames,
 divided by 255; flows (f - mean) / (3 std) with the reference statistics. Inputs are edge-padded to a multiple
@@ -171,11 +174,6 @@ def _head_kernel_init(cfg: SDCNetConfig):
   return nn.with_logical_partitioning(init, CONV_KERNEL)
 
 
-def _gate(a):
-  """clip(a, 0, 1) forward; identity gradient (a hard clip would pass no gradient out of g = 0)."""
-  return a + jax.lax.stop_gradient(jnp.clip(a, 0.0, 1.0) - a)
-
-
 class SDCNet(nn.Module):
   cfg: SDCNetConfig
 
@@ -218,7 +216,7 @@ class SDCNet(nn.Module):
       kh = jax.nn.softmax(out_BxHxWxK[..., 2:2 + n], axis=-1)
       kv = jax.nn.softmax(out_BxHxWxK[..., 2 + n:2 + 2 * n], axis=-1)
       if cfg.motion == "residual":
-        g = _gate(out_BxHxWxK[..., -1:])
+        g = jnp.tanh(out_BxHxWxK[..., -1:])
         delta = jax.nn.one_hot(n // 2, n, dtype=kh.dtype)
         kh, kv = delta + g * (kh - delta), delta + g * (kv - delta)
       pred = sdc_api.displaced_conv(last_BxHxWx3, uv_BxHxWx2, kh, kv, cfg.implementation)

@@ -2,6 +2,8 @@
 
 * `flow_stats`: magnitude histograms of the backward flows the model sees — stored training windows, synthetic
   camera-motion windows (as the training pipeline makes them), and each held-out clip.
+* `baseline_gap`: the colour L1 (0..255) of copy-last-frame and of flow extrapolation against the true next
+  frame on the same windows: how much a model gains by moving pixels at all, per kind of window.
 * `motion_response`: for each run, the mean predicted displacement against the mean last input flow per window
   of a held-out clip (a slope of 1 = the model moves pixels as the flow does; 0 = copy-last-frame), and the
   per-pixel median |predicted motion| binned by |last flow|.
@@ -48,6 +50,37 @@ def flow_stats(settings: data.DataSettings, data_dir: str, synthetic: dict, n_sy
     by_clip.setdefault(c, []).append(np.linalg.norm(np.asarray(r["flows_bwd"], np.float32), axis=-1).ravel())
   for c, ms in by_clip.items():
     out[f"held out: {c}"] = _hist(np.concatenate(ms))
+  return out
+
+
+def baseline_gap(settings: data.DataSettings, data_dir: str, synthetic: dict, n_synthetic: int = 200,
+                 crop: int = 96, seed: int = 0) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from sdc_jax.train import baselines
+  base = jax.jit(baselines)
+  builder = data.prepare(settings, data_dir)
+
+  def gap(examples):
+    copy, extrap = [], []
+    for ex in examples:
+      fr = jnp.asarray(ex["frames"][None], jnp.float32)
+      b = base(fr[:, :-1], jnp.asarray(ex["flows"][None], jnp.float32))
+      target = fr[:, -1]
+      copy.append(float(jnp.mean(jnp.abs(b["copy_last"] - target))))
+      extrap.append(float(jnp.mean(jnp.abs(jnp.round(b["flow_extrap"]) - target))))
+    return {"copy_l1": float(np.mean(copy)), "flow_extrap_l1": float(np.mean(extrap)), "windows": len(copy)}
+
+  src = builder.as_data_source("train")
+  out = {"train windows (bikes, bigbuckbunny)": gap(data.as_example(src[i]) for i in range(len(src)))}
+  aug = data.CropAugment(crop, synthetic_prob=1.0, **synthetic)
+  rng = np.random.default_rng(seed)
+  out["synthetic camera windows"] = gap(aug(src[int(rng.integers(len(src)))], rng) for _ in range(n_synthetic))
+  test = builder.as_data_source("test")
+  for w in data.eval_windows(test):
+    out.setdefault(f"held out: {w['clip']}", []).append(w)
+  for k in [k for k in out if k.startswith("held out")]:
+    out[k] = gap(out[k])
   return out
 
 
@@ -128,7 +161,8 @@ def plot(stats: dict, resp: dict, out: str, clip: str) -> list[str]:
     axes[0].set_ylabel("mean predicted motion (px)")
     axes[0].set_title(f"{clip}: per window", fontsize=9)
     axes[0].legend(fontsize=6)
-    axes[1].plot([0, 20], [0, 20], "k:", lw=1)
+    top = max(x for r in resp.values() for x, m, n in r["binned_median"] if m is not None) + 2
+    axes[1].plot([0, top], [0, top], "k:", lw=1)
     axes[1].set_xlabel("|last flow| bin lower edge (px)")
     axes[1].set_ylabel("median |predicted motion| (px)")
     axes[1].set_title(f"{clip}: per pixel", fontsize=9)
@@ -155,9 +189,11 @@ def main(argv=None) -> int:
   syn = sdc_run.synthetic_options(cfg, settings)
   syn.pop("synthetic_prob", None)
   stats = flow_stats(settings, a.data_dir, syn, crop=cfg.data.crop)
+  gaps = baseline_gap(settings, a.data_dir, syn, crop=cfg.data.crop)
   resp = motion_response(dict(r.split("=", 1) for r in a.runs), a.clip) if a.runs else {}
   paths = plot(stats, resp, a.out, data.clip_name(a.clip))
   summary = {"flow": {k: {kk: vv for kk, vv in v.items() if kk != "counts"} for k, v in stats.items()},
+             "baseline_l1": gaps,
              "response": {k: {kk: vv for kk, vv in v.items() if kk != "per_window"} for k, v in resp.items()},
              "plots": paths}
   with open(os.path.join(a.out, "diagnosis.json"), "w") as f:

@@ -238,14 +238,14 @@ def evaluate(workdir: str, videos: Sequence[str] = (), steps: int = 3, out: str 
   from sdc_jax import data, flow as flow_lib
   from sdc_jax.model import SDCNet
   from sdc_jax.predict import Predictor
-  from sdc_jax.train import make_eval_step
+  from sdc_jax.train import eval_step_for
   mcfg, settings, params, ckpt_step = load_run(workdir)
   params = jax.device_put(params)
   videos = list(videos) or list(settings["eval_videos"])
   if not videos:
     raise SDCError(f"{workdir}: the run has no eval_videos; name videos to evaluate")
   estimator = flow_lib.make_estimator(settings["flow"])
-  eval_step = make_eval_step(SDCNet(mcfg))
+  eval_step = eval_step_for(mcfg)
   predictor = Predictor(mcfg, params, estimator)
   out = out or os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)

@@ -27,7 +27,7 @@ def test_residual_motion_is_flow_extrapolation_at_init(head, bikes):
   # a known non-uniform flow (pan + zoom + turn, several pixels, fractional): the baseline must really move pixels
   flows = jnp.asarray(data.camera_flow(data.similarity((3.3, -2.1), 1.03, 2.0, (40, 32)), 64, 80)[None, None])
   model = SDCNet(cfg)
-  params = model.init(jax.random.key(0), frames, flows)
+  params = jax.jit(model.init)(jax.random.key(0), frames, flows)  # eager init would run the SDC op op-by-op
   out = jax.jit(model.apply)(params, frames, flows)
   ref = baselines(frames, flows)["flow_extrap"]
   assert float(jnp.max(jnp.abs(ref - frames[:, -1]))) > 10  # the baseline really moves pixels (measured 26)
@@ -38,7 +38,7 @@ def test_residual_motion_is_flow_extrapolation_at_init(head, bikes):
     # the gate and the motion correction leave zero on the first gradient step (not stuck at the start)
     def loss(p):
       return jnp.mean(jnp.abs(model.apply(p, frames, flows)["pred"] - frames[:, 0]))
-    g = jax.grad(loss)(params)["params"]["head"]["kernel"]
+    g = jax.jit(jax.grad(loss))(params)["params"]["head"]["kernel"]
     g = np.asarray(getattr(g, "value", g))
     assert np.abs(g[..., :2]).max() > 0 and np.abs(g[..., -1]).max() > 0
 
