@@ -195,7 +195,7 @@ def main(argv=None) -> int:
   summary = {"flow": {k: {kk: vv for kk, vv in v.items() if kk != "counts"} for k, v in stats.items()},
              "baseline_l1": gaps,
              "response": {k: {kk: vv for kk, vv in v.items() if kk != "per_window"} for k, v in resp.items()},
-             "plots": paths}
+             "plots": [os.path.basename(p) for p in paths]}
   with open(os.path.join(a.out, "diagnosis.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(json.dumps(summary, indent=1))
