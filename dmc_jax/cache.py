@@ -7,7 +7,7 @@ i·S .. i·S+S−1. Pages are taken from the pool by a bump allocator on the dev
 A full pool sets the sticky `overflow` flag and drops the write; `check` turns the flag into an error (the
 generator calls it after every generation), so exhaustion is never silent.
 
-Per row the merge state of the current run (DMC.md §4) is kept in float32: running sums S^k, S^v, Z, the run
+Per row the merge state of the current run (docs/dmc.md §4) is kept in float32: running sums S^k, S^v, Z, the run
 length r and a ring buffer of the last W weighted entries (ω k, ω v, ω), so that a slot averages at most the
 last W tokens of its run, exactly as the training-time windowed accumulation does.
 
@@ -190,8 +190,9 @@ def layers_of(cache: DMCCache) -> dict[str, Array]:
 
 
 def decode_layer(pool: dict, state: dict, *, positions_B: Array, k_BxKxD: Array, v_BxKxD: Array,
-                 alpha_BxK: Array, omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int | None) -> tuple[dict, dict]:
-  """One token per sequence through one layer: merge into or append to each row's last slot (DMC.md §4).
+                 alpha_BxK: Array, omega_BxK: Array, cos_BxD: Array, sin_BxD: Array,
+                 ch: int | None) -> tuple[dict, dict]:
+  """One token per sequence through one layer: merge into or append to each row's last slot (docs/dmc.md §4).
 
   k is pre-RoPE with channel ch zeroed; the candidate slot is RoPE_t(S^k / Z) at the new token's position t.
   Page size and window are read off the shapes (static under jit). Returns the updated (pool, layer state).

@@ -40,6 +40,7 @@ from dmc_jax.convert.tensors import (FLOAT_DTYPES, ConversionError, LazyTensor, 
                                      write_sharded)
 from dmc_jax.errors import CheckpointError
 from dmc_jax.tokenizer import Tokenizer, TokenizerInfo
+from dmc_jax.tokenizer import check as tokenizer_check
 
 FORMAT = "dmc-jax-checkpoint/2"
 FORMAT_V1 = "dmc-jax-checkpoint/1"
@@ -49,29 +50,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 
 
-@contextlib.contextmanager
-def atomic_directory(out: str, force: bool = False) -> Iterator[str]:
-  """Yields a temporary sibling of `out`; on success it replaces `out`, on failure it is removed."""
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not force:
-    if not os.path.isdir(out) or os.listdir(out):
-      raise CheckpointError(f"{out}: exists and is not empty (use --force to replace it)")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-  os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-  try:
-    yield tmp
-    if os.path.exists(out):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-      os.rename(out, os.path.join(old, "x"))
-      os.rename(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+def atomic_directory(out: str, force: bool = False, inputs=()):
+  """Yields a temporary sibling of `out`; on success it replaces `out`, on failure it is removed (checks, lock and
+  commit rules: dmc_jax/io_safety.py)."""
+  from dmc_jax import io_safety
+  return io_safety.atomic_directory(out, force, inputs)
 
 
 def _versions() -> dict[str, str]:
@@ -108,8 +91,11 @@ def write(out: str, converted: Converted, *, dtype: str = "auto", force: bool = 
   if dmc:
     compression = {"method": "dmc", **{k: v for k, v in dict(dmc).items() if k != "method"}}
   total = sum(t.nbytes for t in tensors)
+  if converted.tokenizer:  # loaded and checked against the vocabulary now, not when generate first needs it
+    where = converted.source.get("tokenizer_file") or converted.source.get("path") or out
+    tokenizer_check(converted.tokenizer, cfg.vocab_size, f"{where}: tokenizer")
   digest = ParamDigest()
-  with atomic_directory(out, force) as tmp:
+  with atomic_directory(out, force, converted.source.get("inputs", ())) as tmp:
     done = 0
 
     def on_tensor(t, a):
@@ -204,7 +190,7 @@ class Checkpoint:
     self.meta = read_json(path, "missing (not a dmc-jax checkpoint; convert one with `dmc-jax convert`)",
                           CheckpointError)
     if not isinstance(self.meta, dict):
-      raise CheckpointError(f"{path}: expected a JSON object, got {type(self.meta).__name__}")
+      raise CheckpointError(f"{path}: expected a JSON object, got a {type(self.meta).__name__}")
     self.format = self.meta.get("format")
     if self.format == FORMAT_V1:
       log.warning("%s: checkpoint format /1 (no checksums, no parameter digest); upgrade it with "
@@ -307,6 +293,9 @@ class Checkpoint:
       if tensors[name].shape != shape:
         raise CheckpointError(f"{self.directory}: parameter {name!r} has shape {list(tensors[name].shape)}, "
                               f"expected {list(shape)}")
+      if tensors[name].dtype not in FLOAT_DTYPES.values():
+        raise CheckpointError(f"{self.directory}: parameter {name!r} is {tensors[name].dtype}, expected a float "
+                              f"dtype ({', '.join(sorted(FLOAT_DTYPES))})")
     extra = sorted(set(tensors) - set(expected))
     if extra:
       raise CheckpointError(f"{self.directory}: unexpected parameter {extra[0]!r}")

@@ -15,7 +15,8 @@ from dmc_jax.errors import ConfigError
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: gradient checks in tests
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
-ATTENTION_IMPLS = (None, "xla", "pallas")  # None: Pallas kernels on a GPU, the XLA references elsewhere
+# None: the Pallas kernels on a GPU, the TPU decode kernel on a TPU, the XLA references elsewhere.
+ATTENTION_IMPLS = (None, "xla", "pallas", "tpu")
 
 
 def check_keys(cls, d: Mapping[str, Any], where: str, error: type[Exception] = ConfigError) -> None:
@@ -24,6 +25,57 @@ def check_keys(cls, d: Mapping[str, Any], where: str, error: type[Exception] = C
   unknown = sorted(set(d) - known)
   if unknown:
     raise error(f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+
+
+_MISSING = object()
+
+
+def typed(d: Mapping[str, Any], key: str, kind: str, where: str, default: Any = _MISSING, *,
+          minimum: float | None = None, positive: bool = False, error: type[Exception] = ConfigError) -> Any:
+  """`d[key]` checked against `kind` ("int", "float", "bool", "str", "ids"): no coercion of 64.5 to 64, "yes" to
+  True or "tiny" to a float — one line naming the file and key instead. `None` counts as absent."""
+  value = d.get(key, _MISSING) if isinstance(d, Mapping) else _MISSING
+  if value is _MISSING or value is None:
+    if default is _MISSING:
+      raise error(f"{where}: missing key {key!r}" if value is _MISSING else f"{where}: {key} is null, expected {kind}")
+    return default
+  bad = error(f"{where}: {key} must be {'a positive ' if positive else 'an ' if kind == 'int' else 'a '}"
+              f"{ {'int': 'integer', 'float': 'number', 'bool': 'boolean (true/false)', 'str': 'string', 'ids': 'token id or list of ids'}[kind] }"
+              f"{'' if minimum is None else f' >= {minimum}'}, got {value!r:.60}")
+  if kind == "bool":
+    if not isinstance(value, bool):
+      raise bad
+    return value
+  if kind == "str":
+    if not isinstance(value, str):
+      raise bad
+    return value
+  if kind == "ids":
+    ids = value if isinstance(value, (list, tuple)) else [value]
+    if not all(_is_integral(v) and v >= 0 for v in ids):
+      raise bad
+    return tuple(int(v) for v in ids)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise bad
+  if kind == "int":
+    if not _is_integral(value):
+      raise bad
+    value = int(value)
+  else:
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+      raise bad
+  if (positive and value <= 0) or (minimum is not None and value < minimum):
+    raise bad
+  return value
+
+
+def _is_integral(v) -> bool:
+  if isinstance(v, bool):
+    return False
+  if isinstance(v, int):
+    return True
+  return isinstance(v, float) and v.is_integer()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +135,8 @@ class LlamaConfig:
       if self.d_model % self.n_heads:
         raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim <= 0:
+      raise ConfigError(f"head_dim: expected a positive integer, got {self.head_dim!r}")
     if self.head_dim % 2:
       raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
     if self.rope_freq_factors is not None:
@@ -91,6 +145,21 @@ class LlamaConfig:
         raise ConfigError(f"rope_freq_factors: expected {self.head_dim // 2} values, got "
                           f"{len(self.rope_freq_factors)}")
     object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+    for name in ("rms_norm_eps", "rope_theta"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"{name}: expected a positive finite number, got {value!r}")
+    if (not isinstance(self.max_position_embeddings, int) or isinstance(self.max_position_embeddings, bool)
+        or self.max_position_embeddings <= 0):
+      raise ConfigError(f"max_position_embeddings: expected a positive integer, got {self.max_position_embeddings!r}")
+    if not isinstance(self.tie_embeddings, bool):
+      raise ConfigError(f"tie_embeddings: expected true or false, got {self.tie_embeddings!r}")
+    # Special ids index the embedding: one outside the vocabulary would read another row (or crash a gather).
+    specials = ([] if self.bos_token_id is None else [("bos_token_id", self.bos_token_id)]) + \
+        [("eos_token_ids", i) for i in self.eos_token_ids]
+    for name, i in specials:
+      if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
+        raise ConfigError(f"{name}: {i!r} is outside the vocabulary of {self.vocab_size} tokens")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         raise ConfigError(f"{name}: expected one of {DTYPES}, got {getattr(self, name)!r}")
@@ -164,17 +233,30 @@ def rope_from_hf(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling 
   scaling = hf.get("rope_scaling")
   theta = hf.get("rope_theta")
   if params is not None:
+    if not isinstance(params, Mapping):
+      raise ConfigError(f"{where}: rope_parameters must be an object, got {params!r:.60}")
     theta = params.get("rope_theta", theta)
     scaling = params
-  theta = 10000.0 if theta is None else float(theta)
+  theta = typed({"rope_theta": theta}, "rope_theta", "float", where, 10000.0, positive=True)
+  if scaling and not isinstance(scaling, Mapping):
+    raise ConfigError(f"{where}: rope_scaling must be an object or null, got {scaling!r:.60}")
   if not scaling:
     return theta, None
+  try:
+    return theta, _rope_scaling_from_hf(scaling, where)
+  except (TypeError, ValueError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"{where}: rope scaling: {e}") from None
+
+
+def _rope_scaling_from_hf(scaling: Mapping[str, Any], where: str) -> RopeScaling | None:
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
   if rope_type == "default":
-    return theta, None
+    return None
   if rope_type == "llama3":
     try:
-      return theta, RopeScaling(
+      return RopeScaling(
           rope_type="llama3",
           factor=float(scaling["factor"]),
           low_freq_factor=float(scaling["low_freq_factor"]),
@@ -183,12 +265,14 @@ def rope_from_hf(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling 
     except KeyError as e:
       raise ConfigError(f"{where}: rope scaling 'llama3' lacks key {e.args[0]!r}") from None
   if rope_type == "linear":
-    return theta, RopeScaling(rope_type="linear", factor=float(scaling["factor"]))
+    return RopeScaling(rope_type="linear", factor=float(scaling["factor"]))
   raise ConfigError(f"{where}: unsupported rope scaling type {rope_type!r} (expected default, linear or llama3)")
 
 
 def from_hf_config(hf: Mapping[str, Any], where: str = "config.json") -> LlamaConfig:
-  """Builds a LlamaConfig from an HF LlamaForCausalLM `config.json` dict."""
+  """Builds a LlamaConfig from an HF LlamaForCausalLM `config.json` dict (types and ranges checked)."""
+  if not isinstance(hf, Mapping):
+    raise ConfigError(f"{where}: expected a JSON object, got a {type(hf).__name__}")
   model_type = hf.get("model_type", "llama")
   if model_type not in ("llama", "mistral"):
     raise ConfigError(f"{where}: model_type {model_type!r} is not a Llama-family model (expected 'llama')")
@@ -202,23 +286,46 @@ def from_hf_config(hf: Mapping[str, Any], where: str = "config.json") -> LlamaCo
   if missing:
     raise ConfigError(f"{where}: missing key(s) {missing}")
   theta, scaling = rope_from_hf(hf, where)
-  eos = _as_tuple_ids(hf.get("eos_token_id"))
-  return LlamaConfig(
-      vocab_size=int(hf["vocab_size"]),
-      d_model=int(hf["hidden_size"]),
-      n_layers=int(hf["num_hidden_layers"]),
-      n_heads=int(hf["num_attention_heads"]),
-      n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-      ffn_dim=int(hf["intermediate_size"]),
-      head_dim=int(hf["head_dim"]) if hf.get("head_dim") else None,
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+  pos = lambda key, default=_MISSING: typed(hf, key, "int", where, default, positive=True)
+  n_heads = pos("num_attention_heads")
+  kwargs = dict(
+      vocab_size=pos("vocab_size"),
+      d_model=pos("hidden_size"),
+      n_layers=pos("num_hidden_layers"),
+      n_heads=n_heads,
+      n_kv_heads=pos("num_key_value_heads", n_heads),
+      ffn_dim=pos("intermediate_size"),
+      head_dim=pos("head_dim", None),
+      rms_norm_eps=typed(hf, "rms_norm_eps", "float", where, 1e-6, positive=True),
       rope_theta=theta,
       rope_scaling=scaling,
-      max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      bos_token_id=hf.get("bos_token_id"),
-      eos_token_ids=eos,
+      max_position_embeddings=pos("max_position_embeddings", 4096),
+      tie_embeddings=typed(hf, "tie_word_embeddings", "bool", where, False),
+      bos_token_id=typed(hf, "bos_token_id", "int", where, None, minimum=0),
+      eos_token_ids=typed(hf, "eos_token_id", "ids", where, ()),
   )
+  try:
+    return LlamaConfig(**kwargs)
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
+
+
+def check_meta_params(params: Any, where: str) -> dict:
+  """Meta `params.json` with types and ranges of the keys the converter reads checked; null values dropped (an
+  absent or null optional key takes Meta's default)."""
+  if not isinstance(params, Mapping):
+    raise ConfigError(f"{where}: expected a JSON object, got a {type(params).__name__}")
+  for key in ("dim", "n_layers", "n_heads"):
+    typed(params, key, "int", where, positive=True)
+  for key in ("n_kv_heads", "multiple_of", "max_seq_len"):
+    typed(params, key, "int", where, None, positive=True)
+  vocab = params.get("vocab_size")
+  if vocab is not None and vocab != -1:
+    typed(params, "vocab_size", "int", where, positive=True)
+  for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+    typed(params, key, "float", where, None, positive=True)
+  typed(params, "use_scaled_rope", "bool", where, False)
+  return {k: v for k, v in params.items() if v is not None}  # null = absent: Meta's default
 
 
 def to_hf_config(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -259,17 +366,9 @@ def to_hf_config(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, An
   }
 
 
-def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-  """Meta's FFN width formula (llama/model.py)."""
-  hidden = int(2 * 4 * dim / 3)
-  if ffn_dim_multiplier is not None:
-    hidden = int(ffn_dim_multiplier * hidden)
-  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 @dataclasses.dataclass(frozen=True)
 class DMCConfig:
-  """Dynamic Memory Compression settings (DMC.md §3–5); they travel in a checkpoint's `dmc` field."""
+  """Dynamic Memory Compression settings (docs/dmc.md §3–5); stored in a checkpoint's `compression` field."""
 
   decision_channel: str = "last"  # "last" (d-1, NVIDIA's code) or "first" (0, the paper's Algorithm 1)
   offset: float = 5.0  # c: a = k[ch] - c, omega = sigmoid(mean q[ch] + c) + eps

@@ -1,4 +1,4 @@
-"""Dynamic Memory Compression: the one home of the math (DMC.md §3–6), shared by training, prefill and decode.
+"""Dynamic Memory Compression: the one home of the math (docs/dmc.md §3–6), shared by training, prefill and decode.
 
 Per layer, KV head and token t the model decides to append (α = 0) its key/value to the cache or merge (α = 1) it
 into the last slot. Nothing is added to the model: one channel `ch` of q and k is repurposed —

@@ -18,7 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from lm_eval.api.model import LM
+
+try:
+  from lm_eval.api.model import LM
+except ImportError as e:  # an optional extra: say which, in one line
+  raise ImportError("dmc_jax.lm_eval_adapter needs the optional extra [eval]: pip install 'dmc-jax[eval]'") from e
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 

@@ -236,8 +236,9 @@ def _settings_name(src: TextSource) -> str:
   return src.kind + "-" + hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _held_out_key(src: TextSource) -> str | None:
-  """None when the hash split gives both splits a document; else the one key that alone is held out."""
+def _held_out_key(src: TextSource) -> tuple[str | None, int]:
+  """(None when the hash split gives both splits a document, else the one key that alone is held out; the number
+  of documents)."""
   n = n_val = 0
   smallest = None
   for split_key, _, _ in documents(src):
@@ -248,7 +249,33 @@ def _held_out_key(src: TextSource) -> str | None:
   where = "stdlib corpus" if src.kind == "stdlib" else ", ".join(src.paths)
   if n < 2:
     raise DataError(f"{where}: {n} non-blank document(s); need at least 2 for a train/validation split")
-  return None if 0 < n_val < n else smallest[1]
+  return (None if 0 < n_val < n else smallest[1]), n
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """TFDS narrates building a local dataset as if it downloaded one ("Downloading and preparing dataset Unknown
+  size", "Using custom data configuration", "Variant folder ... has no dataset_info.json"); none of it helps a user
+  here, so its loggers and prints are silenced while it builds (errors still raise)."""
+  import logging as _logging
+  loggers = [_logging.getLogger(n) for n in ("tensorflow_datasets", "absl")]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(_logging.ERROR)
+  try:
+    from absl import logging as absl_logging
+    absl_level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    absl_logging = None
+  try:
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+      yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+    if absl_logging is not None:
+      absl_logging.set_verbosity(absl_level)
 
 
 def prepare(src: TextSource, data_dir: str | None = None):
@@ -260,13 +287,16 @@ def prepare(src: TextSource, data_dir: str | None = None):
   name = _settings_name(src)
   tfds.disable_progress_bar()
   cls = _builder_class()
-  builder = cls(source=src, name=name, held_out=None, data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    log.info("preparing text documents %s under %s", name, data_dir)
+  with _quiet_tfds():
+    builder = cls(source=src, name=name, held_out=None, data_dir=data_dir, file_format="array_record")
+    prepared = builder.is_prepared()
+  if not prepared:
     # A first pass checks every input (one-line errors before TFDS writes anything) and fixes the split.
-    builder = cls(source=src, name=name, held_out=_held_out_key(src), data_dir=data_dir,
-                  file_format="array_record")
-    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress; stdout is for results
+    held_out, n = _held_out_key(src)
+    where = "the stdlib corpus" if src.kind == "stdlib" else ", ".join(src.paths)
+    log.info("preparing %d documents from %s → %s (once)", n, where, os.path.join(data_dir, builder.name, name))
+    with _quiet_tfds():
+      builder = cls(source=src, name=name, held_out=held_out, data_dir=data_dir, file_format="array_record")
       builder.download_and_prepare()
   return builder
 

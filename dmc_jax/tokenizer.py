@@ -93,6 +93,39 @@ class Tokenizer:
     return self._sp.decode(ids)
 
 
+def check(tokenizer: tuple[TokenizerInfo, bytes], model_vocab: int, where: str) -> int:
+  """Loads a tokenizer's file contents and checks it against the model it is stored with: it must parse, its ids
+  (vocabulary size) must fit the model's embedding, and its BOS/EOS ids must exist in both. Returns its size.
+  Run at conversion, so that a checkpoint never stores a tokenizer that fails (or emits garbage ids) later."""
+  info, data = tokenizer
+  if info.kind == "hf":
+    import tokenizers
+    try:
+      size = tokenizers.Tokenizer.from_str(data.decode("utf-8")).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library raises bare Exceptions on malformed JSON
+      msg = (str(e).splitlines() or [type(e).__name__])[0][:120]
+      raise TokenizerError(f"{where}: not a readable tokenizer.json ({msg})") from None
+  elif info.kind == "sentencepiece":
+    import sentencepiece
+    try:
+      size = sentencepiece.SentencePieceProcessor(model_proto=data).get_piece_size()
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad proto
+      msg = (str(e).splitlines() or [type(e).__name__])[0][:120]
+      raise TokenizerError(f"{where}: not a readable SentencePiece model ({msg})") from None
+  else:
+    raise TokenizerError(f"{where}: unknown tokenizer kind {info.kind!r} (expected 'hf' or 'sentencepiece')")
+  if size > model_vocab:
+    raise TokenizerError(f"{where}: the tokenizer has {size} tokens, the model's vocabulary only {model_vocab} "
+                         f"(its ids would index past the embedding)")
+  specials = ([("BOS", info.bos_token_id)] if info.bos_token_id is not None else []) + \
+      [("EOS", i) for i in info.eos_token_ids]
+  for name, i in specials:
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size:
+      raise TokenizerError(f"{where}: {name} id {i!r} is outside the tokenizer's {size} tokens (model vocabulary "
+                           f"{model_vocab})")
+  return size
+
+
 # -- from an HF model directory ----------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Pure DMC retrofitting losses and train steps (the harness drives them; see DMC.md §5–6).
+"""Pure DMC retrofitting losses and train steps (the harness drives them; see docs/dmc.md §5–6).
 
 Batches are dicts of int32 [B, L] arrays: `tokens`, `targets` (next tokens), `loss_mask` (0 on padding and
 across document boundaries), optional `segment_ids` and `positions` for packed rows.
@@ -210,7 +210,7 @@ def decision_rows_mask(params: Any, dmc: DMCConfig) -> Any:
 
 
 def scale_decision_rows(factor: float, dmc: DMCConfig) -> optax.GradientTransformation:
-  """Multiplies the updates of the decision rows by `factor` (their own learning rate: DMC.md §6 notes that
+  """Multiplies the updates of the decision rows by `factor` (their own learning rate: docs/dmc.md §6 notes that
   at small budgets only these rows must move fast). Chain it after the optimizer."""
 
   def init(params):
@@ -227,7 +227,7 @@ def scale_decision_rows(factor: float, dmc: DMCConfig) -> optax.GradientTransfor
 def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTransformation, stage1_steps: int,
                        ramp_steps: int, target_cr: float, mode: str = "dmc", grad_accum: int = 1,
                        cr_weight: float = 1.0, loss: LossSpec = LM, adapter_spec=None) -> Callable:
-  """The three-stage retrofit as one pure step over state {"step", "params", "opt_state"} (DMC.md §6):
+  """The three-stage retrofit as one pure step over state {"step", "params", "opt_state"} (docs/dmc.md §6):
 
   steps [0, stage1_steps): vanilla model, channel ch faded out; at step == stage1_steps the decision rows are
   zeroed (surgery) and DMC takes over with the target CR ramped 1 → target over `ramp_steps`, then held
@@ -320,7 +320,8 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
         grads, total, metrics = carry
         mb, i, lm_weight = xs
         (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), s, lm_weight, 1.0 / grad_accum, frozen)
-        metrics = {k: metrics[k] + (m[k] * lm_weight if k in ("lm_loss", "distill_loss") else m[k] / grad_accum) for k in metrics}
+        token_weighted = ("lm_loss", "distill_loss")
+        metrics = {k: metrics[k] + (m[k] * lm_weight if k in token_weighted else m[k] / grad_accum) for k in metrics}
         return (jax.tree.map(jnp.add, grads, g), total + l, metrics), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)

@@ -1,8 +1,9 @@
 """What every kernel API shares: implementation choice, interpret-mode resolution, abstract-GPU lowering.
 
-`implementation=None` means the best available: the Pallas kernel on a GPU, the XLA (jnp reference) path
+`implementation=None` means the best available: the Pallas (Triton) kernel on a GPU, the Pallas TPU (Mosaic)
+kernel on a TPU where an op has one ("tpu"; ops without one run XLA for it), the XLA (jnp reference) path
 elsewhere — Pallas on a CPU only runs interpreted, which is a correctness tool, not a fast path. Tests ask for
-"pallas" explicitly on the CPU and get the interpreter.
+"pallas" or "tpu" explicitly on the CPU and get the interpreter.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 
 import jax
 
-IMPLEMENTATIONS = (None, "xla", "pallas")
+IMPLEMENTATIONS = (None, "xla", "pallas", "tpu")
 # Set to 1 to run Pallas kernels in interpret mode even on a GPU (debugging: prints, NaN checks, no Triton).
 FORCE_INTERPRET_ENV = "DMC_JAX_PALLAS_INTERPRET"
 
@@ -26,20 +27,20 @@ def platform() -> str:
 
 
 def resolve(op: str, implementation) -> str:
-  """None → "pallas" on a GPU, "xla" elsewhere; explicit choices pass through (validated)."""
+  """None → "pallas" on a GPU, "tpu" on a TPU, "xla" elsewhere; explicit choices pass through (validated)."""
   check_implementation(op, implementation)
   if implementation is None:
-    return "pallas" if platform() == "gpu" else "xla"
+    return {"gpu": "pallas", "tpu": "tpu"}.get(platform(), "xla")
   return implementation
 
 
-def interpret(requested: bool | None = None) -> bool:
-  """Interpret unless compiling for a GPU (the only Pallas lowering these kernels target)."""
+def interpret(requested: bool | None = None, target: str = "gpu") -> bool:
+  """Interpret unless running on the kernel's `target` platform ("gpu": Triton kernels, "tpu": Mosaic ones)."""
   if requested is not None:
     return requested
   if os.environ.get(FORCE_INTERPRET_ENV, "") not in ("", "0"):
     return True
-  return platform() != "gpu"
+  return platform() != target
 
 
 def lower_for_abstract_gpu(fn, *args, device_kind: str = "NVIDIA H100", **kwargs):

@@ -44,7 +44,8 @@ def pool_checkpoint(src: str, kv_heads: int, out: str, force: bool = False) -> t
   tokenizer = ckpt.tokenizer_bytes()
   cr = ckpt.config.n_kv_heads / kv_heads
   converted = Converted(cfg, tensors, tokenizer, {"format": "dmc-jax gqa-pool", "path": ckpt.directory,
-                                                 "from_kv_heads": ckpt.config.n_kv_heads, "kv_heads": kv_heads},
+                                                 "from_kv_heads": ckpt.config.n_kv_heads, "kv_heads": kv_heads,
+                                                 "inputs": [ckpt.directory]},
                         chat_template=ckpt.chat_template)
   path = checkpoint.write(out, converted, force=force, dmc=ckpt.dmc, experiment=ckpt.meta.get("experiment"),
                           extra_provenance={"gqa_pool": {"from_kv_heads": ckpt.config.n_kv_heads,

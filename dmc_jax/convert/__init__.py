@@ -55,8 +55,8 @@ def read(src: str, source: str, tokenizer: str | None = None) -> Converted:
     raise ConversionError(f"source: unknown {source!r}; expected one of {list(SOURCES)}")
   if source == "megatron":
     from dmc_jax.convert import megatron
-    return megatron.read(src, tokenizer)
-  if source == "dmc-jax":
+    conv = megatron.read(src, tokenizer)
+  elif source == "dmc-jax":
     from dmc_jax.checkpoint import Checkpoint
     ck = Checkpoint(src)
     conv = Converted(ck.config, list(ck.lazy_tensors().values()), ck.tokenizer_bytes(),
@@ -65,13 +65,23 @@ def read(src: str, source: str, tokenizer: str | None = None) -> Converted:
   else:
     import importlib
     conv = importlib.import_module(f"dmc_jax.convert.{source}").read(src)
-  if tokenizer:
+  import os
+  if tokenizer and source != "megatron":
     conv.tokenizer = tokenizer_from_file(tokenizer, conv.config)
+  # What --force must never replace or delete: the source and a tokenizer file read beside it.
+  inputs = list(conv.source.get("inputs") or [os.path.abspath(src)])
+  if tokenizer:
+    inputs.append(os.path.abspath(tokenizer))
+    conv.source["tokenizer_file"] = os.path.abspath(tokenizer)
+  conv.source["inputs"] = inputs
   return conv
 
 
 def tokenizer_from_file(path: str, cfg: LlamaConfig) -> tuple[TokenizerInfo, bytes]:
   """A tokenizer.json (HF) or tokenizer.model (SentencePiece) file to store instead of the source's."""
+  import os
+  if not os.path.isfile(path):
+    raise ConversionError(f"tokenizer {path}: not a file (expected tokenizer.json or tokenizer.model)")
   with open(path, "rb") as f:
     data = f.read()
   if path.endswith(".json"):

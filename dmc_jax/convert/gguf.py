@@ -8,14 +8,15 @@ interleaved layout, permuted to rotate-half as for Meta checkpoints.
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any
 
 import numpy as np
 
 from dmc_jax import tokenizer as tok
-from dmc_jax.config import LlamaConfig
+from dmc_jax.config import ConfigError, LlamaConfig, typed
 from dmc_jax.convert import Converted, layout
-from dmc_jax.convert.tensors import ConversionError, LazyTensor
+from dmc_jax.convert.tensors import ConversionError, LazyTensor, check_extents
 from dmc_jax.model.rope import meta_to_hf_permutation
 
 _LAYER_TO_HF = {"attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
@@ -27,10 +28,111 @@ _TOP_TO_HF = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.wei
               "output.weight": "lm_head.weight"}
 
 
+# GGUF value types: fixed sizes in bytes; 8 = string (u64 length + bytes), 9 = array (u32 type, u64 count, items).
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def check_table(path: str) -> None:
+  """Walks the GGUF header with bounds checks (counts and lengths against the file size, so a forged count is
+  refused before anything is allocated) and validates the tensor table with `check_extents`: offsets inside the
+  data section, sizes from shape × type, no overlaps, and "truncated: tensor X needs N bytes at offset O, file
+  has M" for a cut file. The gguf package's reader runs only on a file that passed."""
+  import gguf
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(min(size, 64 * 2**20))  # the header; vocabularies of 200k tokens fit in a few MB
+
+  def fail(what):
+    raise ConversionError(f"{path}: not a readable GGUF file ({what})")
+
+  pos = 0
+
+  def take(n: int, what: str) -> bytes:
+    nonlocal pos
+    if n < 0 or pos + n > len(head):
+      if pos + n > size or len(head) == size:
+        raise ConversionError(f"{path}: truncated or corrupt GGUF header: {what[:60]!r} needs {pos + n} bytes, "
+                              f"file has {size}")
+      fail(f"header larger than {len(head)} bytes")
+    out = head[pos:pos + n]
+    pos += n
+    return out
+
+  u32 = lambda what: struct.unpack("<I", take(4, what))[0]
+  u64 = lambda what: struct.unpack("<Q", take(8, what))[0]
+  if take(4, "the magic") != b"GGUF":
+    fail("bad magic")
+  version = u32("the version")
+  if version not in (2, 3):
+    fail(f"version {version}, expected 2 or 3")
+  n_tensors, n_kv = u64("the tensor count"), u64("the metadata count")
+  if n_tensors > size // 24 or n_kv > size // 12:  # every entry needs at least that many bytes
+    fail(f"{n_tensors} tensors / {n_kv} metadata entries cannot fit in {size} bytes")
+  alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+
+  def skip_value(vtype: int, key: str):
+    if vtype in _GGUF_SIZES:
+      return take(_GGUF_SIZES[vtype], key)
+    if vtype == 8:
+      return take(u64(key), key)
+    if vtype == 9:
+      etype, count = u32(key), u64(key)
+      if etype in _GGUF_SIZES:
+        take(count * _GGUF_SIZES[etype], key)
+      elif etype in (8, 9):
+        if count * 8 > len(head) - pos:
+          take(count * 8, key)  # raises: cannot fit
+        for _ in range(count):
+          skip_value(etype, key)
+      else:
+        fail(f"metadata {key!r}: unknown array item type {etype}")
+      return None
+    fail(f"metadata {key!r}: unknown value type {vtype}")
+
+  for _ in range(n_kv):
+    key = take(u64("a metadata key"), "a metadata key").decode("utf-8", "replace")
+    vtype = u32(key)
+    raw = skip_value(vtype, key)
+    if key == "general.alignment":
+      if vtype != 4 or not (a := struct.unpack("<I", raw)[0]) or a & (a - 1):
+        fail("general.alignment must be a uint32 power of two")
+      alignment = a
+  infos = []
+  for _ in range(n_tensors):
+    name = take(u64("a tensor name"), "a tensor name").decode("utf-8", "replace")
+    n_dims = u32(name)
+    if n_dims > 8:
+      fail(f"tensor {name!r:.60} has {n_dims} dimensions")
+    dims = [u64(name) for _ in range(n_dims)]
+    ttype, offset = u32(name), u64(name)
+    infos.append((name, dims, ttype, offset))
+  data_start = pos + (-pos % alignment)
+  extents = []
+  for name, dims, ttype, offset in infos:
+    try:
+      block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+    except (ValueError, KeyError):
+      raise ConversionError(f"{path}: tensor {name!r} has unknown GGUF type {ttype}") from None
+    count = 1
+    for d in dims:
+      count *= d
+    if dims and dims[0] % block:
+      raise ConversionError(f"{path}: tensor {name!r}: first dimension {dims[0]} is not a multiple of the "
+                            f"{gguf.GGMLQuantizationType(ttype).name} block size {block}")
+    nbytes = count // block * type_size
+    if offset % alignment:
+      raise ConversionError(f"{path}: tensor {name!r}: data offset {offset} is not aligned to {alignment}")
+    extents.append((name, offset, nbytes, nbytes))
+  check_extents(path, extents, data_start, size)
+
+
 def _open(path: str):
   import gguf
   if not os.path.exists(path):
     raise ConversionError(f"{path}: file not found")
+  if os.path.isdir(path):
+    raise ConversionError(f"{path}: is a directory, expected a .gguf file")
+  check_table(path)
   try:
     return gguf.GGUFReader(path, "r")
   except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad files
@@ -76,11 +178,13 @@ def _lazy(reader_tensor, path: str) -> LazyTensor:
 
 
 def _meta_int(meta: dict, key: str, path: str, default=None) -> int:
-  if key in meta:
-    return int(meta[key])
+  """A positive integer metadata value (counts and sizes), type-checked: one line naming the key otherwise."""
+  where = f"{path}: GGUF metadata"
   if default is None:
-    raise ConversionError(f"{path}: GGUF metadata key {key!r} missing")
-  return default
+    if meta.get(key) is None:
+      raise ConversionError(f"{path}: GGUF metadata key {key!r} missing")
+    return typed(meta, key, "int", where, positive=True, error=ConversionError)
+  return typed(meta, key, "int", where, default, positive=True, error=ConversionError)
 
 
 def read(path: str) -> Converted:
@@ -101,25 +205,31 @@ def read(path: str) -> Converted:
   freq_factors = None
   if "rope_freqs.weight" in tensors:  # llama.cpp's precomputed Llama 3.1 frequency divisors
     freq_factors = tuple(float(x) for x in tensors.pop("rope_freqs.weight").load().reshape(-1))
-  eos = meta.get("tokenizer.ggml.eos_token_id")
-  cfg = LlamaConfig(
-      vocab_size=tensors["token_embd.weight"].shape[0],
-      d_model=d_model,
-      n_layers=_meta_int(meta, "llama.block_count", path),
-      n_heads=n_heads,
-      n_kv_heads=n_kv,
-      ffn_dim=_meta_int(meta, "llama.feed_forward_length", path),
-      head_dim=head_dim,
-      rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-      rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-      rope_freq_factors=freq_factors,
-      max_position_embeddings=_meta_int(meta, "llama.context_length", path, 4096),
-      tie_embeddings="output.weight" not in tensors,
-      bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-      eos_token_ids=(int(eos),) if eos is not None else (),
-  )
-  vocab_meta = meta.get("llama.vocab_size")
-  if vocab_meta is not None and int(vocab_meta) != cfg.vocab_size:
+  where = f"{path}: GGUF metadata"
+  try:
+    cfg = LlamaConfig(
+        vocab_size=tensors["token_embd.weight"].shape[0],
+        d_model=d_model,
+        n_layers=_meta_int(meta, "llama.block_count", path),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        ffn_dim=_meta_int(meta, "llama.feed_forward_length", path),
+        head_dim=head_dim,
+        rms_norm_eps=typed(meta, "llama.attention.layer_norm_rms_epsilon", "float", where, 1e-5, positive=True,
+                           error=ConversionError),
+        rope_theta=typed(meta, "llama.rope.freq_base", "float", where, 10000.0, positive=True,
+                         error=ConversionError),
+        rope_freq_factors=freq_factors,
+        max_position_embeddings=_meta_int(meta, "llama.context_length", path, 4096),
+        tie_embeddings="output.weight" not in tensors,
+        bos_token_id=typed(meta, "tokenizer.ggml.bos_token_id", "int", where, None, minimum=0,
+                           error=ConversionError),
+        eos_token_ids=typed(meta, "tokenizer.ggml.eos_token_id", "ids", where, (), error=ConversionError),
+    )
+  except ConfigError as e:
+    raise ConversionError(f"{path}: {e}") from None
+  vocab_meta = typed(meta, "llama.vocab_size", "int", where, None, positive=True, error=ConversionError)
+  if vocab_meta is not None and vocab_meta != cfg.vocab_size:
     raise ConversionError(f"{path}: llama.vocab_size={vocab_meta} but token_embd.weight has "
                           f"{cfg.vocab_size} rows")
 
@@ -150,6 +260,7 @@ def read(path: str) -> Converted:
   keep = {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, (str, int, float))}
   return Converted(cfg, ours, tokenizer, {"format": "gguf", "path": os.path.abspath(path),
                                           "files": [os.path.basename(path)], "gguf_general": keep,
+                                          "inputs": [os.path.abspath(path)],
                                           "tensor_types": sorted({t.tensor_type.name for t in raw.values()})},
                    chat_template=meta.get("tokenizer.chat_template") if isinstance(
                        meta.get("tokenizer.chat_template"), str) else None)

@@ -38,7 +38,8 @@ def read(src: str) -> Converted:
       tokenizer = (info, f.read())
   files = sorted(n for n in os.listdir(src) if n.endswith((".json", ".safetensors", ".model")))
   return Converted(cfg, tensors, tokenizer, {"format": "hf", "path": os.path.abspath(src), "files": files,
-                                             "hf_config": hf_cfg}, chat_template=read_chat_template(src))
+                                             "hf_config": hf_cfg, "inputs": [os.path.abspath(src)]},
+                   chat_template=read_chat_template(src))
 
 
 def read_chat_template(src: str) -> str | None:

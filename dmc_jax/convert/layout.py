@@ -76,6 +76,9 @@ def check_hf_tensors(tensors: Mapping[str, LazyTensor], cfg: LlamaConfig, where:
     if name not in expected:
       raise ConversionError(f"{t.source or where}: unexpected tensor {name!r} for the config in {where} "
                             f"({cfg.n_layers} layers, tie_embeddings={cfg.tie_embeddings})")
+    if t.dtype.kind in "iub":  # integers and bools (bfloat16/float8 from ml_dtypes are kind "V", and floats)
+      raise ConversionError(f"{t.source or where}: tensor {name!r} has dtype {t.dtype}, expected a float dtype "
+                            f"(an integer or bool tensor is not a weight)")
     if tuple(t.shape) != expected[name]:
       raise ConversionError(f"{t.source or where}: tensor {name!r} has shape {list(t.shape)}, expected "
                             f"{list(expected[name])} from {where}")

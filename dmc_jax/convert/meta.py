@@ -23,9 +23,9 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-from dmc_jax.config import LlamaConfig, RopeScaling
+from dmc_jax.config import ConfigError, LlamaConfig, RopeScaling, check_meta_params
 from dmc_jax.convert import Converted, layout
-from dmc_jax.convert.tensors import ConversionError, LazyTensor, read_json
+from dmc_jax.convert.tensors import ConversionError, LazyTensor, check_view, read_json
 from dmc_jax.model.rope import meta_to_hf_permutation
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,13 @@ def read_pth(path: str, extra_globals=None, select=None) -> dict[str, LazyTensor
     if start + info.file_size > file_size:
       raise ConversionError(f"{path}: truncated: storage of tensor {name!r} ends at byte "
                             f"{start + info.file_size}, file has {file_size}")
-    itemsize = ref.storage.dtype.itemsize
-    numel = int(np.prod(ref.shape, dtype=np.int64))
-    last = ref.offset + sum((s - 1) * st for s, st in zip(ref.shape, ref.stride)) if numel else ref.offset
-    if (last + 1) * itemsize > info.file_size and numel:
-      raise ConversionError(f"{path}: tensor {name!r} reaches past its storage ({info.file_size} bytes)")
+    # Bounds-check the view before anything maps it: a negative stride or offset would read outside the storage.
+    check_view(path, name, ref.offset, ref.shape, ref.stride, info.file_size // ref.storage.dtype.itemsize)
 
     def load(start=start, ref=ref, size=info.file_size):
-      base = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(size,)).view(ref.storage.dtype)
+      itemsize = ref.storage.dtype.itemsize
+      base = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(size,))[:size - size % itemsize]
+      base = base.view(ref.storage.dtype)
       itemsize = ref.storage.dtype.itemsize
       view = np.lib.stride_tricks.as_strided(base[ref.offset:], shape=ref.shape,
                                              strides=[s * itemsize for s in ref.stride])
@@ -172,9 +171,15 @@ def read_pth(path: str, extra_globals=None, select=None) -> dict[str, LazyTensor
 def _read_params(src: str) -> dict:
   path = os.path.join(src, "params.json")
   params = read_json(path, "not found (a Meta checkpoint directory needs params.json)")
+  if not isinstance(params, dict):
+    raise ConversionError(f"{path}: expected a JSON object, got a {type(params).__name__}")
   missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
   if missing:
     raise ConversionError(f"{path}: missing key(s) {missing}")
+  try:
+    params = check_meta_params(params, path)
+  except ConfigError as e:
+    raise ConversionError(str(e)) from None
   unknown = sorted(set(params) - _KNOWN_PARAMS)
   if unknown:
     log.warning("%s: ignoring unknown key(s) %s", path, unknown)
@@ -285,7 +290,8 @@ def read(src: str) -> Converted:
       break
   tensors = layout.hf_to_ours(hf, cfg, where=os.path.join(src, "params.json"))
   return Converted(cfg, tensors, tokenizer, {"format": "meta", "path": os.path.abspath(src),
-                                             "files": [os.path.basename(f) for f in files], "params": params})
+                                             "files": [os.path.basename(f) for f in files], "params": params,
+                                             "inputs": [os.path.abspath(src)] + ([cand] if tokenizer else [])})
 
 
 def _meta_tokenizer(path: str, cfg: LlamaConfig):

@@ -65,8 +65,63 @@ class LazyTensor:
 # -- reading -----------------------------------------------------------------------------------------------
 
 
+# -- validating tensor tables (safetensors, GGUF, torch storages) -------------------------------------------
+#
+# A tensor table maps names to byte ranges of a file. Every reader checks its table here before any tensor is
+# read: extents non-negative, inside the data section (else "truncated: ..."), of the size shape × dtype implies,
+# and pairwise disjoint; strided views (torch) inside their storage with non-negative strides.
+
+
+def _int(value, what: str, path: str, name: str, minimum: int = 0) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ConversionError(f"{path}: tensor {name!r}: {what} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def check_shape(shape, path: str, name: str) -> tuple[int, ...]:
+  if not isinstance(shape, (list, tuple)):
+    raise ConversionError(f"{path}: tensor {name!r}: shape must be a list of integers, got {shape!r}")
+  return tuple(_int(d, "every shape dimension", path, name) for d in shape)
+
+
+def check_extents(path: str, extents, data_start: int, file_size: int) -> None:
+  """`extents`: (name, begin, nbytes, expected_nbytes) with `begin` relative to the data section at `data_start`.
+  Refuses negative offsets, sizes other than shape × dtype, ranges past the end of the file, and overlaps."""
+  spans = []
+  for name, begin, nbytes, expected in extents:
+    begin = _int(begin, "its data offset", path, name)
+    nbytes = _int(nbytes, "its byte size", path, name)
+    if nbytes != expected:
+      raise ConversionError(f"{path}: tensor {name!r} spans {nbytes} bytes, its shape and dtype need {expected}")
+    if data_start + begin + nbytes > file_size:
+      raise ConversionError(f"{path}: truncated: tensor {name!r} needs {nbytes} bytes at offset "
+                            f"{data_start + begin}, file has {file_size}")
+    if nbytes:
+      spans.append((begin, begin + nbytes, name))
+  spans.sort()
+  for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    if b1 < e0:
+      raise ConversionError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b1}..{min(e0, e1)} of the data "
+                            f"section belong to both)")
+
+
+def check_view(path: str, name: str, offset, shape, stride, storage_numel: int) -> tuple[int, tuple, tuple]:
+  """A strided view (torch's storage_offset, size, stride, in elements) must lie inside its storage."""
+  offset = _int(offset, "its storage offset", path, name)
+  shape = check_shape(shape, path, name)
+  if not isinstance(stride, (list, tuple)) or len(stride) != len(shape):
+    raise ConversionError(f"{path}: tensor {name!r}: stride {stride!r} does not match shape {list(shape)}")
+  stride = tuple(_int(s, "every stride", path, name) for s in stride)
+  if all(shape):
+    last = offset + sum((d - 1) * s for d, s in zip(shape, stride))
+    if last >= storage_numel:
+      raise ConversionError(f"{path}: tensor {name!r} (offset {offset}, shape {list(shape)}, stride "
+                            f"{list(stride)}) reaches element {last} of a storage of {storage_numel}")
+  return offset, shape, stride
+
+
 def read_safetensors_header(path: str) -> tuple[dict, int]:
-  """(header dict, byte offset of the data section). Validates sizes so truncated files fail clearly."""
+  """(validated header dict, byte offset of the data section). Truncated or malformed tables fail in one line."""
   try:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -81,11 +136,30 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
     raise ConversionError(f"{path}: file not found") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+  except RecursionError:
+    raise ConversionError(f"{path}: corrupt safetensors header (nested too deeply)") from None
+  if not isinstance(header, dict):
+    raise ConversionError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an "
+                          f"object of tensors)")
   data_start = 8 + n
-  end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
-  if data_start + end > size:
-    raise ConversionError(f"{path}: truncated safetensors file: tensors need {data_start + end} bytes, "
-                          f"file has {size}")
+  extents = []
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+      raise ConversionError(f"{path}: tensor {name!r}: expected an object with dtype, shape and data_offsets, "
+                            f"got {info!r:.80}")
+    if not isinstance(info["dtype"], str) or info["dtype"] not in SAFETENSORS_DTYPES:
+      raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r:.40}")
+    shape = check_shape(info["shape"], path, name)
+    offs = info["data_offsets"]
+    if not isinstance(offs, (list, tuple)) or len(offs) != 2:
+      raise ConversionError(f"{path}: tensor {name!r}: data_offsets must be [begin, end], got {offs!r:.80}")
+    begin = _int(offs[0], "its data offset", path, name)
+    end = _int(offs[1], "its end offset", path, name)
+    expected = int(np.prod(shape, dtype=object)) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+    extents.append((name, begin, end - begin, expected))
+  check_extents(path, extents, data_start, size)
   return header, data_start
 
 
@@ -95,20 +169,19 @@ def read_safetensors(path: str) -> dict[str, LazyTensor]:
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    if info["dtype"] not in SAFETENSORS_DTYPES:
-      raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
     dtype = SAFETENSORS_DTYPES[info["dtype"]]
-    shape = tuple(info["shape"])
-    begin, end = info["data_offsets"]
+    shape = tuple(int(d) for d in info["shape"])
+    begin = int(info["data_offsets"][0])
     count = int(np.prod(shape, dtype=np.int64))
-    if end - begin != count * dtype.itemsize:
-      raise ConversionError(f"{path}: tensor {name!r} spans {end - begin} bytes, expected "
-                            f"{count * dtype.itemsize} for {info['dtype']}{list(shape)}")
 
     def load(begin=begin, count=count, dtype=dtype, shape=shape):
       with open(path, "rb") as f:
         f.seek(data_start + begin)
-        return np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+        a = np.fromfile(f, dtype=dtype, count=count)
+      if a.size != count:  # the file shrank since its header was checked
+        raise ConversionError(f"{path}: truncated: tensor {name!r} needs {count * dtype.itemsize} bytes at "
+                              f"offset {data_start + begin}, file has {os.path.getsize(path)}")
+      return a.reshape(shape)
     out[name] = LazyTensor(name, shape, dtype, load, source=path)
   return out
 
@@ -194,11 +267,19 @@ def read_sharded(directory: str, stem: str) -> dict[str, LazyTensor]:
   single = os.path.join(directory, f"{stem}.safetensors")
   index_path = single + ".index.json"
   if os.path.exists(index_path):
-    try:
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise ConversionError(f"{index_path}: not a safetensors index ({e})") from None
+    index = read_json(index_path, "not found")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+      raise ConversionError(f"{index_path}: not a safetensors index (expected an object with a 'weight_map' of "
+                            f"tensor name -> shard file)")
+    root = os.path.realpath(directory)
+    for shard in set(weight_map.values()):
+      # A shard is a file of this folder: never an absolute path or one that climbs out (../x).
+      real = os.path.realpath(os.path.join(root, shard))
+      if os.path.isabs(shard) or os.path.dirname(real) != root:
+        raise ConversionError(f"{index_path}: shard {shard!r} is outside the model folder (shards must be files "
+                              f"directly in {directory})")
     out: dict[str, LazyTensor] = {}
     for shard in sorted(set(weight_map.values())):
       tensors = read_safetensors(os.path.join(directory, shard))

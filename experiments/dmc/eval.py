@@ -29,6 +29,7 @@ LABELS = {"streaming": "StreamingLLM", "h2o": "H2O", "tova": "TOVA"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+  from experiments.harness import cli
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
   p.add_argument("--adapter", default=None,
                  help="adapter directory applied to the checkpoint (implies --dmc unless --cache vanilla)")
@@ -37,18 +38,21 @@ def configure(p: argparse.ArgumentParser) -> None:
                  "policy at every --cr); repeat")
   p.add_argument("--dmc", action="store_true", help="alias of --cache dmc")
   p.add_argument("--policy", action="append", default=[], help="alias of --cache POLICY; repeat")
-  p.add_argument("--cr", action="append", type=float, default=[], help="target CR of every --policy; repeat")
-  p.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks")
-  p.add_argument("--recent-fraction", type=float, default=0.5, help="H2O: share of the budget for recent tokens")
-  p.add_argument("--tokens", type=int, default=0, help="held-out tokens to use (whole rows; 0 = the whole split)")
-  p.add_argument("--seq-len", type=int, default=1024)
-  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--cr", action="append", type=cli.float_range(1.0), default=[],
+                 help="target CR of every --policy; repeat")
+  p.add_argument("--sinks", type=cli.non_negative_int, default=4, help="StreamingLLM attention sinks")
+  p.add_argument("--recent-fraction", type=cli.float_range(0.0, 1.0), default=0.5,
+                 help="H2O: share of the budget for recent tokens")
+  p.add_argument("--tokens", type=cli.non_negative_int, default=0,
+                 help="held-out tokens to use (whole rows; 0 = the whole split)")
+  p.add_argument("--seq-len", type=cli.int_range(2), default=1024, help="at most the model's positions")
+  p.add_argument("--batch-size", type=cli.positive_int, default=1)
   p.add_argument("--data-kind", default="stdlib", help="text source kind (dmc_jax/text_data.py)")
   p.add_argument("--data-path", action="append", default=[], help="files/directories for --data-kind files")
   p.add_argument("--data-dir", default=None, help="where prepared datasets live")
   p.add_argument("--label", help="name of this checkpoint's vanilla row (default: its directory name; with --dmc "
                  "'LABEL, vanilla attention')")
-  p.add_argument("--base-kv-heads", type=int, default=None,
+  p.add_argument("--base-kv-heads", type=cli.positive_int, default=None,
                  help="KV heads of the model this checkpoint was GQA-pooled from (its CR = base / own)")
   p.add_argument("--out", help="write the results here as JSON")
 
@@ -151,6 +155,11 @@ def evaluate(args) -> dict:
   from dmc_jax.config import DMCConfig
   from dmc_jax import checkpoint
   ckpt = checkpoint.Checkpoint(args.ckpt)
+  if args.out and os.path.isdir(args.out):
+    raise ConfigError(f"--out {args.out}: is a directory (expected the path of a JSON file)")
+  if args.seq_len > ckpt.config.max_position_embeddings:
+    raise ConfigError(f"--seq-len: {args.seq_len} exceeds the model's {ckpt.config.max_position_embeddings} "
+                      f"positions")
   if args.cr and not args.policy:
     raise ConfigError("--cr: sets the target CR of --policy; no --policy given")
   if any(c < 1 for c in args.cr):

@@ -193,7 +193,9 @@ def analytic(llama, shape: dict[str, int], rows: int, seq_len: int, window: int 
 
 def plan(cfg, devices: int | None = None, n_layers: int | None = None) -> Plan:
   """Compiles the experiment's train step for `cfg.mesh` on fake CPU devices; returns both memory counts."""
+  from experiments.dmc.train import check_config
   from experiments.harness import mesh as mesh_lib
+  check_config(cfg)
   n = mesh_devices(cfg.mesh, devices)
   devs = fake_cpu_devices(n)
   mesh = mesh_lib.make_mesh(mesh_lib.mesh_shape(cfg.mesh), devices=devs)

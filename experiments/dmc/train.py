@@ -105,7 +105,14 @@ def full_params(cfg, dmc, state):
   return adapter.merge(state["frozen"], state["params"], spec, dmc)
 
 
-def train(cfg) -> dict:
+def check_config(cfg) -> None:
+  """Every field against its range (experiments/dmc/configs/base.py RANGES): one line naming the key."""
+  from experiments.dmc.configs.base import RANGES
+  from experiments.harness.config import validate
+  validate(cfg, RANGES, where=cfg.get("name", "config"))
+
+
+def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> dict:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -115,6 +122,7 @@ def train(cfg) -> dict:
   from experiments.harness import mesh as mesh_lib
   from dmc_jax import text_data
   from experiments.harness import mfu, trainer
+  check_config(cfg)
   llama, dmc, source, tokenizer = _model_and_tokenizer(cfg)
   workdir = cfg.workdir or os.path.join("runs", cfg.name)
   trainer.batch_size_check(cfg.train.batch_size, mesh_lib.mesh_shape(cfg.mesh))
@@ -204,7 +212,8 @@ def train(cfg) -> dict:
   peak = cfg.train.peak_tflops * 1e12 or mfu.peak_flops(dtype=cfg.model.dtype)
   loop = trainer.LoopConfig(steps=cfg.train.steps, seed=cfg.seed, log_every=cfg.train.log_every,
                             ckpt_every=cfg.train.ckpt_every, eval_every=cfg.train.eval_every, keep=cfg.train.keep,
-                            mesh_shape=mesh_lib.mesh_shape(cfg.mesh), peak_flops=peak)
+                            mesh_shape=mesh_lib.mesh_shape(cfg.mesh), peak_flops=peak, break_lock=break_lock,
+                            allow_config_change=allow_config_change)
   t0 = time.perf_counter()
   res = trainer.train(task, loop, workdir)
   eval_rows = [r for r in res.history if "eval/lm_loss" in r]

@@ -102,3 +102,86 @@ def parse_value(text: str, field_type: Any) -> Any:
 def variant_error(path: str, variant: str | None, known: Sequence[str | None]) -> ExperimentConfigError:
   """What a `get_config` raises for a variant it does not define."""
   return ExperimentConfigError(f"{path}: unknown variant {variant!r}; expected one of {list(known)}")
+
+
+# -- ranges of experiment fields ------------------------------------------------------------------------------
+#
+# Each system declares its fields' ranges next to their defaults (experiments/dmc/configs/base.py RANGES,
+# experiments/sdc/configs/skvideo_sdc.py RANGES); train and plan call `validate` before doing anything, so a
+# nonsense setting is one line naming the key, never a traceback or a "successful" run with -128 tokens.
+
+
+class Range:
+  """A numeric range [lo, hi] (lo_open: (lo, hi]); `integer` also refuses 2.5; `allowed` extra values (e.g. -1)."""
+
+  def __init__(self, lo=None, hi=None, *, integer=False, lo_open=False, allowed=(), optional=False):
+    self.lo, self.hi, self.integer, self.lo_open, self.allowed, self.optional = lo, hi, integer, lo_open, allowed, optional
+
+  def check(self, value) -> str | None:
+    if value is None:
+      return None if self.optional else "must be set"
+    if value in self.allowed and not isinstance(value, bool):
+      return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and not isinstance(value, int)):
+      return f"must be {'an integer' if self.integer else 'a number'}"
+    if value != value or value in (float("inf"), float("-inf")):
+      return "must be finite"
+    lo_bad = self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo))
+    if lo_bad or (self.hi is not None and value > self.hi):
+      return f"must be {self.describe()}"
+    return None
+
+  def describe(self) -> str:
+    lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo}"
+    hi = "" if self.hi is None else f"<= {self.hi}"
+    extra = f" (or {', '.join(map(str, self.allowed))})" if self.allowed else ""
+    return " and ".join(x for x in (lo, hi) if x) + extra
+
+
+class OneOf:
+  def __init__(self, *choices):
+    self.choices = choices
+
+  def check(self, value) -> str | None:
+    return None if value in self.choices else f"must be one of {list(self.choices)}"
+
+
+class Each:
+  """Every item of a tuple/list field satisfies `rule`."""
+
+  def __init__(self, rule):
+    self.rule = rule
+
+  def check(self, value) -> str | None:
+    if not isinstance(value, (tuple, list)):
+      return "must be a list"
+    for v in value:
+      why = self.rule.check(v)
+      if why:
+        return f"item {v!r} {why}"
+    return None
+
+
+def validate(cfg, rules, where: str = "config") -> None:
+  """Checks every `dotted.key: rule` of `rules` (and cross-field `checks`: callables returning a message or None)
+  against `cfg`; the first failure is one ExperimentConfigError naming the key and the allowed range."""
+  for key, rule in rules.items():
+    if callable(rule) and not hasattr(rule, "check"):
+      why = rule(cfg)
+      if why:
+        raise ExperimentConfigError(f"{where}: {why}")
+      continue
+    node = cfg
+    for part in key.split("."):
+      if not isinstance(node, config_dict.ConfigDict) or part not in node:
+        node = _ABSENT
+        break
+      node = node[part]
+    if node is _ABSENT:
+      continue  # a field this variant does not have
+    why = rule.check(node)
+    if why:
+      raise ExperimentConfigError(f"{where}: {key}={node!r} {why}")
+
+
+_ABSENT = object()

@@ -50,6 +50,8 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.M
   shape = list(shape)
   if len(shape) != 3:
     raise MeshError(f"mesh.shape: expected 3 sizes (data, fsdp, tensor), got {shape}")
+  if any(isinstance(s, bool) or not isinstance(s, int) or (s < 1 and s != -1) for s in shape):
+    raise MeshError(f"mesh.shape: sizes must be positive integers (or one -1), got {shape}")
   if shape.count(-1) > 1:
     raise MeshError(f"mesh.shape: at most one -1, got {shape}")
   known = int(np.prod([s for s in shape if s != -1]))

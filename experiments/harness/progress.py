@@ -15,8 +15,21 @@ import sys
 from tqdm.auto import tqdm
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes to whatever sys.stderr is when a record is emitted, not the stream current at setup: a command line
+  run in-process (tests, notebooks) must not leave a handler bound to a stream that is later closed."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, _):
+    pass
+
+
 def setup_logging(verbose: bool = False) -> None:
-  logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+  logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[_StderrHandler()],
                       format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,4 +1,4 @@
-"""The one training loop (SDC now, DMC later): model-agnostic, sharded, checkpointed, resumable.
+"""The one training loop of both systems (SDC-Net and DMC retrofits): model-agnostic, sharded, checkpointed, resumable.
 
 A `Task` supplies pure pieces; the loop supplies everything else:
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -26,6 +27,9 @@ import numpy as np
 from experiments.harness import mesh as mesh_lib
 from experiments.harness import metrics as metrics_lib
 from experiments.harness import orbax_ckpt, progress
+from experiments.harness import workdir as workdir_lib
+from experiments.harness.errors import TrainCheckpointError
+from dmc_jax.convert.tensors import read_json
 
 log = logging.getLogger("dmc_jax")
 
@@ -65,6 +69,8 @@ class LoopConfig:
   prng_impl: str = "rbg"
   # peak FLOP/s of ALL devices together, for MFU (None: throughput only)
   peak_flops: float | None = None
+  break_lock: bool = False  # take over the workdir lock even if its holder may be alive
+  allow_config_change: bool = False  # resume with a changed config (recorded in run.json's history)
 
 
 @dataclasses.dataclass
@@ -78,6 +84,19 @@ class Result:
 
 def train(task: Task, cfg: LoopConfig, workdir: str,
           on_step: Callable[[int, Mapping[str, float]], None] | None = None) -> Result:
+  """Holds the workdir's lock (process 0) for the whole run; see `_train`."""
+  with workdir_lib.WorkdirLock(workdir, cfg.break_lock, enabled=jax.process_index() == 0):
+    try:
+      return _train(task, cfg, workdir, on_step)
+    except Exception as e:
+      if workdir_lib.disk_full(e):
+        raise TrainCheckpointError(f"{workdir}: disk full ({e.__class__.__name__}: No space left on device); the "
+                                   f"checkpoints already finished are intact — free space and rerun to resume") from None
+      raise
+
+
+def _train(task: Task, cfg: LoopConfig, workdir: str,
+           on_step: Callable[[int, Mapping[str, float]], None] | None = None) -> Result:
   mesh = mesh_lib.make_mesh(cfg.mesh_shape)
   key = jax.random.key(cfg.seed, impl=cfg.prng_impl)
   init_key, step_key = jax.random.split(key)
@@ -89,13 +108,24 @@ def train(task: Task, cfg: LoopConfig, workdir: str,
     batch_sh = mesh_lib.batch_sharding(mesh)
     rep = mesh_lib.replicated(mesh)
     primary = jax.process_index() == 0  # multi-host: one process writes the run's files
-    if task.describe is not None and primary:
-      orbax_ckpt.write_run_json(workdir, dict(task.describe))
-    ckpt = orbax_ckpt.Checkpointer(workdir, keep=cfg.keep, async_save=cfg.async_ckpt)
+    ckpt = orbax_ckpt.Checkpointer(workdir, keep=cfg.keep, async_save=cfg.async_ckpt, primary=primary)
     data_it = task.data()
-    start = ckpt.latest_step() or 0
+    try:
+      # The config check comes first: checkpoints of another model would fail to restore and be taken for corrupt.
+      describe = dict(task.describe) if task.describe is not None else None
+      latest = ckpt.latest_step() or 0
+      run_json = os.path.join(workdir, orbax_ckpt.RUN_JSON)
+      if describe is not None and latest and os.path.exists(run_json):
+        previous = read_json(run_json, "missing", TrainCheckpointError)
+        describe = workdir_lib.check_resume(previous if isinstance(previous, dict) else {}, describe, latest,
+                                            cfg.allow_config_change, workdir)
+      start, state, data_state = ckpt.restore_latest_intact(abstract, move_aside=primary)
+    except BaseException:
+      ckpt.close()
+      raise
+    if describe is not None and primary:
+      orbax_ckpt.write_run_json(workdir, describe)
     if start:
-      state, data_state = ckpt.restore(start, abstract)
       if data_state is not None:
         data_it.set_state(data_state)
       log.info("resumed %s at step %d", workdir, start)
@@ -156,8 +186,10 @@ def train(task: Task, cfg: LoopConfig, workdir: str,
           if on_step is not None:
             on_step(step, m)
     finally:
-      ckpt.close()
-      writer.close()
+      try:
+        ckpt.close()  # waits for the last async save: a disk-full error surfaces here
+      finally:
+        writer.close()
     seconds = time.perf_counter() - t0
     done = cfg.steps - start
     sps = (done - 1) / (time.perf_counter() - t_first) if t_first and done > 1 else float("nan")
@@ -185,5 +217,3 @@ def batch_size_check(batch_size: int, mesh_shape) -> None:
     raise mesh_lib.MeshError(f"train.batch_size {batch_size} is not divisible by the {n} data-parallel devices")
 
 
-def as_numpy(tree):
-  return jax.tree.map(np.asarray, tree)

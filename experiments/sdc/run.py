@@ -49,8 +49,11 @@ def default_workdir(cfg) -> str:
 # -- train --------------------------------------------------------------------------------------------------
 
 
-def train(cfg) -> dict:
+def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> dict:
   import jax
+  from experiments.harness.config import validate
+  from experiments.sdc.configs.skvideo_sdc import RANGES
+  validate(cfg, RANGES, where=cfg.get("name", "config"))
   from experiments.harness import trainer
   from sdc_jax import data, train as sdc_train
   from sdc_jax.model import SDCNet, num_params
@@ -89,7 +92,8 @@ def train(cfg) -> dict:
                 "experiment": json.loads(cfg.to_json_best_effort())})
   loop = trainer.LoopConfig(steps=cfg.train.steps, seed=cfg.seed, log_every=cfg.train.log_every,
                             ckpt_every=cfg.train.ckpt_every, eval_every=cfg.train.eval_every, keep=cfg.train.keep,
-                            mesh_shape=tuple(cfg.mesh.shape))
+                            mesh_shape=tuple(cfg.mesh.shape), break_lock=break_lock,
+                            allow_config_change=allow_config_change)
   res = trainer.train(task, loop, workdir)
   n = num_params(res.state["params"])
   summary = {"workdir": os.path.abspath(workdir), "params": n, "steps": cfg.train.steps,
@@ -163,6 +167,9 @@ def evaluate(workdir: str, videos: Sequence[str] = (), steps: int = 3, out: str 
     frames = _clip_frames(video, settings, max_frames)
     if len(frames) < s + 1:
       raise SDCError(f"{data.resolve(video)}: {len(frames)} frame(s), need at least {s + 1}")
+    if steps < 0 or len(frames) < s + steps:
+      raise SDCError(f"--steps {steps}: {data.resolve(video)} has {len(frames)} frame(s); {steps}-step recursive "
+                     f"prediction needs at least {s + steps} ({s} inputs + {steps}) and steps >= 0")
     cuts = data.scene_cuts(frames, settings["cut_threshold"])
     bwd = flow_lib.backward_flows(frames, estimator)  # bwd[t-1] = flow from frame t to t-1
     starts = data.window_starts(len(frames), s + 1, cuts)
@@ -246,7 +253,6 @@ def predict(workdir: str, video: str, out: str, steps: int | None = None, max_fr
             fps: float | None = None) -> dict:
   """With steps: the video followed by K recursively predicted frames. Without: the next-frame prediction for
   every window (frame t+1 predicted from frames ≤ t; the first s frames are copied)."""
-  import cv2
   import jax
   from sdc_jax import data, flow as flow_lib
   from sdc_jax.predict import Predictor
@@ -265,13 +271,33 @@ def predict(workdir: str, video: str, out: str, steps: int | None = None, max_fr
     bwd = flow_lib.backward_flows(frames, estimator)
     preds = [predictor.next_frame(frames[t:t + s], bwd[t:t + s - 1]) for t in range(len(frames) - s)]
     written = np.concatenate([frames[:s], np.stack(preds)])
-  if fps is None:
-    cap = cv2.VideoCapture(data.resolve(video))
-    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    cap.release()
-  write_mp4(out, written, fps)
+  write_mp4(out, written, output_fps(video, fps, out))
   return {"out": os.path.abspath(out), "frames": int(len(written)), "size": list(written.shape[1:3]),
           "predicted": int(steps if steps is not None else len(frames) - s)}
+
+
+DEFAULT_FPS = 25.0
+
+
+def output_fps(video: str, fps: float | None, out: str) -> float:
+  """`fps` if given (positive), else the input video's rate; a frame folder (or a file without a usable rate) has
+  none, so DEFAULT_FPS with a note — OpenCV cannot open a writer at 0 fps."""
+  import cv2
+  from sdc_jax import data
+  if fps is not None:
+    if not 0 < fps < float("inf"):
+      raise SDCError(f"--fps: expected a positive frame rate, got {fps}")
+    return float(fps)
+  path = data.resolve(video)
+  rate = 0.0
+  if os.path.isfile(path):
+    cap = cv2.VideoCapture(path)
+    rate = cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+  if not 0 < rate < 1000:  # NaN and 0 included
+    log.warning("%s has no frame rate; writing %s at %g fps (set --fps to choose)", video, out, DEFAULT_FPS)
+    return DEFAULT_FPS
+  return float(rate)
 
 
 def write_mp4(path: str, frames_TxHxWx3: np.ndarray, fps: float) -> None:

@@ -2,7 +2,7 @@
 
     out(x, y) = sum_{i,j=-r..r} kv_j(x,y) kh_i(x,y) B[frame](x + u + i, y + v + j),   N = 2r + 1
 
-B is bilinear sampling and, by this project's border rule (docs/SDC.md), every integer position a bilinear
+B is bilinear sampling and, by this project's border rule (docs/sdc.md §1), every integer position a bilinear
 sample reads is clamped into the image (edge replication), for every tap. N = 1 with kh = kv = 1 is flow warping;
 uv = 0 is per-pixel separable adaptive convolution.
 

@@ -1,4 +1,7 @@
-"""DMC training/prefill attention: `implementation=None|"xla"|"pallas"` (None = the best available)."""
+"""DMC training/prefill attention: `implementation=None|"xla"|"pallas"|"tpu"` (None = the best available).
+
+There is no TPU kernel for this op yet: "tpu" (what None means on a TPU, and what `attention_impl="tpu"` asks of
+the decode kernel) runs the XLA path here."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ def dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_B
   L×L logits; "pallas" is the fused flash kernel (custom VJP: gradients for q, k, v and the bias). `interpret`
   only matters for "pallas" (None: interpret unless on a GPU)."""
   impl = _backend.resolve(OP, implementation)
+  impl = "xla" if impl == "tpu" else impl  # no TPU kernel for this op (see above)
   with jax.named_scope(f"dmc_attention_{impl}"):
     if impl == "pallas":
       from pallas_kernels.dmc_attention import gpu

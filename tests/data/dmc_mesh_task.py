@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "experiments", "dmc", "llama2_70b_cr2.py") + ":toy"
+CONFIG = os.path.join(ROOT, "experiments", "dmc", "configs", "llama2_70b_cr2.py") + ":toy"
 ROWS, SEQ, VOCAB, FFN = 8, 16, 256, 96
 STEPS = 3
 

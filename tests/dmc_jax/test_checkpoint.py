@@ -160,3 +160,14 @@ def test_chat_template_comes_from_the_source(tmp_path, golden_dir):
 def test_gguf_chat_template_is_kept(smollm2_ckpt):
   t = checkpoint.Checkpoint(smollm2_ckpt).chat_template
   assert t and "<|im_start|>" in t and "messages" in t
+
+
+def test_an_integer_parameter_is_refused(ckpt_dir):
+  path = os.path.join(ckpt_dir, "params.safetensors")
+  data = bytearray(open(path, "rb").read())
+  n = int.from_bytes(data[:8], "little")
+  header = data[8:8 + n].replace(b'"dtype":"F32"', b'"dtype":"I32"', 1)  # same size: the table stays valid
+  data[8:8 + n] = header
+  open(path, "wb").write(bytes(data))
+  with pytest.raises(checkpoint.CheckpointError, match=r"is int32, expected a float dtype"):
+    checkpoint.Checkpoint(ckpt_dir, verify=False).lazy_tensors()

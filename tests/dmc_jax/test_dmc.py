@@ -196,7 +196,7 @@ def test_config_validation():
 
 
 def test_train_mode_attention_equals_the_dense_formula(monkeypatch):
-  """One relaxed DMC attention layer (float64) against DMC.md §5 written out as loops: same noise in the
+  """One relaxed DMC attention layer (float64) against docs/dmc.md §5 written out as loops: same noise in the
   accumulation and the bias, bias log(1 − α̃_{j+1}) with the diagonal exempt, α̃ = 0 at document starts."""
   from dmc_jax.model import attention, modes, rope
   jax.config.update("jax_enable_x64", True)

@@ -1,4 +1,4 @@
-"""The parallel eval-mode forward and prefill + step-by-step decode through the paged cache agree (DMC.md §5)."""
+"""The parallel eval-mode forward and prefill + step-by-step decode through the paged cache agree (docs/dmc.md §5)."""
 
 import flax.linen as nn
 import jax
@@ -141,3 +141,77 @@ def test_scanned_layers_prefill_and_decode():
   np.testing.assert_allclose(got, want, atol=1e-4)
   unscanned_want, _, _ = run_both(GQA, dmc, params, _tokens(), forced)
   np.testing.assert_allclose(want, unscanned_want, atol=1e-4)
+
+
+def _count_tpu_kernel_calls(monkeypatch) -> list:
+  """Counts calls of the Pallas TPU decode kernel (so a test knows the model really went through it)."""
+  from pallas_kernels.dmc_decode import tpu
+  calls, kernel = [], tpu.paged_decode_attention
+  monkeypatch.setattr(tpu, "paged_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+  return calls
+
+
+def _decode_jitted(cfg, dmc, params, tokens, forced, prompts, steps):
+  """Prefill + `steps` decode steps, each one compiled program (run_both decodes op by op, which costs more
+  than the compiles here). Returns (decode logits [B, steps, V], the parallel forward's at the same positions,
+  final cache)."""
+  model = Llama(cfg, dmc, "eval")
+  b, p = len(prompts), max(prompts)
+  lengths = jnp.asarray(prompts)
+  cache = dmc_cache.init_cache(cfg, dmc, b, p + steps, page_size=PAGE)
+  prompt = jnp.where(jnp.arange(p)[None] < lengths[:, None], tokens[:, :p], 0)
+  _, cache = jax.jit(lambda w, t, c: prefill_dmc(model, w, t, lengths, c, forced[:, :, :p]))(params, prompt, cache)
+  step = jax.jit(lambda w, t, c, f: decode_dmc(model, w, t, c, f))
+  rows, got = jnp.arange(b), []
+  for s in range(steps):
+    out, cache = step(params, tokens[rows, lengths + s], cache, forced[:, rows, lengths + s])
+    got.append(out)
+  ref = np.asarray(jax.jit(lambda w, t: model.apply(w, t, forced_alpha=forced)[0])(params, tokens))
+  want = np.stack([ref[np.arange(b), np.asarray(prompts) + s] for s in range(steps)], 1)
+  return np.stack(got, 1), want, cache
+
+
+def test_tpu_decode_kernel_in_the_model(monkeypatch):
+  """attention_impl="tpu": the Pallas TPU decode kernel (interpreted on this host) in the model's DMC decode
+  keeps parallel ≡ prefill + decode."""
+  calls = _count_tpu_kernel_calls(monkeypatch)
+  # Weights, tokens and decisions drawn with numpy: Llama.init and jax.random compile for longer than this test.
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(lambda: nn.unbox(Llama(GQA).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
+  params = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 3 / np.sqrt(x.shape[0]), x.shape) if x.ndim > 1
+                                              else 1 + 0.1 * rng.standard_normal(x.shape), x.dtype), shapes)
+  tokens = jnp.asarray(rng.integers(0, GQA.vocab_size, (len(PROMPTS), max(PROMPTS) + STEPS)))
+  forced = rng.random((GQA.n_layers,) + tokens.shape + (GQA.n_kv_heads,)) < 0.6
+  forced = jnp.asarray(forced, jnp.float32).at[:, :, 0].set(0.0)
+  got, want, cache = _decode_jitted(GQA.replace(attention_impl="tpu"), DMCConfig(window=3), params, tokens, forced,
+                                    PROMPTS, STEPS)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert len(calls) == GQA.n_layers  # traced once per layer into the compiled step
+  assert 1.5 < dmc_cache.realised_cr(cache)["overall"] < 4.5 and not bool(cache.overflow)
+
+
+@pytest.mark.slow
+def test_smollm2_decode_with_the_tpu_kernel(smollm2_ckpt, monkeypatch):
+  """The real SmolLM2-135M (30 layers, G = 3, head_dim 64) with forced decisions: prefill + decode through the
+  TPU kernel equals the XLA decode path and the parallel eval-mode forward."""
+  from dmc_jax import checkpoint
+  from dmc_jax.convert import layout
+  from dmc_jax.generate import forced_merge_decisions
+  ck = checkpoint.Checkpoint(smollm2_ckpt)
+  cfg = ck.config.replace(scan_layers=True)  # one compiled layer body: one interpreted kernel to compile
+  params = {"params": layout.stack_layers(jax.device_put(ck.load_params())["params"], cfg.n_layers)}
+  text = ck.tokenizer().encode("The capital of France is Paris, and water boils at one hundred degrees Celsius "
+                               "at sea level.")
+  prompts, steps = [3, 8], 6
+  n = max(prompts) + steps
+  tokens = jnp.asarray([text[:n], text[2:n + 2]])
+  forced = forced_merge_decisions(jax.random.key(7), jnp.arange(n)[None].repeat(2, 0), cfg.n_layers,
+                                  cfg.n_kv_heads, 0.5)
+  calls = _count_tpu_kernel_calls(monkeypatch)
+  dmc = DMCConfig(window=4)
+  got, want, cache = _decode_jitted(cfg.replace(attention_impl="tpu"), dmc, params, tokens, forced, prompts, steps)
+  assert calls and not bool(cache.overflow)
+  xla, _, _ = _decode_jitted(cfg.replace(attention_impl="xla"), dmc, params, tokens, forced, prompts, steps)
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(got, xla, atol=1e-4 * scale)
+  np.testing.assert_allclose(got, want, atol=1e-3 * scale)

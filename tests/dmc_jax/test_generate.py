@@ -155,3 +155,27 @@ def test_cli_generate_with_dmc_settings_from_the_checkpoint(tmp_path, smollm2_ck
   bad = subprocess.run([sys.executable, "-m", "experiments.cli.dmc", "generate", str(ckpt), "--dmc", "--prompt", "x"],
                        capture_output=True, text=True)
   assert bad.returncode == 2 and "checkpoint.json: compression: unknown key(s) ['tau']" in bad.stderr
+
+
+@pytest.mark.slow  # 42 s on 2 busy cores, as long with --attention-impl xla: the generator's compiles
+def test_cli_generate_dmc_with_the_tpu_kernel(tmp_path, smollm2_ckpt, capsys, monkeypatch):
+  """`generate --dmc --attention-impl tpu`: the DMC decode runs the Pallas TPU kernel (interpreted here)."""
+  from conftest import write_checkpoint
+
+  from dmc_jax import checkpoint
+  from experiments.cli import dmc as cli_dmc
+  from pallas_kernels.dmc_decode import tpu
+  calls, kernel = [], tpu.paged_decode_attention
+  monkeypatch.setattr(tpu, "paged_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+  real = checkpoint.Checkpoint(smollm2_ckpt).config
+  cfg = CFG.replace(vocab_size=real.vocab_size, eos_token_ids=real.eos_token_ids, bos_token_id=real.bos_token_id)
+  rng = np.random.default_rng(1)  # numpy weights: compiling Llama.init for a 49152-token vocabulary costs more
+  shapes = jax.eval_shape(lambda: nn.unbox(Llama(cfg).init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))))
+  p = jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape) if x.ndim > 1 else np.ones(x.shape))
+                   .astype(np.float32), shapes)
+  ckpt = write_checkpoint(tmp_path / "tiny", cfg, p, smollm2_ckpt)
+  assert cli_dmc.main(["generate", ckpt, "--prompt", "The capital of France is", "--max-new-tokens", "4",
+                       "--ignore-eos", "--dmc", "--dmc-force-cr", "2", "--page-size", "4",
+                       "--attention-impl", "tpu"]) == 0
+  err = capsys.readouterr().err
+  assert "[dmc] realised CR" in err and calls

@@ -187,3 +187,19 @@ def test_bad_inputs_are_one_line_errors_naming_the_file_or_key(tmp_path, data_di
   error(td.TextSource(validation_fraction=0.0), r"data.validation_fraction")
   error(td.TextSource(kind="tfds", tfds_name="no_such_dataset_xyz"), r"tfds 'no_such_dataset_xyz'.*cannot open")
   error(td.TextSource(kind="tfds", tfds_name="lm1b"), r"tfds 'lm1b': not prepared under")
+
+
+def test_preparing_local_text_says_one_line_of_ours(tmp_path, capfd, caplog):
+  path = tmp_path / "docs.jsonl"
+  path.write_text("".join(f'{{"text": "document number {i} of a tiny corpus"}}\n' for i in range(5)))
+  src = td.TextSource(kind="files", paths=(str(path),))
+  with caplog.at_level("INFO"):
+    splits = td.open_splits(src, str(tmp_path / "data"))
+    td.open_splits(src, str(tmp_path / "data"))  # prepared once: the second open says nothing
+  out, err = capfd.readouterr()
+  assert len(splits["train"]) + len(splits["validation"]) == 5
+  msgs = [r.getMessage() for r in caplog.records if r.levelname in ("INFO", "WARNING")]
+  assert len(msgs) == 1 and msgs[0].startswith(f"preparing 5 documents from {path} → ") and msgs[0].endswith(
+      "(once)"), msgs
+  for noise in ("Downloading and preparing", "custom data configuration", "dataset_info.json", "Dataset text"):
+    assert noise not in out + err + "".join(msgs)

@@ -52,7 +52,7 @@ def test_cr_loss_drives_merges_after_stage1_surgery():
 
   Offset c = 1 instead of 5: at c = 5 the relaxed decisions start saturated (σ(−50 + 10u)) and a random tiny
   model has no shared hidden direction to push every a_t up at once, so it would need far more steps — the slow
-  start DMC.md §6 describes for real models at small learning rates.
+  start docs/dmc.md §6 describes for real models at small learning rates.
   """
   dmc = DMCConfig(window=4, offset=1.0)
   params = nn.unbox(Llama(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))

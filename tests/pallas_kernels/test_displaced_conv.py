@@ -89,7 +89,7 @@ def test_api_and_model_select_the_pallas_kernel():
   hd = (1, 1080, 1920, 3)
   assert api.resolve("pallas", hd, 11) == "pallas" and api.resolve("xla", hd, 11) == "xla"
   if jax.default_backend() != "gpu":  # None: the window path while its window is small, the tap loop above
-    assert api.window_bytes((1, 256, 256, 3), 11) == 113_246_208  # the ≈113 MB of docs/SDC.md
+    assert api.window_bytes((1, 256, 256, 3), 11) == 113_246_208  # the ≈113 MB of docs/sdc.md §1
     assert api.resolve(None, (8, 128, 128, 3), 11) == "xla" and api.resolve(None, hd, 11) == "xla_taps"
   with pytest.raises(ValueError, match="implementation must be one of"):
     api.resolve("triton", hd, 11)

@@ -31,7 +31,7 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.train.stage1_steps = 50  # stage 1: channel fade-out, then decision-row surgery
   cfg.train.ramp_steps = 700  # stage 2: target CR ramps 1 -> target_cr; the rest is stage 3 at target_cr
   cfg.train.lr = 3e-5  # peak learning rate (warmup then cosine)
-  cfg.train.decision_lr = 1e-3  # learning rate of the q/k rows producing channel ch (DMC.md §6: small budgets)
+  cfg.train.decision_lr = 1e-3  # learning rate of the q/k rows producing channel ch (docs/dmc.md §6: small budgets)
   cfg.train.cr_weight = 1.0  # weight of the CR loss (paper: 1; short runs need more, see dmc_jax/train.py)
   cfg.train.warmup_steps = 20  # linear warmup
   cfg.train.weight_decay = 0.1  # AdamW weight decay
@@ -68,6 +68,51 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.mesh.fsdp = 1  # parameter/optimizer-state sharding size (the batch is split over data x fsdp)
   cfg.mesh.tensor = 1  # tensor-parallel size (heads, MLP, vocabulary)
   return cfg
+
+
+def _ranges():
+  from experiments.harness.config import OneOf, Range
+  pos_int, nonneg_int, pos = Range(1, integer=True), Range(0, integer=True), Range(0, lo_open=True)
+  return {
+      "seed": nonneg_int,
+      "model.dtype": OneOf("float32", "bfloat16", "float16"),
+      "model.remat": OneOf("none", "full", "dots", "dots_no_batch"),
+      "model.attention_impl": OneOf("auto", "xla", "pallas"),
+      "dmc.decision_channel": OneOf("last", "first"),
+      "dmc.window": Range(1, integer=True, optional=True),
+      "dmc.temperature": pos,
+      "dmc.offset": Range(),
+      "train.mode": OneOf("dmc", "vanilla"),
+      "train.target_cr": Range(1.0),
+      "train.steps": pos_int,
+      "train.stage1_steps": nonneg_int,
+      "train.ramp_steps": nonneg_int,
+      "train.lr": pos,
+      "train.decision_lr": pos,
+      "train.cr_weight": Range(0),
+      "train.warmup_steps": nonneg_int,
+      "train.weight_decay": Range(0),
+      "train.clip": pos,
+      "train.batch_size": pos_int,
+      "train.grad_accum": pos_int,
+      "train.seq_len": Range(2, integer=True),
+      "train.log_every": pos_int,
+      "train.ckpt_every": pos_int,
+      "train.eval_every": nonneg_int,
+      "train.eval_batches": pos_int,
+      "train.keep": pos_int,
+      "train.peak_tflops": Range(0),
+      "data.kind": OneOf("stdlib", "files", "tfds"),
+      "mesh.data": Range(1, integer=True, allowed=(-1,)),
+      "mesh.fsdp": Range(1, integer=True, allowed=(-1,)),
+      "mesh.tensor": Range(1, integer=True, allowed=(-1,)),
+      "batch/grad_accum": lambda c: (None if c.train.batch_size % c.train.grad_accum == 0 else
+                                     f"train.batch_size={c.train.batch_size} is not a multiple of "
+                                     f"train.grad_accum={c.train.grad_accum}"),
+  }
+
+
+RANGES = _ranges()  # every field's allowed values, checked by `dmc-jax train` and `dmc-jax plan`
 
 
 SMOLLM2_CKPT = ".work/ckpt/smollm2-135m-instruct"  # where `make demo-dmc` converts the bundled GGUF
@@ -139,7 +184,7 @@ def retrofit_recipe(cfg, recipe: str):
 
 def small_budget(cfg, steps: int, batch_size: int, seq_len: int, stage1_steps: int, ramp_steps: int, lr: float,
                  decision_lr: float, cr_weight: float):
-  """A run of a few hundred steps at most: DMC.md §6 — the decision rows need a large LR to reach the target in
+  """A run of a few hundred steps at most: docs/dmc.md §6 — the decision rows need a large LR to reach the target in
   time, and the rest of the model a larger LR than the paper's 3e-5 to adapt at all (the vanilla baseline gets
   the same). The CR loss weight is raised so that its consistent push on the decision rows is not drowned by the
   LM gradient's noise within so few steps (dmc_jax/train.py)."""

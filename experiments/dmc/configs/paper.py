@@ -1,4 +1,4 @@
-"""The paper's retrofitting recipe (DMC.md §6) for Llama 2/3, on top of `base.base_config`.
+"""The paper's retrofitting recipe (docs/dmc.md §6) for Llama 2/3, on top of `base.base_config`.
 
 No Llama weights ship with the project: set `model.init_from` to a checkpoint converted with `dmc-jax convert`
 and `data.paths` (or `data.kind=tfds`) to a corpus. Without `init_from` the preset's shape is initialised at
@@ -29,7 +29,7 @@ def llama(name: str, preset: str, target_cr: float, variant, path: str, *, micro
   t.ramp_steps = round(RAMP_STEPS_PER_CR * (target_cr - 1))
   t.steps = t.stage1_steps + t.ramp_steps + STAGE3_STEPS
   t.lr = 3e-5
-  t.decision_lr = 3e-5  # the paper's one LR; raise it for short runs (DMC.md §6, "small budgets")
+  t.decision_lr = 3e-5  # the paper's one LR; raise it for short runs (docs/dmc.md §6, "small budgets")
   t.warmup_steps = 100  # not stated by the paper: a short linear warmup before the cosine decay
   t.batch_size = 1024
   t.grad_accum = t.batch_size // micro_rows

@@ -9,6 +9,40 @@ from ml_collections import config_dict
 VARIANTS = (None, "tiny", "demo", "cpu")
 
 
+def _ranges():
+  from experiments.harness.config import Each, OneOf, Range
+  pos_int, nonneg_int = Range(1, integer=True), Range(0, integer=True)
+  return {
+      "seed": nonneg_int,
+      "model.frames": Range(2, integer=True),
+      "model.head": OneOf("sdc", "vector"),
+      "model.kernel_size": Range(1, integer=True),
+      "model.width_div": OneOf(1, 2, 4, 8),
+      "model.implementation": OneOf(None, "xla", "xla_taps", "pallas"),
+      "data.short_side": nonneg_int,
+      "data.max_frames": nonneg_int,
+      "data.cut_threshold": Range(0, lo_open=True),
+      "data.crop": Range(8, integer=True),
+      "data.reverse_prob": Range(0, 1),
+      "data.eval_windows": nonneg_int,
+      "train.steps": pos_int,
+      "train.batch_size": pos_int,
+      "train.lr": Range(0, lo_open=True),
+      "train.decay_steps": Each(pos_int),
+      "train.decay_factor": Range(0, 1, lo_open=True),
+      "train.grad_clip": Range(0),
+      "train.loss_weights": Each(Range(0)),
+      "train.log_every": pos_int,
+      "train.ckpt_every": pos_int,
+      "train.eval_every": nonneg_int,
+      "train.keep": pos_int,
+      "mesh.shape": Each(Range(1, integer=True, allowed=(-1,))),
+  }
+
+
+RANGES = _ranges()  # every field's allowed values, checked by `sdc-jax train`
+
+
 def get_config(variant=None):
   cfg = config_dict.ConfigDict()
   cfg.name = "skvideo_sdc"  # run name (default workdir runs/<name>)

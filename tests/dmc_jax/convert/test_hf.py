@@ -96,7 +96,7 @@ def test_truncated_safetensors(tmp_path):
   size = os.path.getsize(path)
   with open(path, "r+b") as f:
     f.truncate(size - 100)
-  with pytest.raises(ConversionError, match=r"model.safetensors: truncated safetensors file"):
+  with pytest.raises(ConversionError, match=r"model.safetensors: truncated: tensor .* needs \d+ bytes at offset \d+, file has \d+"):
     _convert(src, tmp_path / "out")
   with open(path, "r+b") as f:
     f.truncate(5)

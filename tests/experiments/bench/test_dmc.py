@@ -1,5 +1,7 @@
 """`dmc-jax bench`'s equal-memory decode comparison: every cache fits the budget, batches follow the CR."""
 
+import pytest
+
 from experiments.bench import dmc as bench_dmc
 
 
@@ -24,3 +26,18 @@ def test_equal_memory_decode_sizes_every_cache_to_the_budget():
                                              "context": context, "steps": steps, "dtype": "float32",
                                              "decode_impl": "xla", "decode": [dict(r, budget_mb=4) for r in rows],
                                              "kernel": [], "train": []})
+
+
+@pytest.mark.slow  # 37 s on 2 busy cores: a whole-model compile with the interpreted kernel inside
+def test_equal_memory_decode_with_the_tpu_kernel(monkeypatch):
+  """`bench --impl tpu`: the DMC rows decode through the Pallas TPU kernel (interpreted here: the timings mean
+  nothing off a TPU, the sizing and the cache checks still hold)."""
+  from pallas_kernels.dmc_decode import tpu
+  calls, kernel = [], tpu.paged_decode_attention
+  monkeypatch.setattr(tpu, "paged_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+  budget = 2 * 2**20
+  rows = bench_dmc.decode_equal_memory("smollm2-135m@1", budget=budget, context=32, steps=1, crs=[4.0],
+                                       dtype="float32", page_size=16, attention_impl="tpu", policies=[])
+  assert [r["method"] for r in rows] == ["vanilla", "dmc cr 4"]
+  assert all(0 < r["kv_bytes"] <= budget and r["tokens_per_s"] > 0 for r in rows)
+  assert rows[1]["realised_cr"] > 1.5 and calls, rows[1]

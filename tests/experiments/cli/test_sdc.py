@@ -10,7 +10,7 @@ import pytest
 from experiments.cli import sdc as cli_sdc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-CONFIG = os.path.join(ROOT, "experiments", "sdc", "skvideo_sdc.py")
+CONFIG = os.path.join(ROOT, "experiments", "sdc", "configs", "skvideo_sdc.py")
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,13 @@ def test_predict_on_corrupt_or_short_video(run_dir, tmp_path, capsys):
   cv2.imwrite(str(folder / "0.png"), np.zeros((80, 90, 3), np.uint8))
   assert cli_sdc.main(["predict", run_dir, str(folder), "--out", str(tmp_path / "o.mp4")]) == 2
   assert "1 frame(s), need at least 3" in capsys.readouterr().err
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
+  import sys as _sys
+  from experiments.cli import sdc as cli_sdc
+  monkeypatch.setitem(_sys.modules, "cv2", None)  # as if opencv were not installed
+  assert cli_sdc.main(["eval", "nowhere"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == ("sdc-jax eval: error: needs the optional extra [sdc] (module 'cv2' is missing): "
+                 "pip install 'dmc-jax[sdc]'")

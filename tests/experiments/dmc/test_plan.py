@@ -13,7 +13,7 @@ from experiments.cli import dmc as cli_dmc
 from experiments.dmc import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-CONFIG = os.path.join(ROOT, "experiments", "dmc", "llama2_70b_cr2.py")
+CONFIG = os.path.join(ROOT, "experiments", "dmc", "configs", "llama2_70b_cr2.py")
 # compiled peak / analytic peak measured for the full 80 layers on 16-64 devices: 0.77-0.90 (README)
 PEAK_RATIO = (0.6, 1.25)
 

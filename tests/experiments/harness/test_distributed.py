@@ -81,6 +81,6 @@ def test_setting_errors_are_one_line(monkeypatch, kwargs, message):
 
 def test_train_cli_rejects_half_given_settings(capsys):
   from experiments.cli import dmc as cli_dmc
-  cfg = os.path.join(ROOT, "experiments", "dmc", "smollm2_135m_cr2.py") + ":tiny"
+  cfg = os.path.join(ROOT, "experiments", "dmc", "configs", "smollm2_135m_cr2.py") + ":tiny"
   assert cli_dmc.main(["train", "--config", cfg, "--coordinator", "h:1"]) == 2
   assert "missing" in capsys.readouterr().err
