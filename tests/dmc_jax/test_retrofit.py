@@ -18,7 +18,8 @@ from dmc_jax.convert import layout
 from dmc_jax.errors import CheckpointError
 from dmc_jax.model.llama import Llama
 
-CFG = LlamaConfig(vocab_size=67, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+# SmolLM2's vocabulary size: the checkpoints carry its tokenizer (whose ids must fit the embedding).
+CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 CHANNEL = DMCConfig(window=4)
 ADAPTER = DMCConfig(window=4, decisions="adapter")
 
