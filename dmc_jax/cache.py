@@ -190,7 +190,8 @@ def layers_of(cache: DMCCache) -> dict[str, Array]:
 
 
 def decode_layer(pool: dict, state: dict, *, positions_B: Array, k_BxKxD: Array, v_BxKxD: Array,
-                 alpha_BxK: Array, omega_BxK: Array, cos_BxD: Array, sin_BxD: Array, ch: int | None) -> tuple[dict, dict]:
+                 alpha_BxK: Array, omega_BxK: Array, cos_BxD: Array, sin_BxD: Array,
+                 ch: int | None) -> tuple[dict, dict]:
   """One token per sequence through one layer: merge into or append to each row's last slot (docs/dmc.md §4).
 
   k is pre-RoPE with channel ch zeroed; the candidate slot is RoPE_t(S^k / Z) at the new token's position t.

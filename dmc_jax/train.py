@@ -325,7 +325,8 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
         grads, total, metrics = carry
         mb, i, lm_weight = xs
         (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), s, lm_weight, 1.0 / grad_accum, frozen)
-        metrics = {k: metrics[k] + (m[k] * lm_weight if k in ("lm_loss", "distill_loss") else m[k] / grad_accum) for k in metrics}
+        token_weighted = ("lm_loss", "distill_loss")
+        metrics = {k: metrics[k] + (m[k] * lm_weight if k in token_weighted else m[k] / grad_accum) for k in metrics}
         return (jax.tree.map(jnp.add, grads, g), total + l, metrics), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)

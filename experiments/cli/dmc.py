@@ -132,10 +132,10 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
   p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
   p.add_argument("--no-special-tokens", action="store_true", help="encode prompts without BOS/EOS")
   p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's sha256 check (large checkpoints)")
+  p.add_argument("--adapter", default=None, help="adapter directory to apply (its method becomes the default cache)")
   p.add_argument("--attention-impl", choices=("auto", "xla", "pallas", "tpu"), default="auto",
                  help="DMC attention and decode kernels (auto: Pallas on a GPU, the TPU decode kernel on a TPU, "
                  "XLA elsewhere; a kernel off its platform runs interpreted: slow, for checking)")
-  p.add_argument("--adapter", default=None, help="adapter directory to apply (its method becomes the default cache)")
   add_cache_arguments(p)
   g = p.add_argument_group("DMC page pool")
   g.add_argument("--page-size", type=cli.positive_int, default=32, help="slots per cache page")

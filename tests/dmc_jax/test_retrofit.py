@@ -18,7 +18,8 @@ from dmc_jax.convert import layout
 from dmc_jax.errors import CheckpointError
 from dmc_jax.model.llama import Llama
 
-CFG = LlamaConfig(vocab_size=67, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+# SmolLM2's vocabulary size: the checkpoints carry its tokenizer (whose ids must fit the embedding).
+CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 CHANNEL = DMCConfig(window=4)
 ADAPTER = DMCConfig(window=4, decisions="adapter")
 
@@ -105,7 +106,8 @@ def test_lora_trains_only_its_parts_and_holds_state_only_for_them(lora_run):
   # The rows are the trained ones (the LoRA delta does not leak into channel ch), zeroed by the surgery and then
   # moved by the CR loss.
   for i in range(CFG.n_layers):
-    np.testing.assert_array_equal(merged[f"layers_{i}/attn/k_proj/kernel"][..., -1], trained[f"layers_{i}/attn/k_proj/rows"])
+    np.testing.assert_array_equal(merged[f"layers_{i}/attn/k_proj/kernel"][..., -1],
+                                  trained[f"layers_{i}/attn/k_proj/rows"])
   assert np.any(trained["layers_0/attn/k_proj/rows"] != 0)
   # Optimizer state: Adam's two moments for exactly the trainable leaves, nothing the size of the base.
   shapes = sorted(v.shape for v in trained.values())

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from helpers import random_hf_model, write_hf_dir
 from dmc_jax.convert import hf
@@ -76,6 +77,7 @@ def test_vanilla_continued_training_from_a_converted_checkpoint(tmp_path, smollm
                              atol=1e-6)
 
 
+@pytest.mark.slow  # a whole (toy) train run + generate: ~50 CPU-seconds
 def test_distill_lora_adapter_run_writes_an_adapter_that_loads_and_merges(tmp_path, smollm2_ckpt, capsys):
   """The adapter-form LoRA recipe from a converted (random, toy-sized) base: only the parts train, WORKDIR/adapter
   names the base by digest; generate --adapter and merge-adapter use it on that base and refuse another."""
