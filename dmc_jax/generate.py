@@ -220,7 +220,10 @@ class Generator:
     memory = dmc_cache.memory_bytes(cache)
     itemsize = jnp.dtype(self.cache_dtype).itemsize
     stats = {"cr": dmc_cache.realised_cr(cache), "memory": memory,
-             "vanilla_bytes": int(np.asarray(cache.positions).sum()) * self.cfg.kv_bytes_per_token(itemsize)}
+             "vanilla_bytes": int(np.asarray(cache.positions).sum()) * self.cfg.kv_bytes_per_token(itemsize),
+             # Sequence length above which DMC holds less than vanilla (at CR 2 and 4, this page size and window).
+             "crossover_tokens": {cr: dmc_cache.crossover_tokens(self.cfg, self.dmc.dmc, self.dmc.page_size,
+                                                                 self.cache_dtype, cr) for cr in (2, 4)}}
     return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, memory["total"],
                             self._compile_seconds, stats)
 

@@ -1,4 +1,4 @@
-"""DMC training/prefill attention: `implementation=None|"xla"|"pallas"` (None = the best available)."""
+"""DMC training/prefill attention: `implementation=None|"reference"|"xla"|"pallas"` (None = the best available)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pallas_kernels import _backend
 from pallas_kernels.dmc_attention import reference
 
 OP = "dmc_attention"
+AVAILABLE = ("reference", "xla", "pallas")
 
 
 def dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_BxL=None, scale=None,
@@ -15,7 +16,8 @@ def dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_B
   """Causal attention with the per-key bias log(1 − α̃_{j+1}) below the diagonal (see reference.py). "xla" forms
   L×L logits; "pallas" is the fused flash kernel (custom VJP: gradients for q, k, v and the bias). `interpret`
   only matters for "pallas" (None: interpret unless on a GPU)."""
-  impl = _backend.resolve(OP, implementation)
+  # No separate fast XLA path here: "reference" and "xla" are both the dense-bias jnp attention.
+  impl = _backend.resolve(OP, implementation, AVAILABLE)
   with jax.named_scope(f"dmc_attention_{impl}"):
     if impl == "pallas":
       from pallas_kernels.dmc_attention import gpu

@@ -1,25 +1,41 @@
-"""Paged DMC decode attention: `implementation=None|"xla"|"pallas"` (None = the best available)."""
+"""Paged DMC decode attention: `implementation=None|"reference"|"xla"|"pallas"|"tpu"` (see pallas_kernels._backend).
+
+* "reference" — the jnp oracle (gathers every row's whole block table);
+* "xla" — the fast XLA path (`xla.py`: pages in use only, online softmax over page blocks);
+* "pallas" — the split-K Pallas kernel (`gpu.py`, Triton lowering; interpreted off GPU);
+* "tpu" — the Mosaic kernel (`tpu.py`, imported lazily: it lands on its own).
+"""
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
 
 import jax
 
 from pallas_kernels import _backend
-from pallas_kernels.dmc_decode import reference
+from pallas_kernels.dmc_decode import reference, xla
 
 OP = "paged_decode_attention"
+AVAILABLE = ("reference", "xla", "pallas", "tpu")  # "triton": not written yet (a clear error, see _backend)
 
 
 def paged_decode_attention(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, block_table_RxM, lengths_R, scale=None,
                            implementation: str | None = None, interpret: bool | None = None):
   """q: [R, G, D] (the G query heads of each row's KV head); pages: [P, S, D]; block_table: [R, M] page ids (−1:
-  none); lengths: [R] slots in use. Returns [R, G, D]. `interpret` only matters for "pallas" (None: interpret
-  unless on a GPU)."""
-  impl = _backend.resolve(OP, implementation)
+  none); lengths: [R] slots in use. Returns [R, G, D]. `interpret` only matters for the Pallas kernels (None:
+  interpret unless on their platform)."""
+  impl = _backend.resolve(OP, implementation, AVAILABLE)
+  if impl == "tpu" and implementation is None and importlib.util.find_spec("pallas_kernels.dmc_decode.tpu") is None:
+    impl = "xla"  # the best available until the TPU kernel's module lands
+  args = (q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, block_table_RxM, lengths_R, scale)
   with jax.named_scope(f"dmc_decode_attention_{impl}"):
     if impl == "pallas":
       from pallas_kernels.dmc_decode import gpu
-      return gpu.paged_decode_attention(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, block_table_RxM, lengths_R, scale,
-                                        interpret=_backend.interpret(interpret))
-    return reference.paged_decode_attention(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, block_table_RxM, lengths_R,
-                                            scale)
+      return gpu.paged_decode_attention(*args, interpret=_backend.interpret(interpret))
+    if impl == "tpu":
+      tpu = importlib.import_module("pallas_kernels.dmc_decode.tpu")
+      return tpu.paged_decode_attention(*args, interpret=interpret)
+    if impl == "xla":
+      return xla.paged_decode_attention(*args)
+    return reference.paged_decode_attention(*args)
