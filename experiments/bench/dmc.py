@@ -235,18 +235,14 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
   from dmc_jax.baselines.policies import Policy
   from dmc_jax.baselines.policy_generate import PolicyGenerator
   from dmc_jax.config import DMCConfig
-  from dmc_jax.convert import layout
   from dmc_jax.generate import DMCOptions, Generator
   from dmc_jax.model.llama import cache_bytes, init_cache
   from experiments.bench.decode import random_params
   cfg = model_config(spec, dtype, attention_impl)
   dmc = DMCConfig()
-  params = random_params(cfg)
+  params = random_params(cfg)  # shared by every generator (all decode the unscanned layers as they lie)
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # a tied embedding is one leaf: counted once
   itemsize = jnp.dtype(cfg.dtype).itemsize
-  # Weights restacked once and shared by every DMC / policy generator (each would otherwise copy them).
-  scanned_cfg = cfg.replace(scan_layers=True, remat_policy="none")
-  dmc_params = {"params": layout.stack_layers(params["params"], cfg.n_layers, stack=jnp.stack)}
   tokens_end = context + steps + 1
   row_state = 4 * (2 * cfg.head_dim + 2 + (dmc.window or 0) * (2 * cfg.head_dim + 1))
 
@@ -257,8 +253,7 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
     return _Case(group, pl_, Generator(cfg, params), lambda: init_cache(cfg, pl_.batch, tokens_end, cfg.dtype), check)
 
   def dmc_case(group, pl_, cr):
-    gen = Generator(scanned_cfg, dmc_params, dmc=DMCOptions(dmc, page_size, pl_.pool_pages,
-                                                           forced_merge_rate=1 - 1 / cr))
+    gen = Generator(cfg, params, dmc=DMCOptions(dmc, page_size, pl_.pool_pages, forced_merge_rate=1 - 1 / cr))
     def check(cache):
       dmc_cache.check(cache)
       mem = dmc_cache.memory_bytes(cache)
@@ -267,7 +262,7 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
       slots = int(lengths.sum())  # at the end; the timed steps saw ≈ this (CR > 1 grows slowly)
       return (mem["pool"] + mem["merge_state"] + mem["tables"], realised, slots,
               slots * 2 * cfg.head_dim * itemsize + lengths.size * row_state)
-    return _Case(group, pl_, gen, lambda: synthetic_dmc_cache(scanned_cfg, dmc, pl_, context, page_size), check)
+    return _Case(group, pl_, gen, lambda: synthetic_dmc_cache(cfg, dmc, pl_, context, page_size), check)
 
   def policy_case(group, pl_, policy):
     gen = PolicyGenerator(cfg, params, policy)
