@@ -1,5 +1,7 @@
 """The paged compressed cache (dmc_jax/cache.py): prefill vs token-by-token state, CR, memory, no host trips."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.extend
@@ -199,8 +201,16 @@ def _step_temporaries(params, scan_layers: bool, window: int, max_len: int, b: i
   cache = dmc_cache.init_cache(CFG, dmc, b, max_len, page_size=16)  # the worst-case pool
   step = jax.jit(lambda p, t, c: decode_dmc(model, p, t, c), donate_argnums=(2,))
   compiled = step.lower(p, jnp.zeros((b,), jnp.int32), cache).compile()
+  hlo = compiled.as_text()
+  copied = [f for f in dmc_cache.LAYER_FIELDS + ("k_pages",) if re.search(
+      re.escape(_hlo_shape(getattr(cache, f))) + r"\{[0-9,]*\} copy\(", hlo)]
+  assert not copied, f"the compiled decode step copies {copied} whole"
   return (compiled.memory_analysis().temp_size_in_bytes, cache.k_pages.nbytes + cache.v_pages.nbytes,
           cache.ring_k.nbytes + cache.ring_v.nbytes + cache.ring_w.nbytes)
+
+
+def _hlo_shape(a) -> str:
+  return {"int32": "s32", "float32": "f32"}[str(a.dtype)] + "[" + ",".join(map(str, a.shape)) + "]"
 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
