@@ -108,8 +108,12 @@ def _write_slots(pages: Array, block_table: Array, rows_slots: Array, values: Ar
   page = jnp.take_along_axis(block_table, jnp.clip(page_idx, 0, m - 1)[..., None], axis=-1)[..., 0]
   # A slot past the row's block table (or in no page) is dropped, never folded onto another page.
   ok = write & (page >= 0) & (page_idx >= 0) & (page_idx < m)
-  page = jnp.where(ok, page, pages.shape[0])  # out of range: dropped by mode="drop"
-  return pages.at[page, rows_slots % s].set(values.astype(pages.dtype), mode="drop")
+  # Dropped writes go out of range (mode="drop"), each to its own index past the pool, so that every index is
+  # distinct: a row writes its own page (pages belong to one row), so the kept ones are too. Declaring
+  # unique_indices lets XLA update the donated pool in place; without it XLA:CPU may rewrite the whole pool.
+  dropped = pages.shape[0] + jnp.arange(page.size, dtype=page.dtype).reshape(page.shape)
+  page = jnp.where(ok, page, dropped)
+  return pages.at[page, rows_slots % s].set(values.astype(pages.dtype), mode="drop", unique_indices=True)
 
 
 # -- prefill --------------------------------------------------------------------------------------------------
@@ -189,40 +193,51 @@ def layers_of(cache: DMCCache) -> dict[str, Array]:
   return {f: getattr(cache, f) for f in LAYER_FIELDS}
 
 
-def decode_layer(pool: dict, state: dict, *, positions_B: Array, k_BxKxD: Array, v_BxKxD: Array,
+def decode_layer(pool: dict, state: dict, *, layer, positions_B: Array, k_BxKxD: Array, v_BxKxD: Array,
                  alpha_BxK: Array, omega_BxK: Array, cos_BxD: Array, sin_BxD: Array,
                  ch: int | None) -> tuple[dict, dict]:
-  """One token per sequence through one layer: merge into or append to each row's last slot (docs/dmc.md §4).
+  """One token per sequence through layer `layer`: merge into or append to each row's last slot (docs/dmc.md §4).
 
-  k is pre-RoPE with channel ch zeroed; the candidate slot is RoPE_t(S^k / Z) at the new token's position t.
-  Page size and window are read off the shapes (static under jit). Returns the updated (pool, layer state).
+  state: every layer's fields stacked on axis 0 (`layers_of`); `layer` may be traced (the scan over layers).
+  Only that layer's entries are read, and only what changes is written — its sums, lengths and table (one layer's
+  slice), one ring entry and one pool slot per row — so under donation the pool and merge state are updated in
+  place, never copied whole. k is pre-RoPE with channel ch zeroed; the candidate slot is RoPE_t(S^k / Z) at the
+  new token's position t. Page size and window are read off the shapes (static under jit). Returns the updated
+  (pool, state).
   """
   page_size = pool["k_pages"].shape[1]
-  window = state["ring_w"].shape[-1] or None
+  w = state["ring_w"].shape[-1]
+  b, kv = alpha_BxK.shape
   t = positions_B
+  cur = {f: jax.lax.dynamic_index_in_dim(state[f], layer, 0, keepdims=False)
+         for f in ("block_table", "lengths", "sum_k", "sum_v", "sum_w", "run")}
+  # Ring slot t mod W holds the entry of t − W: read it now (subtracted below once the run is longer than W).
+  ring_at = (layer, jnp.arange(b)[:, None], jnp.arange(kv)[None, :], jnp.mod(t, max(w, 1))[:, None])
+  if w:
+    cur.update({f: state[f][ring_at] for f in ("ring_k", "ring_v", "ring_w")})
+  # Every read of the state happens before any write to it. Without the barrier XLA may fuse a read into the
+  # fusion that updates the same buffer, or leave read and write unordered, and then copies the whole buffer
+  # (every state field, once per layer per step) to keep the old value alive.
+  cur, state = jax.lax.optimization_barrier((cur, state))
   # A sequence's first token always appends (decode normally starts after a prefill, but need not).
   alpha_i = (alpha_BxK > 0.5).astype(jnp.int32) * (t[:, None] > 0)
   alpha = alpha_i.astype(jnp.float32)
-  run = alpha_i * state["run"] + 1
+  run = alpha_i * cur["run"] + 1
   wk = omega_BxK[..., None] * k_BxKxD.astype(jnp.float32)
   wv = omega_BxK[..., None] * v_BxKxD.astype(jnp.float32)
-  sum_k = alpha[..., None] * state["sum_k"] + wk
-  sum_v = alpha[..., None] * state["sum_v"] + wv
-  sum_w = alpha * state["sum_w"] + omega_BxK
+  sum_k = alpha[..., None] * cur["sum_k"] + wk
+  sum_v = alpha[..., None] * cur["sum_v"] + wv
+  sum_w = alpha * cur["sum_w"] + omega_BxK
   new = dict(state)
-  w = window or 0
   if w:
-    # Ring slot t mod W holds the entry of t − W; one-hot reads and writes (no gather/scatter to compile).
-    onehot = (jnp.arange(w)[None, None, :] == jnp.mod(t, w)[:, None, None]).astype(jnp.float32)  # [B, 1, W]
+    # Subtract the entry leaving the window and put the new one in its place (one entry per row; the indices
+    # are distinct and sorted).
     drop = (run > w).astype(jnp.float32)
-    sum_k = sum_k - drop[..., None] * jnp.einsum("bkw,bkwd->bkd", jnp.broadcast_to(onehot, state["ring_w"].shape),
-                                                 state["ring_k"])
-    sum_v = sum_v - drop[..., None] * jnp.einsum("bkw,bkwd->bkd", jnp.broadcast_to(onehot, state["ring_w"].shape),
-                                                 state["ring_v"])
-    sum_w = sum_w - drop * jnp.sum(onehot * state["ring_w"], axis=-1)
-    new["ring_k"] = state["ring_k"] * (1 - onehot[..., None]) + onehot[..., None] * wk[:, :, None]
-    new["ring_v"] = state["ring_v"] * (1 - onehot[..., None]) + onehot[..., None] * wv[:, :, None]
-    new["ring_w"] = state["ring_w"] * (1 - onehot) + onehot * omega_BxK[..., None]
+    sum_k = sum_k - drop[..., None] * cur["ring_k"]
+    sum_v = sum_v - drop[..., None] * cur["ring_v"]
+    sum_w = sum_w - drop * cur["ring_w"]
+    put = lambda buf, value: buf.at[ring_at].set(value, indices_are_sorted=True, unique_indices=True)
+    new.update(ring_k=put(state["ring_k"], wk), ring_v=put(state["ring_v"], wv), ring_w=put(state["ring_w"], omega_BxK))
 
   k_cand = sum_k / sum_w[..., None]
   k_cand = rope.apply_rope(k_cand[:, None], cos_BxD[:, None], sin_BxD[:, None])[:, 0]
@@ -230,9 +245,9 @@ def decode_layer(pool: dict, state: dict, *, positions_B: Array, k_BxKxD: Array,
     k_cand = k_cand.at[..., ch].set(0.0)
   v_cand = sum_v / sum_w[..., None]
 
-  length = state["lengths"]
+  length = cur["lengths"]
   slot = length - alpha_i  # merge: overwrite the last slot; append: the next one
-  table = state["block_table"]
+  table = cur["block_table"]
   m = table.shape[-1]
   beyond = (alpha_i == 0) & (length >= m * page_size)  # the row's block table is full: nowhere to append
   need = ((1 - alpha_i) * (jnp.mod(length, page_size) == 0) * ~beyond).astype(jnp.int32)
@@ -245,7 +260,9 @@ def decode_layer(pool: dict, state: dict, *, positions_B: Array, k_BxKxD: Array,
   new_pool = {"k_pages": _write_slots(pool["k_pages"], table, slot, k_cand, write),
               "v_pages": _write_slots(pool["v_pages"], table, slot, v_cand, write),
               "next_free": next_free, "overflow": pool["overflow"] | overflow}
-  new.update(block_table=table, lengths=length + 1 - alpha_i, sum_k=sum_k, sum_v=sum_v, sum_w=sum_w, run=run)
+  for f, value in dict(block_table=table, lengths=length + 1 - alpha_i, sum_k=sum_k, sum_v=sum_v, sum_w=sum_w,
+                       run=run).items():
+    new[f] = jax.lax.dynamic_update_index_in_dim(state[f], value.astype(state[f].dtype), layer, 0)
   return new_pool, new
 
 
@@ -282,3 +299,21 @@ def memory_bytes(cache: DMCCache) -> dict[str, int]:
   tables = cache.block_table.nbytes + cache.lengths.nbytes + cache.positions.nbytes
   return {"pages": pages_used * per_page, "merge_state": state, "tables": tables,
           "total": pages_used * per_page + state + tables, "pool": cache.num_pages * per_page}
+
+
+def row_fixed_bytes(head_dim: int, window: int | None, table_pages: int) -> int:
+  """Bytes a row holds whatever its length: float32 merge state (sums, run, W-entry ring), block table, length."""
+  w = window or 0
+  return 4 * (2 * head_dim + 2 + w * (2 * head_dim + 1)) + 4 * table_pages + 4
+
+
+def crossover_tokens(cfg: LlamaConfig, dmc: DMCConfig, page_size: int, dtype, cr: float, horizon: int = 1 << 16) -> int:
+  """The sequence length from which a DMC row at compression `cr` holds fewer bytes than a vanilla row (K and V of
+  every token) at every longer length (checked up to `horizon`): below it the fixed merge state and whole pages
+  cost more than compression saves. Pages counted whole, the block table sized for the length itself."""
+  item = jnp.dtype(dtype).itemsize
+  t = np.arange(1, horizon + 1)
+  pages = -(-(-(-t // cr)).astype(np.int64) // page_size)
+  dmc_bytes = pages * 2 * page_size * cfg.head_dim * item + row_fixed_bytes(cfg.head_dim, dmc.window, 0) + 4 * pages
+  worse = np.flatnonzero(dmc_bytes >= 2 * cfg.head_dim * item * t)
+  return int(t[worse[-1]] + 1) if worse.size else 1

@@ -11,12 +11,12 @@ import dataclasses
 from typing import Any, Mapping
 
 from dmc_jax.errors import ConfigError
+from pallas_kernels._backend import IMPLEMENTATIONS
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: gradient checks in tests
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-
-# None: the Pallas kernels on a GPU, the TPU decode kernel on a TPU, the XLA references elsewhere.
-ATTENTION_IMPLS = (None, "xla", "pallas", "tpu")
+# The kernel implementation names, defined once in pallas_kernels._backend (None: the best available).
+ATTENTION_IMPLS = IMPLEMENTATIONS
 
 
 def check_keys(cls, d: Mapping[str, Any], where: str, error: type[Exception] = ConfigError) -> None:

@@ -18,7 +18,6 @@ import numpy as np
 
 from dmc_jax import cache as dmc_cache
 from dmc_jax.config import DMCConfig, LlamaConfig
-from dmc_jax.convert import layout
 from dmc_jax.model.llama import Llama, cache_bytes, init_cache
 
 log = logging.getLogger(__name__)
@@ -102,10 +101,12 @@ class Generator:
     if dmc is None and cfg.scan_layers:
       # Per-layer vanilla cache buffers update in place; a scanned cache would be copied every step.
       raise ValueError("vanilla generation needs an unscanned model (scan_layers=False)")
-    if dmc is not None and not cfg.scan_layers:
-      # DMC decodes as a scan over layers (the page pool rides in the carry): one layer body to compile.
-      cfg = cfg.replace(scan_layers=True, remat_policy="none")
-      params = {"params": layout.stack_layers(params["params"], cfg.n_layers, stack=jnp.stack)}
+    if dmc is not None:
+      # DMC decodes as the model's layers lie. Unscanned (the usual checkpoint), the step unrolls the layers over
+      # separate weight buffers; a scan over stacked weights would slice — copy — every weight every step (XLA:CPU
+      # materialises each dynamic slice: for SmolLM2 all 540 MB of float32 weights read and written per step).
+      # A scanned model still decodes as a scan (one layer body to compile, at that price).
+      cfg = cfg.replace(remat_policy="none")
     self.cfg = cfg
     self.params = params
     self.dmc = dmc
@@ -223,7 +224,10 @@ class Generator:
     memory = dmc_cache.memory_bytes(cache)
     itemsize = jnp.dtype(self.cache_dtype).itemsize
     stats = {"cr": dmc_cache.realised_cr(cache), "memory": memory,
-             "vanilla_bytes": int(np.asarray(cache.positions).sum()) * self.cfg.kv_bytes_per_token(itemsize)}
+             "vanilla_bytes": int(np.asarray(cache.positions).sum()) * self.cfg.kv_bytes_per_token(itemsize),
+             # Sequence length above which DMC holds less than vanilla (at CR 2 and 4, this page size and window).
+             "crossover_tokens": {cr: dmc_cache.crossover_tokens(self.cfg, self.dmc.dmc, self.dmc.page_size,
+                                                                 self.cache_dtype, cr) for cr in (2, 4)}}
     return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, memory["total"],
                             self._compile_seconds, stats)
 

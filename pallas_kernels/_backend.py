@@ -1,9 +1,14 @@
-"""What every kernel API shares: implementation choice, interpret-mode resolution, abstract-GPU lowering.
+"""What every kernel API shares: implementation names and choice, interpret-mode resolution, abstract-GPU lowering.
 
-`implementation=None` means the best available: the Pallas (Triton) kernel on a GPU, the Pallas TPU (Mosaic)
-kernel on a TPU where an op has one ("tpu"; ops without one run XLA for it), the XLA (jnp reference) path
-elsewhere — Pallas on a CPU only runs interpreted, which is a correctness tool, not a fast path. Tests ask for
-"pallas" or "tpu" explicitly on the CPU and get the interpreter.
+The implementation names, defined here once (configs and `dmc-jax bench --impl` validate against them):
+
+* "reference" — the simple jnp oracle (tests compare everything against it);
+* "xla"       — the fast path on plain XLA (an op without one runs its reference);
+* "pallas"    — the Pallas kernel (Triton lowering on a GPU; interpreted elsewhere);
+* "tpu"       — a Pallas kernel for TPUs (Mosaic), where an op has one;
+* "triton"    — a kernel written in Triton itself, where an op has one;
+* None        — the best available: "pallas" on a GPU, "tpu" on a TPU where the op has it, else "xla". Pallas on a
+  CPU only runs interpreted, which is a correctness tool, not a fast path: tests ask for "pallas" explicitly.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 
 import jax
 
-IMPLEMENTATIONS = (None, "xla", "pallas", "tpu")
+IMPLEMENTATIONS = (None, "reference", "xla", "pallas", "tpu", "triton")
 # Set to 1 to run Pallas kernels in interpret mode even on a GPU (debugging: prints, NaN checks, no Triton).
 FORCE_INTERPRET_ENV = "DMC_JAX_PALLAS_INTERPRET"
 
@@ -26,12 +31,25 @@ def platform() -> str:
   return jax.default_backend()
 
 
-def resolve(op: str, implementation) -> str:
-  """None → "pallas" on a GPU, "tpu" on a TPU, "xla" elsewhere; explicit choices pass through (validated)."""
+def resolve(op: str, implementation, available=("reference", "xla", "pallas")) -> str:
+  """None → the best of `available` on this platform ("pallas" on a GPU, "tpu" on a TPU, else "xla"); an explicit
+  name passes through if the op has it. `available`: the names this op implements (a known name it lacks is a
+  clear error, not a silent fallback)."""
   check_implementation(op, implementation)
   if implementation is None:
-    return {"gpu": "pallas", "tpu": "tpu"}.get(platform(), "xla")
+    best = {"gpu": "pallas", "tpu": "tpu"}.get(platform(), "xla")
+    return best if best in available else "xla"
+  if implementation not in available:
+    raise ValueError(f"{op}: implementation {implementation!r} is not available for this op (it has "
+                     f"{', '.join(available)})")
   return implementation
+
+
+def for_op(implementation, available) -> str | None:
+  """A model-wide choice (`LlamaConfig.attention_impl`) as one op sees it: a name the op lacks means its best
+  available (e.g. "tpu" picks the TPU decode kernel; the training attention has none and runs its default)."""
+  check_implementation("attention_impl", implementation)
+  return implementation if implementation in available else None
 
 
 def interpret(requested: bool | None = None, target: str = "gpu") -> bool:

@@ -6,7 +6,9 @@ stacked layer parameters, so one layer body is compiled and `dmc_jax.model` need
 * `forward` — the parallel evaluation forward (exact; see `policies`): logits and the cache size kept per step.
 * `init_cache` / `prefill` / `decode` — `generate` with a policy in a compact cache: per (layer, sequence, KV
   head) budget(max_len) + 1 slots instead of max_len; an evicted entry's slot takes the next token, so the memory
-  saving is real (≈ 1/CR of vanilla's, plus 9 bytes of policy state a slot).
+  saving is real (≈ 1/CR of vanilla's, plus 9 bytes of policy state a slot). Like the vanilla generator's cache it
+  is one set of buffers per layer and the decode step unrolls the layers: under donation each step writes one slot
+  per (layer, sequence, KV head) in place (a scan over a stacked cache would restack — copy — all of it per step).
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def stack_params(cfg: LlamaConfig, params: Any) -> Any:
 
 def _layers(cfg: LlamaConfig, params: Any) -> Any:
   return stack_params(cfg, params)["params"]["layers"]
+
+
+def _layer(params: Any, i: int) -> Any:
+  """Layer i's parameters from an unscanned tree (as it lies), or sliced from a stacked one."""
+  p = params["params"]
+  return p[f"layers_{i}"] if f"layers_{i}" in p else jax.tree.map(lambda a: a[i], p["layers"])
 
 
 def _qkv(cfg: LlamaConfig, p_layer: Any, x_BxLxD: Array, positions_BxL: Array):
@@ -92,43 +100,46 @@ def capacity(policy: Policy, max_len: int) -> int:
   return min(max_len, policy.budget(max_len) + 1)
 
 
-def init_cache(cfg: LlamaConfig, policy: Policy, batch: int, max_len: int, dtype=None) -> dict:
-  """The compact cache: k, v [layers, B, KV, C, D] with C = `capacity` slots, per slot keep (held), score (H2O's
-  accumulated attention) and pos (its token's position; slots are reused, so their order is not positional)."""
+def init_cache(cfg: LlamaConfig, policy: Policy, batch: int, max_len: int, dtype=None) -> list[dict]:
+  """The compact cache, one dict per layer: k, v [B, KV, C, D] with C = `capacity` slots, per slot keep (held),
+  score (H2O's accumulated attention) and pos (its token's position; slots are reused, so their order is not
+  positional)."""
   dtype = jnp.dtype(dtype or cfg.dtype)
   c = capacity(policy, max_len)
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, c)
-  return {"k": jnp.zeros(shape + (cfg.head_dim,), dtype), "v": jnp.zeros(shape + (cfg.head_dim,), dtype),
-          "keep": jnp.zeros(shape, bool), "score": jnp.zeros(shape, jnp.float32), "pos": jnp.zeros(shape, jnp.int32)}
+  shape = (batch, cfg.n_kv_heads, c)
+  return [{"k": jnp.zeros(shape + (cfg.head_dim,), dtype), "v": jnp.zeros(shape + (cfg.head_dim,), dtype),
+           "keep": jnp.zeros(shape, bool), "score": jnp.zeros(shape, jnp.float32), "pos": jnp.zeros(shape, jnp.int32)}
+          for _ in range(cfg.n_layers)]
 
 
-def prefill(cfg: LlamaConfig, policy: Policy, params: Any, tokens_BxP: Array, lengths_B: Array, cache: dict):
+def prefill(cfg: LlamaConfig, policy: Policy, params: Any, tokens_BxP: Array, lengths_B: Array, cache: list[dict]):
   """Right-padded prompts through the exact parallel forward (P × P logits, transient), then each row's kept
   entries are gathered into the first slots of the compact cache (a prompt of n tokens keeps budget(n) ≤ C − 1).
   Returns (logits, cache)."""
   logits, _, c = forward(cfg, policy, params, tokens_BxP, lengths_B=lengths_B, collect_cache=True)
-  cap, p = cache["k"].shape[3], tokens_BxP.shape[1]
+  cap, p = cache[0]["k"].shape[2], tokens_BxP.shape[1]
   width = max(p, cap)
   pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, width - p)] + [(0, 0)] * (a.ndim - 4))
   c = {n: pad(a) for n, a in c.items()}
   # Kept slots first, in position order (stable); slot j of the parallel forward holds position j.
   order = jnp.argsort(~c["keep"], axis=-1, stable=True)[..., :cap]
   take = lambda a: jnp.take_along_axis(a, order[..., None] if a.ndim == 5 else order, axis=3)
-  compact = {n: take(a).astype(cache[n].dtype) for n, a in c.items()}
-  return logits, dict(compact, pos=order.astype(jnp.int32))
+  compact = dict({n: take(a).astype(cache[0][n].dtype) for n, a in c.items()}, pos=order.astype(jnp.int32))
+  return logits, [{n: a[i] for n, a in compact.items()} for i in range(cfg.n_layers)]
 
 
-def decode(cfg: LlamaConfig, policy: Policy, params: Any, tokens_B: Array, index_B: Array, cache: dict):
+def decode(cfg: LlamaConfig, policy: Policy, params: Any, tokens_B: Array, index_B: Array, cache: list[dict]):
   """One token per sequence at position `index` (no packing): it takes a free slot of each (layer, KV head), the
-  policy evicts, and that slot is free for the next step. Returns (logits [B, V], cache)."""
+  policy evicts, and that slot is free for the next step. Layers unrolled over the per-layer buffers (updated in
+  place under donation). Returns (logits [B, V], cache)."""
   cfg = _unscanned(cfg)
   model = Llama(cfg)
   b = tokens_B.shape[0]
   x = model.apply(params, tokens_B[:, None], method=Llama._embed)
   rows_Bx1, heads_1xK = jnp.arange(b)[:, None], jnp.arange(cfg.n_kv_heads)[None, :]
-
-  def layer(x, xs):
-    p, c = xs
+  new_cache = []
+  for i, c in enumerate(cache):
+    p = _layer(params, i)
     q, k, v = _qkv(cfg, p, x, index_B[:, None])
     slot_BxK = jnp.argmin(c["keep"], axis=-1)  # a free slot: at most C − 1 are held between steps
     # One slot per (row, head), in order: unique sorted indices let XLA:CPU write in place (see write_cache).
@@ -142,8 +153,6 @@ def decode(cfg: LlamaConfig, policy: Policy, params: Any, tokens_B: Array, index
     probs, state = policies.step(policy, {"keep": c["keep"], "score": c["score"]}, logits, slot_BxK, index_B + 1,
                                  pos)
     out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
-    out = out.reshape(b, 1, -1, d).astype(q.dtype)
-    return _finish(cfg, p, x, out), {"k": ck, "v": cv, "pos": pos, **state}
-
-  x, cache = jax.lax.scan(layer, x, (_layers(cfg, params), cache))
-  return model.apply(params, x, method=Llama._logits)[:, 0], cache
+    x = _finish(cfg, p, x, out.reshape(b, 1, -1, d).astype(q.dtype))
+    new_cache.append({"k": ck, "v": cv, "pos": pos, **state})
+  return model.apply(params, x, method=Llama._logits)[:, 0], new_cache

@@ -1,7 +1,9 @@
 """`generate` with an eviction policy: the vanilla `Generator` loop, prefill and decode from `evict_model`.
 
 The cache is compact (`evict_model.init_cache`): budget(max_len) + 1 slots per (layer, sequence, KV head), evicted
-slots reused, so it holds ≈ 1/CR of the vanilla cache's bytes and `GenerationResult.cache_bytes` says so.
+slots reused, so it holds ≈ 1/CR of the vanilla cache's bytes and `GenerationResult.cache_bytes` says so. The
+parameters stay unscanned (as the vanilla generator's): the decode step unrolls the layers over per-layer buffers;
+the prefill's parallel forward stacks them for its scan (once per generation, inside the compiled prefill).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class PolicyGenerator(Generator):
   def __init__(self, cfg: LlamaConfig, params: Any, policy: Policy, cache_dtype: str | None = None):
     cfg = cfg.replace(scan_layers=False, remat_policy="none")
     self.policy = policy
-    super().__init__(cfg, evict_model.stack_params(cfg, params), cache_dtype)
+    super().__init__(cfg, params, cache_dtype)
 
   def _new_cache(self, batch: int, max_len: int):
     return evict_model.init_cache(self.cfg, self.policy, batch, max_len, self.cache_dtype)

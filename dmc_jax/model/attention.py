@@ -21,6 +21,8 @@ from dmc_jax import dmc as dmc_math
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model import rope
 from dmc_jax.model.modes import DMCDecode, Mode, Parallel, VanillaCache
+from pallas_kernels import _backend
+from pallas_kernels.dmc_attention.api import AVAILABLE as DMC_ATTENTION_IMPLS
 from pallas_kernels.dmc_attention.api import dmc_attention
 from pallas_kernels.dmc_decode.api import paged_decode_attention
 
@@ -183,7 +185,8 @@ class Attention(nn.Module):
     q = dmc_math.scale_channel(rope.apply_rope(q, ctx.cos, ctx.sin), ch, 0)
     k_rot = dmc_math.scale_channel(rope.apply_rope(k_acc, ctx.cos, ctx.sin), ch, 0)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-    out = dmc_attention(q, k_rot, v_acc, bias, ctx.segment_ids, implementation=self.cfg.attention_impl)
+    impl = _backend.for_op(self.cfg.attention_impl, DMC_ATTENTION_IMPLS)
+    out = dmc_attention(q, k_rot, v_acc, bias, ctx.segment_ids, implementation=impl)
     aux = {"alpha": alpha_st}
     if ctx.collect_prefill:  # a static field of the context
       aux["prefill"] = {"alpha": alpha, "omega": omega, "num_k": num_k, "num_v": num_v, "den": den,
@@ -192,9 +195,10 @@ class Attention(nn.Module):
     return self._output(out), None, aux
 
   @jax.named_scope("attention")
-  def decode(self, x_Bx1xD: Array, ctx: DMCDecode, pool: dict, state: dict, forced_alpha_BxK: Array | None = None):
-    """One token per sequence against the compressed cache: the shared page `pool` and this layer's `state`
-    (see dmc_jax.cache.decode_layer). Returns (out, pool, state)."""
+  def decode(self, x_Bx1xD: Array, ctx: DMCDecode, pool: dict, state: dict, layer,
+             forced_alpha_BxK: Array | None = None):
+    """One token per sequence against the compressed cache: the shared page `pool` and every layer's `state`, of
+    which layer `layer`'s is read and updated (see dmc_jax.cache.decode_layer). Returns (out, pool, state)."""
     dmc, ch = self.dmc, self.ch
     q, k, v = self._project(x_Bx1xD)
     a, omega = self._decide(x_Bx1xD, q, k)
@@ -203,14 +207,15 @@ class Attention(nn.Module):
     alpha = (a[:, 0] > 0).astype(jnp.float32) if forced_alpha_BxK is None else forced_alpha_BxK
     cos, sin = ctx.cos, ctx.sin
     with jax.named_scope("dmc_update"):  # the merge/append of this token's key and value
-      pool, state = dmc_cache.decode_layer(pool, state, positions_B=ctx.positions, k_BxKxD=k[:, 0],
+      pool, state = dmc_cache.decode_layer(pool, state, layer=layer, positions_B=ctx.positions, k_BxKxD=k[:, 0],
                                            v_BxKxD=v[:, 0], alpha_BxK=alpha, omega_BxK=omega[:, 0],
                                            cos_BxD=cos[:, 0], sin_BxD=sin[:, 0], ch=ch)
     q = dmc_math.scale_channel(rope.apply_rope(q, cos, sin), ch, 0)
     b, _, h, d = q.shape
     kv = self.cfg.n_kv_heads
+    table, lengths = state["block_table"][layer], state["lengths"][layer]
     with jax.named_scope("paged_attention"):  # the page gather and the attention over the pages in use
       out = paged_decode_attention(q.reshape(b * kv, h // kv, d), pool["k_pages"], pool["v_pages"],
-                                   state["block_table"].reshape(b * kv, -1), state["lengths"].reshape(-1),
+                                   table.reshape(b * kv, -1), lengths.reshape(-1),
                                    implementation=self.cfg.attention_impl)
     return self._output(out.reshape(b, 1, h, d)), pool, state

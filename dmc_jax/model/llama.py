@@ -83,9 +83,11 @@ class DecoderLayer(nn.Module):
   * PARALLEL       carry {"x"};         xs {"forced_alpha"};           ys {"aux"} (DMC: alpha; None for vanilla)
   * VANILLA_CACHE  carry {"x"};         xs {"cache"};                  ys {"cache"}
   * DMC_PREFILL    carry {"x", "pool"}; xs {"state", "forced_alpha"};  ys {"state", "aux"}
-  * DMC_DECODE     carry {"x", "pool"}; xs {"state", "forced_alpha"};  ys {"state"}
+  * DMC_DECODE     carry {"x", "pool", "state"}; xs {"layer", "forced_alpha"}; ys {}
 
-  The pool (shared by every layer) rides in the carry; per-layer values are xs/ys (see dmc_jax.cache).
+  The pool (shared by every layer) rides in the carry. A prefill fills each layer's slice as xs/ys; a decode
+  step carries every layer's state whole and updates layer `layer`'s entries in place (restacking it as xs/ys
+  would copy the whole merge state every step; see dmc_jax.cache.decode_layer).
   """
 
   cfg: LlamaConfig
@@ -116,9 +118,9 @@ class DecoderLayer(nn.Module):
       pool, state = dmc_cache.prefill_layer(carry["pool"], layer_xs["state"], aux.pop("prefill"), ctx.lengths)
       ys = {"state": state, "aux": aux}
     elif ctx.mode is modes.Mode.DMC_DECODE:
-      attn_out, pool, state = self.attn.decode(h, ctx, carry["pool"], layer_xs["state"],
+      attn_out, pool, state = self.attn.decode(h, ctx, carry["pool"], carry["state"], layer_xs["layer"],
                                                layer_xs.get("forced_alpha"))
-      ys = {"state": state}
+      return {"x": self._mlp_block(x + attn_out.astype(x.dtype)), "pool": pool, "state": state}, {}
     else:
       raise ValueError(f"unknown mode {ctx.mode}")
     return {"x": self._mlp_block(x + attn_out.astype(x.dtype)), "pool": pool}, ys
@@ -263,8 +265,14 @@ class Llama(nn.Module):
                           collect_prefill=collect_prefill)
 
   def _dmc_cache_pass(self, x, ctx: modes.DMCPrefill | modes.DMCDecode, cache, forced_alpha):
-    """The layer loop against the compressed cache: the pool threads through, each layer's slice is xs/ys."""
+    """The layer loop against the compressed cache, the pool threaded through: a prefill fills each layer's
+    slice (xs/ys); a decode step carries the whole state (updated in place, layer by layer)."""
     pool, states = dmc_cache.pool_of(cache), dmc_cache.layers_of(cache)
+    if ctx.mode is modes.Mode.DMC_DECODE:
+      layer = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
+      carry, ys = self._run_layers({"x": x, "pool": pool, "state": states}, ctx,
+                                   {"layer": layer, "forced_alpha": forced_alpha})
+      return carry["x"], cache.replace(**carry["pool"], **carry["state"]), ys
     carry, ys = self._run_layers({"x": x, "pool": pool}, ctx, {"state": states, "forced_alpha": forced_alpha})
     return carry["x"], cache.replace(**carry["pool"], **self._stacked(ys, "state")), ys
 

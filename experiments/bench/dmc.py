@@ -34,7 +34,7 @@ import numpy as np
 PRESETS = {
     # A CPU run of a few minutes: a Llama-2-7B-width body with 2 layers (a whole 7B does not fit 24 GiB in float32
     # with its caches) and the whole SmolLM2-135M shape.
-    "cpu": dict(models=["llama2-7b@2", "smollm2-135m"], budget_mb=[1024, 512], context=1024, steps=4,
+    "cpu": dict(models=["llama2-7b@2", "smollm2-135m"], budget_mb=[1024, 512], context=1024, steps=16,
                 dtype="float32", policies=["h2o"], train_model="smollm2-135m@2", train_batch=1, train_len=512,
                 bw_context=1024, bw_batch=8),
     # make gpu-check: the whole Llama-2-7B shape, bf16, a 30 GiB KV budget (fits on an H100 beside the weights and
@@ -120,12 +120,14 @@ def synthetic_policy_cache(cfg, policy, batch: int, context: int, steps: int):
   """An eviction cache after `context` tokens: the policy's budget of entries held, at spread-out positions."""
   import jax.numpy as jnp
   from dmc_jax.baselines import evict_model
-  c = evict_model.init_cache(cfg, policy, batch, context + steps, cfg.dtype)
   held = policy.budget(context)
-  slot = jnp.arange(c["keep"].shape[-1])
-  pos = jnp.round(slot * (context - 1) / max(held - 1, 1)).astype(jnp.int32)
-  return dict(c, keep=jnp.broadcast_to(slot < held, c["keep"].shape),
-              pos=jnp.broadcast_to(jnp.where(slot < held, pos, 0), c["pos"].shape))
+  out = []
+  for c in evict_model.init_cache(cfg, policy, batch, context + steps, cfg.dtype):
+    slot = jnp.arange(c["keep"].shape[-1])
+    pos = jnp.round(slot * (context - 1) / max(held - 1, 1)).astype(jnp.int32)
+    out.append(dict(c, keep=jnp.broadcast_to(slot < held, c["keep"].shape),
+                    pos=jnp.broadcast_to(jnp.where(slot < held, pos, 0), c["pos"].shape)))
+  return out
 
 
 def synthetic_dmc_cache(cfg, dmc, pl_: Plan, context: int, page_size: int, seed: int = 0):
@@ -147,6 +149,50 @@ def synthetic_dmc_cache(cfg, dmc, pl_: Plan, context: int, page_size: int, seed:
                    sum_w=jnp.ones_like(c.sum_w), run=jnp.ones_like(c.run))
 
 
+def plan_dmc_at_batch(cfg, dmc, batch: int, context: int, steps: int, cr: float, page_size: int) -> Plan:
+  """A DMC plan for a given batch (the same-batch rows): the pool the forced-CR cache needs, as `plan` sizes it."""
+  tokens = context + steps
+  p = 1 - 1 / cr
+  mean = 1 + (tokens - 1) / cr
+  sd = math.sqrt((tokens - 1) * p * (1 - p))
+  table_pages = math.ceil((mean + 4 * sd) / page_size)
+  page, row_fixed = dmc_row_bytes(cfg, dmc, page_size, table_pages)
+  rows = batch * cfg.n_layers * cfg.n_kv_heads
+  pool = math.ceil(rows * (mean / page_size + 1) + 6 * sd * math.sqrt(rows) / page_size)
+  return Plan(f"dmc cr {cr:g}", cr, batch, int(rows // batch * ((mean / page_size + 1) * page + row_fixed) + 4),
+              table_pages, pool)
+
+
+def matmul_params(cfg) -> int:
+  """Weights that enter a matmul per token: every projection and the LM head (the embedding lookup is a gather;
+  with tied embeddings the same matrix is the head)."""
+  d, h, kv, dh, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  return cfg.n_layers * (2 * d * h * dh + 2 * d * kv * dh + 3 * d * f) + cfg.vocab_size * d
+
+
+def step_cost(cfg, param_bytes: int, batch: int, slots_attended: int, kv_bytes: int) -> dict:
+  """A decode step's unavoidable work: bytes read (every weight once + the K/V and state in use) and FLOPs
+  (2 × matmul parameters × batch + 4 × query heads × head_dim × slots attended, summed over layers and KV heads:
+  `slots_attended` counts each (layer, sequence, KV head) row's slots once, its G query heads share them)."""
+  flops = 2 * matmul_params(cfg) * batch + 4 * cfg.n_groups * cfg.head_dim * slots_attended
+  return {"bytes_read": int(param_bytes + kv_bytes), "flops": int(flops)}
+
+
+def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
+  """FLOP/s of a float32 n³ matmul on the default device (best of `repeats`)."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(mm(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
 def time_decode(gen, cache, batch: int, context: int, steps: int):
   """Seconds per decode step (after one warm-up step), through the Generator's ahead-of-time compiled step."""
   import jax
@@ -164,9 +210,26 @@ def time_decode(gen, cache, batch: int, context: int, steps: int):
   return (time.perf_counter() - t0) / steps, cache
 
 
+@dataclasses.dataclass
+class _Case:
+  """One bench row: how to build its cache (afresh for every repetition) and the generator that decodes it."""
+  group: str  # "decode" (equal memory) or "same_batch"
+  plan: Plan
+  gen: object
+  make_cache: object
+  check: object  # cache -> (kv bytes held, realised CR, slots attended, K/V + state bytes read)
+  times: list = dataclasses.field(default_factory=list)
+
+
 def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs, dtype: str, page_size: int,
-                        attention_impl, policies=()) -> list[dict]:
+                        attention_impl, policies=(), same_batch: bool = False, repeats: int = 1,
+                        copy_bw: float | None = None, matmul_flops: float | None = None) -> list[dict]:
+  """Decode rows at an equal KV budget (`group` "decode"), and with `same_batch` at vanilla's equal-memory batch
+  (DMC forced to CR 1 — merge rate 0 — and the CRs, each policy at the CRs: `group` "same_batch"). `repeats`
+  interleaved repetitions (every case once per round, its cache rebuilt), the median reported with the spread.
+  With `copy_bw` and `matmul_flops` every row gets its roofline (bytes_read / copy_bw + flops / matmul_flops)."""
   import jax
+  import jax.numpy as jnp
   from dmc_jax import cache as dmc_cache
   from dmc_jax.baselines.policies import Policy
   from dmc_jax.baselines.policy_generate import PolicyGenerator
@@ -176,49 +239,99 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
   from experiments.bench.decode import random_params
   cfg = model_config(spec, dtype, attention_impl)
   dmc = DMCConfig()
-  params = random_params(cfg)
-  rows = []
-  runs = [(cr, None) for cr in [0, *crs]] + [(cr, name) for name in policies for cr in crs]
-  for cr, policy_name in runs:
+  params = random_params(cfg)  # shared by every generator (all decode the unscanned layers as they lie)
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # a tied embedding is one leaf: counted once
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  tokens_end = context + steps + 1
+  row_state = 4 * (2 * cfg.head_dim + 2 + (dmc.window or 0) * (2 * cfg.head_dim + 1))
+
+  def vanilla_case(group, pl_):
+    def check(cache):
+      n = pl_.batch * cfg.n_layers * cfg.n_kv_heads * (context + steps // 2)  # mean slots in use while timed
+      return pl_.batch * pl_.bytes_per_seq, 1.0, n, n * 2 * cfg.head_dim * itemsize
+    return _Case(group, pl_, Generator(cfg, params), lambda: init_cache(cfg, pl_.batch, tokens_end, cfg.dtype), check)
+
+  def dmc_case(group, pl_, cr):
+    gen = Generator(cfg, params, dmc=DMCOptions(dmc, page_size, pl_.pool_pages, forced_merge_rate=1 - 1 / cr))
+    def check(cache):
+      dmc_cache.check(cache)
+      mem = dmc_cache.memory_bytes(cache)
+      lengths = np.asarray(cache.lengths)
+      realised = float(np.asarray(cache.positions).sum() * cfg.n_layers * cfg.n_kv_heads / lengths.sum())
+      slots = int(lengths.sum())  # at the end; the timed steps saw ≈ this (CR > 1 grows slowly)
+      return (mem["pool"] + mem["merge_state"] + mem["tables"], realised, slots,
+              slots * 2 * cfg.head_dim * itemsize + lengths.size * row_state)
+    return _Case(group, pl_, gen, lambda: synthetic_dmc_cache(cfg, dmc, pl_, context, page_size), check)
+
+  def policy_case(group, pl_, policy):
+    gen = PolicyGenerator(cfg, params, policy)
+    def check(cache):
+      held, budget_end = np.stack([np.asarray(c["keep"]).sum(-1) for c in cache]), policy.budget(tokens_end)
+      if (held != budget_end).any():
+        raise RuntimeError(f"bench: {pl_.method} holds {np.unique(held)} entries, expected its budget {budget_end}")
+      slots = int(held.sum())
+      cap = cache[0]["keep"].shape[-1]
+      return (cache_bytes(cache), tokens_end / budget_end, slots,
+              slots * 2 * cfg.head_dim * itemsize + held.size * cap * 9)
+    return _Case(group, pl_, gen, lambda: synthetic_policy_cache(cfg, policy, pl_.batch, context, steps + 1), check)
+
+  cases = []
+  vanilla_plan = plan(cfg, dmc, budget, context, steps + 1, 0, page_size)
+  for cr, policy_name in [(cr, None) for cr in [0, *crs]] + [(cr, name) for name in policies for cr in crs]:
     policy = Policy(policy_name, cr) if policy_name else None
-    if policy:
-      pl_ = plan_policy(cfg, policy, budget, context, steps + 1)
-    else:
-      pl_ = plan(cfg, dmc, budget, context, steps + 1, cr, page_size)
+    pl_ = plan_policy(cfg, policy, budget, context, steps + 1) if policy else plan(cfg, dmc, budget, context,
+                                                                                   steps + 1, cr, page_size)
     if pl_.batch < 1:
       raise ValueError(f"bench: a KV budget of {budget / 2**20:.0f} MiB holds no {pl_.method} sequence of "
                        f"{context} tokens for {spec}; raise --budget-mb")
-    with jax.profiler.TraceAnnotation(f"bench/decode/{spec}/{pl_.method}"):
-      if policy:
-        gen = PolicyGenerator(cfg, params, policy)
-        cache = synthetic_policy_cache(cfg, policy, pl_.batch, context, steps + 1)
-        step_s, cache = time_decode(gen, cache, pl_.batch, context, steps)
-        held, budget_end = np.asarray(cache["keep"]).sum(-1), policy.budget(context + steps + 1)
-        if (held != budget_end).any():
-          raise RuntimeError(f"bench: {pl_.method} holds {np.unique(held)} entries, expected its budget {budget_end}")
-        used, realised = cache_bytes(cache), (context + steps + 1) / budget_end
-      elif cr == 0:
-        gen = Generator(cfg, params)
-        cache = init_cache(cfg, pl_.batch, context + steps + 1, cfg.dtype)
-        step_s, cache = time_decode(gen, cache, pl_.batch, context, steps)
-        used, realised = pl_.batch * pl_.bytes_per_seq, 1.0
-      else:
-        gen = Generator(cfg, params, dmc=DMCOptions(dmc, page_size, pl_.pool_pages, forced_merge_rate=1 - 1 / cr))
-        cache = synthetic_dmc_cache(gen.cfg, dmc, pl_, context, page_size)
-        step_s, cache = time_decode(gen, cache, pl_.batch, context, steps)
-        dmc_cache.check(cache)
-        mem = dmc_cache.memory_bytes(cache)
-        used = mem["pool"] + mem["merge_state"] + mem["tables"]
-        realised = float(np.asarray(cache.positions).sum() * cfg.n_layers * cfg.n_kv_heads
-                         / np.asarray(cache.lengths).sum())
-    if used > budget:
-      raise RuntimeError(f"bench: {pl_.method} used {used} bytes > budget {budget}")
-    rows.append({"model": spec, "method": pl_.method, "realised_cr": realised, "batch": pl_.batch,
-                 "kv_bytes": int(used), "ms_per_step": step_s * 1e3, "tokens_per_s": pl_.batch / step_s})
-    del gen, cache
-  base = rows[0]["tokens_per_s"]
-  for r in rows:
-    r["ratio_vs_vanilla"] = r["tokens_per_s"] / base
+    cases.append(policy_case("decode", pl_, policy) if policy else
+                 vanilla_case("decode", pl_) if cr == 0 else dmc_case("decode", pl_, cr))
+  if same_batch:
+    b = vanilla_plan.batch
+    cases.append(vanilla_case("same_batch", vanilla_plan))
+    for cr in [1.0, *crs]:
+      cases.append(dmc_case("same_batch", plan_dmc_at_batch(cfg, dmc, b, context, steps + 1, cr, page_size), cr))
+    for name in policies:
+      for cr in crs:
+        policy = Policy(name, cr)
+        cases.append(policy_case("same_batch", dataclasses.replace(plan_policy(cfg, policy, budget, context,
+                                                                               steps + 1), batch=b), policy))
+  results = {}
+  for rep in range(repeats):  # interleaved: every case once per round, so drifting load hits all of them alike
+    for i, case in enumerate(cases):
+      with jax.profiler.TraceAnnotation(f"bench/{case.group}/{spec}/{case.plan.method}"):
+        step_s, cache = time_decode(case.gen, case.make_cache(), case.plan.batch, context, steps)
+      case.times.append(step_s)
+      results[i] = case.check(cache)
+      used = results[i][0]
+      if case.group == "decode" and used > budget:
+        raise RuntimeError(f"bench: {case.plan.method} used {used} bytes > budget {budget}")
+      del cache
+  rows = []
+  for i, case in enumerate(cases):
+    used, realised, slots, kv_read = results[i]
+    ms = 1e3 * float(np.median(case.times))
+    r = {"group": case.group, "model": spec, "method": case.plan.method, "realised_cr": realised,
+         "batch": case.plan.batch, "kv_bytes": int(used), "ms_per_step": ms, "tokens_per_s": case.plan.batch / ms * 1e3,
+         "ms_spread": 1e3 * (max(case.times) - min(case.times)), "repeats": len(case.times),
+         **step_cost(cfg, param_bytes, case.plan.batch, slots, kv_read)}
+    if case.group == "same_batch":
+      r["context"] = context
+    if copy_bw and matmul_flops:
+      r["roofline_ms"] = 1e3 * (r["bytes_read"] / copy_bw + r["flops"] / matmul_flops)
+      r["roofline_fraction"] = r["roofline_ms"] / ms
+    rows.append(r)
+  for group in ("decode", "same_batch"):
+    group_rows = [r for r in rows if r["group"] == group]
+    if not group_rows:
+      continue
+    base = group_rows[0]
+    for r in group_rows:
+      r["ratio_vs_vanilla"] = r["tokens_per_s"] / base["tokens_per_s"]
+      r["ms_ratio_vs_vanilla"] = r["ms_per_step"] / base["ms_per_step"]
+      if "roofline_ms" in r:
+        # The ratio a perfect implementation would reach: vanilla's roofline time per token over this row's.
+        r["roofline_ratio"] = (base["roofline_ms"] / base["batch"]) / (r["roofline_ms"] / r["batch"])
   return rows
 
 
@@ -247,8 +360,12 @@ def kernel_bandwidth(spec: str, dtype: str, context: int, crs, batch: int, page_
     q = jax.random.normal(jax.random.key(3), (r, g, d), dt)
     args = (q, k, v, jnp.asarray(table, jnp.int32), jnp.asarray(lengths, jnp.int32))
     moved = int(need.sum()) * page_size * d * 2 * dt.itemsize + 2 * q.nbytes
-    for impl in impls:
-      fn = jax.jit(lambda *a, impl=impl: api.paged_decode_attention(*a, implementation=impl))
+    variants = [(impl, lambda *a, impl=impl: api.paged_decode_attention(*a, implementation=impl)) for impl in impls]
+    if "xla" in impls:  # the other fast-path design: one gather over a static bucket (the rows' maximum here)
+      from pallas_kernels.dmc_decode import xla
+      variants.append(("xla bucketed", lambda *a: xla.bucketed(*a, max_pages=m)))
+    for impl, f in variants:
+      fn = jax.jit(f)
       jax.block_until_ready(fn(*args))
       best = float("inf")
       with jax.profiler.TraceAnnotation(f"bench/kernel/{impl}/cr{cr:g}"):
@@ -304,17 +421,35 @@ def train_step_times(spec: str, dtype: str, batch: int, length: int, variants, r
 # -- report ----------------------------------------------------------------------------------------------------------
 
 
+def _roofline_cells(r: dict) -> str:
+  if "roofline_ms" not in r:
+    return "| | | |"
+  return f"| {r['roofline_ms']:.1f} | {100 * r['roofline_fraction']:.0f}% | {r['roofline_ratio']:.2f}× |"
+
+
 def tables(result: dict) -> str:
   lines = [f"device: {result['device']} ({result['platform']}), jax {result['jax']}, measured copy bandwidth "
-           f"{result['copy_bandwidth_GBps']:.1f} GB/s; context {result['context']} tokens, {result['steps']} "
-           f"decode steps, {result['dtype']}, DMC attention: {result['decode_impl']}"]
+           f"{result['copy_bandwidth_GBps']:.1f} GB/s, matmul {result.get('matmul_GFLOPs', float('nan')):.0f} "
+           f"GFLOP/s; context {result['context']} tokens, {result['steps']} decode steps × "
+           f"{result.get('repeats', 1)} interleaved repetitions (median, spread = max − min), {result['dtype']}, "
+           f"DMC attention: {result['decode_impl']}"]
   if result["decode"]:
-    lines += ["", "| model | KV budget | cache | realised CR | batch (analytic) | KV bytes used | ms/step | tokens/s "
-              "| × vanilla |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "Equal KV memory:", "",
+              "| model | KV budget | cache | realised CR | batch (analytic) | KV bytes used | ms/step (spread) | "
+              "tokens/s | × vanilla | roofline ms | of roofline | roofline × vanilla |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["decode"]:
       lines.append(f"| {r['model']} | {r['budget_mb']:.0f} MiB | {r['method']} | {r['realised_cr']:.2f} | "
-                   f"{r['batch']} | {r['kv_bytes'] / 2**20:.0f} MiB | {r['ms_per_step']:.1f} | "
-                   f"{r['tokens_per_s']:.1f} | **{r['ratio_vs_vanilla']:.2f}×** |")
+                   f"{r['batch']} | {r['kv_bytes'] / 2**20:.0f} MiB | {r['ms_per_step']:.1f} "
+                   f"({r.get('ms_spread', 0):.1f}) | {r['tokens_per_s']:.1f} | **{r['ratio_vs_vanilla']:.2f}×** "
+                   + _roofline_cells(r))
+  if result.get("same_batch"):
+    lines += ["", "Same batch (vanilla's equal-memory batch):", "",
+              "| model | cache | batch | context | ms/step (spread) | ms × vanilla | roofline ms | of roofline | "
+              "roofline × vanilla |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["same_batch"]:
+      lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['context']} | {r['ms_per_step']:.1f} "
+                   f"({r['ms_spread']:.1f}) | **{r['ms_ratio_vs_vanilla']:.2f}** " + _roofline_cells(r))
   if result["kernel"]:
     lines += ["", "| decode attention | CR | rows × group | mean slots | bytes (pages in use) | µs | GB/s | "
               "of copy BW |", "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -343,9 +478,12 @@ def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("--policies", help="eviction policies to run at the same CRs and budget (streaming, h2o, tova; "
                  "comma-separated, '' for none; default: the preset's)")
   p.add_argument("--page-size", type=int, default=32)
-  p.add_argument("--impl", choices=("auto", "xla", "pallas", "tpu"), default="auto",
-                 help="DMC decode/attention implementation (auto: Pallas on GPU, the TPU decode kernel on TPU, "
-                 "XLA elsewhere)")
+  from pallas_kernels._backend import IMPLEMENTATIONS
+  p.add_argument("--impl", choices=("auto", *[n for n in IMPLEMENTATIONS if n]), default="auto",
+                 help="DMC decode/attention implementation (auto: the best available — Pallas on GPU, the TPU "
+                      "decode kernel on TPU, the fast XLA path elsewhere; reference: the jnp oracle)")
+  p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every decode row (median)")
+  p.add_argument("--no-same-batch", action="store_true", help="skip the same-batch rows")
   p.add_argument("--skip", default="", help="comma-separated parts to skip: decode, kernel, train")
   p.add_argument("--json", help="also write the result here")
   from experiments.harness import profiling
@@ -371,22 +509,30 @@ def run(args: argparse.Namespace) -> int:
   policies = cfg["policies"] if args.policies is None else [n for n in args.policies.split(",") if n]
   impl = None if args.impl == "auto" else args.impl
   skip = set(filter(None, args.skip.split(",")))
-  from pallas_kernels import _backend
+  if steps < 1 or args.repeats < 1:
+    raise ValueError(f"--steps and --repeats must be >= 1, got {steps} and {args.repeats}")
+  from pallas_kernels.dmc_decode import api as decode_api
+  bw, mm = copy_bandwidth(), matmul_rate()
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform, "jax": jax.__version__,
-            "copy_bandwidth_GBps": copy_bandwidth() / 1e9, "context": context, "steps": steps, "dtype": dtype,
-            "decode_impl": _backend.resolve("paged_decode_attention", impl), "decode": [], "kernel": [], "train": []}
+            "copy_bandwidth_GBps": bw / 1e9, "matmul_GFLOPs": mm / 1e9, "context": context, "steps": steps,
+            "repeats": args.repeats, "dtype": dtype,
+            "decode_impl": decode_api._backend.resolve(decode_api.OP, impl, decode_api.AVAILABLE),
+            "decode": [], "same_batch": [], "kernel": [], "train": []}
   from experiments.harness import profiling
   with profiling.from_args(args, "bench", whole=True):
     if "decode" not in skip:
       for spec, budget in zip(models, budgets):
         for r in decode_equal_memory(spec, budget=int(budget * 2**20), context=context, steps=steps, crs=crs,
-                                     dtype=dtype, page_size=args.page_size, attention_impl=impl, policies=policies):
-          result["decode"].append(dict(r, budget_mb=budget))
+                                     dtype=dtype, page_size=args.page_size, attention_impl=impl, policies=policies,
+                                     same_batch=not args.no_same_batch, repeats=args.repeats, copy_bw=bw,
+                                     matmul_flops=mm):
+          result[r.pop("group")].append(dict(r, budget_mb=budget))
     if "kernel" not in skip:
       # GPU: one layer's rows at the largest DMC batch; CPU: a small batch (the XLA path copies what it gathers).
       batch = cfg["bw_batch"] or max([r["batch"] for r in result["decode"]] or [64])
-      # Interpreted kernels say nothing about speed: each is timed on its own platform only.
-      impls = ["xla"] + {"gpu": ["pallas"], "tpu": ["tpu"]}.get(jax.default_backend(), [])
+      # Interpreted kernels say nothing about speed: each is timed on its own platform only; the reference is
+      # the oracle the fast path replaces.
+      impls = ["reference", "xla"] + {"gpu": ["pallas"], "tpu": ["tpu"]}.get(jax.default_backend(), [])
       result["kernel"] = kernel_bandwidth(models[0].partition("@")[0], dtype, cfg["bw_context"], crs, batch,
                                           args.page_size, impls)
     if "train" not in skip:

@@ -189,6 +189,10 @@ def _report_dmc(options, stats) -> None:
         f"(pages {mem['pages'] / 2**20:.2f} + merge state {mem['merge_state'] / 2**20:.2f} + tables "
         f"{mem['tables'] / 2**20:.2f}) vs vanilla {stats['vanilla_bytes'] / 2**20:.2f} MiB "
         f"= {mem['total'] / max(stats['vanilla_bytes'], 1):.2f}x", file=sys.stderr)
+  if "crossover_tokens" in stats:
+    cross = ", ".join(f"{n} tokens at CR {cr:g}" for cr, n in stats["crossover_tokens"].items())
+    print(f"[dmc] DMC holds less than vanilla from {cross} (fixed merge state and whole pages below)",
+          file=sys.stderr)
   print(f"[dmc] CR per layer: {fmt(cr['per_layer'])}", file=sys.stderr)
   for layer, heads in enumerate(cr["per_head"]):
     print(f"[dmc] CR layer {layer:2d} per KV head: {fmt(heads)}", file=sys.stderr)

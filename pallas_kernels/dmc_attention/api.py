@@ -1,7 +1,7 @@
-"""DMC training/prefill attention: `implementation=None|"xla"|"pallas"|"tpu"` (None = the best available).
+"""DMC training/prefill attention: `implementation=None|"reference"|"xla"|"pallas"` (None = the best available).
 
-There is no TPU kernel for this op yet: "tpu" (what None means on a TPU, and what `attention_impl="tpu"` asks of
-the decode kernel) runs the XLA path here."""
+There is no TPU kernel for this op: under a model-wide `attention_impl="tpu"` (which picks the TPU decode kernel)
+it runs its default (`_backend.for_op`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pallas_kernels import _backend
 from pallas_kernels.dmc_attention import reference
 
 OP = "dmc_attention"
+AVAILABLE = ("reference", "xla", "pallas")
 
 
 def dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_BxL=None, scale=None,
@@ -18,8 +19,8 @@ def dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_B
   """Causal attention with the per-key bias log(1 − α̃_{j+1}) below the diagonal (see reference.py). "xla" forms
   L×L logits; "pallas" is the fused flash kernel (custom VJP: gradients for q, k, v and the bias). `interpret`
   only matters for "pallas" (None: interpret unless on a GPU)."""
-  impl = _backend.resolve(OP, implementation)
-  impl = "xla" if impl == "tpu" else impl  # no TPU kernel for this op (see above)
+  # No separate fast XLA path here: "reference" and "xla" are both the dense-bias jnp attention.
+  impl = _backend.resolve(OP, implementation, AVAILABLE)
   with jax.named_scope(f"dmc_attention_{impl}"):
     if impl == "pallas":
       from pallas_kernels.dmc_attention import gpu

@@ -74,3 +74,17 @@ def test_generate_cli_with_a_policy(tmp_path, smollm2_ckpt, params, capsys):
   assert cli_dmc.main(args + ["--policy", "lru"]) == 2
   assert "cache: unknown 'lru'" in capsys.readouterr().err
   assert cli_dmc.main(args + ["--policy", "h2o", "--dmc"]) == 2
+
+
+def test_decode_step_updates_the_compact_cache_in_place(params):
+  """Per-layer buffers, donated: a decode step writes one slot per (layer, sequence, KV head), so its compiled
+  temporaries are a small fraction of the cache (restacking it through a scan would need a whole copy)."""
+  policy = Policy("h2o", 2.0)
+  gen = PolicyGenerator(CFG, params, policy)
+  b = 8
+  cache = gen._new_cache(b, 2048)
+  key = jax.random.key(0)
+  step = gen.compiled_step(cache, jnp.zeros((b,), jnp.int32), jnp.full((b,), 3, jnp.int32), key)
+  total = sum(x.nbytes for x in jax.tree.leaves(cache))
+  temp = step.memory_analysis().temp_size_in_bytes
+  assert temp < 0.25 * total, (temp, total)

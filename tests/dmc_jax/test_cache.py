@@ -1,5 +1,7 @@
 """The paged compressed cache (dmc_jax/cache.py): prefill vs token-by-token state, CR, memory, no host trips."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.extend
@@ -188,3 +190,40 @@ def test_first_token_appends_even_without_a_prefill(params):
   merge = jnp.ones((CFG.n_layers, 2, CFG.n_kv_heads))
   _, cache = decode_dmc(model, params, jnp.array([3, 4]), cache, merge)
   assert np.all(np.asarray(cache.lengths) == 1)
+
+
+def _step_temporaries(params, scan_layers: bool, window: int, max_len: int, b: int = 8):
+  """(compiled temporaries of a donated decode step, pool bytes, ring bytes) for a cache of max_len slots a row."""
+  from dmc_jax.convert import layout
+  dmc = DMCConfig(window=window)
+  model = Llama(CFG.replace(scan_layers=scan_layers), dmc, "eval")
+  p = {"params": layout.stack_layers(params["params"], CFG.n_layers, stack=jnp.stack)} if scan_layers else params
+  cache = dmc_cache.init_cache(CFG, dmc, b, max_len, page_size=16)  # the worst-case pool
+  step = jax.jit(lambda p, t, c: decode_dmc(model, p, t, c), donate_argnums=(2,))
+  compiled = step.lower(p, jnp.zeros((b,), jnp.int32), cache).compile()
+  hlo = compiled.as_text()
+  copied = [f for f in dmc_cache.LAYER_FIELDS + ("k_pages",) if re.search(
+      re.escape(_hlo_shape(getattr(cache, f))) + r"\{[0-9,]*\} copy\(", hlo)]
+  assert not copied, f"the compiled decode step copies {copied} whole"
+  return (compiled.memory_analysis().temp_size_in_bytes, cache.k_pages.nbytes + cache.v_pages.nbytes,
+          cache.ring_k.nbytes + cache.ring_v.nbytes + cache.ring_w.nbytes)
+
+
+def _hlo_shape(a) -> str:
+  return {"int32": "s32", "float32": "f32"}[str(a.dtype)] + "[" + ",".join(map(str, a.shape)) + "]"
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_decode_step_updates_the_pool_in_place(params, scan_layers):
+  """Under donation a decode step writes one slot per row: its compiled temporaries (one block of gathered pages,
+  activations) are a small fraction of the pool; a whole-pool rewrite would need a whole copy."""
+  temp, pool, _ = _step_temporaries(params, scan_layers, window=12, max_len=4096)
+  assert temp < 0.1 * pool, (temp, pool)
+
+
+def test_decode_step_updates_the_merge_state_in_place(params):
+  """One ring entry per row is read and written: a 4× wider ring adds (almost) nothing to the temporaries, where
+  restacking the merge state per layer or rewriting the ring would add at least its size."""
+  t12, _, ring12 = _step_temporaries(params, True, window=12, max_len=256)
+  t48, _, ring48 = _step_temporaries(params, True, window=48, max_len=256)
+  assert t48 - t12 < 0.1 * (ring48 - ring12), (t12, t48, ring12, ring48)

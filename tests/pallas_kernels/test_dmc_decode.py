@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _backend
-from pallas_kernels.dmc_decode import api, gpu, tpu
+from pallas_kernels.dmc_decode import api, gpu, tpu, xla
 
-IMPLS = ["xla", "pallas", "tpu"]
+IMPLS = ["reference", "xla", "pallas", "tpu"]
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
@@ -107,6 +107,42 @@ def test_pallas_tilings_agree(pages_per_block, k_splits):
   case = make_case(LENGTHS, seed=2)
   out = np.asarray(run(case, "pallas", pages_per_block=pages_per_block, k_splits=k_splits))
   np.testing.assert_allclose(out, oracle(*as64(case)), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("pages_per_block", [1, 2, 4, 6, 7])
+def test_xla_page_blocks_agree(pages_per_block):
+  """The fast XLA path's loop over page blocks: any block size (one that does not divide the table, one wider
+  than it) gives the oracle's answer, and the loop stops at the longest row (entries past it are garbage)."""
+  case = make_case(LENGTHS, seed=4)
+  q, k, v, table, lengths, _ = case
+  out = xla.paged_decode_attention(*(jnp.asarray(x) for x in (q, k, v, table, lengths)),
+                                   pages_per_block=pages_per_block)
+  np.testing.assert_allclose(np.asarray(out), oracle(*as64(case)), atol=2e-5, rtol=2e-5)
+  short = make_case([3, 9, 0, 16], seed=5)  # the longest row uses 2 of 6 pages: 4 entries never gathered
+  q, k, v, table, lengths, _ = short
+  out = xla.paged_decode_attention(*(jnp.asarray(x) for x in (q, k, v, table, lengths)), pages_per_block=1)
+  np.testing.assert_allclose(np.asarray(out), oracle(*as64(short)), atol=2e-5, rtol=2e-5)
+
+
+def test_xla_bucketed_matches_oracle():
+  """The other XLA design measured: one gather over a static bucket of table entries covering every length."""
+  case = make_case(LENGTHS, seed=6)
+  q, k, v, table, lengths, _ = case
+  out = xla.bucketed(*(jnp.asarray(x) for x in (q, k, v, table, lengths)), max_pages=6)
+  np.testing.assert_allclose(np.asarray(out), oracle(*as64(case)), atol=2e-5, rtol=2e-5)
+
+
+def test_implementation_names_are_defined_once():
+  """The names configs and `bench --impl` accept; a known name an op lacks is a clear error, not a fallback."""
+  from dmc_jax.config import ATTENTION_IMPLS, LlamaConfig
+  from dmc_jax.errors import ConfigError
+  assert _backend.IMPLEMENTATIONS == (None, "reference", "xla", "pallas", "tpu", "triton") == ATTENTION_IMPLS
+  with pytest.raises(ValueError, match="'triton' is not available"):
+    run(make_case([3]), "triton")
+  with pytest.raises(ValueError, match="must be one of"):
+    run(make_case([3]), "cuda")
+  with pytest.raises(ConfigError, match="attention_impl"):
+    LlamaConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8, attention_impl="fast")
 
 
 def test_interpret_mode_poisons_outputs():
@@ -241,7 +277,9 @@ def test_tpu_fetches_only_pages_in_use(rows_per_block, pages_per_block):
 def test_tpu_none_resolves_on_a_tpu(monkeypatch):
   """None picks the TPU kernel on a TPU, compiled (not interpreted); the training attention has no TPU kernel."""
   monkeypatch.setattr(_backend, "platform", lambda: "tpu")
-  assert _backend.resolve(api.OP, None) == "tpu"
+  assert _backend.resolve(api.OP, None, api.AVAILABLE) == "tpu"
+  from pallas_kernels.dmc_attention import api as attention_api
+  assert _backend.resolve(attention_api.OP, None, attention_api.AVAILABLE) == "xla"
   assert _backend.interpret(target="tpu") is False and _backend.interpret() is True
 
 

@@ -1,4 +1,5 @@
-"""`dmc-jax bench`'s equal-memory decode comparison: every cache fits the budget, batches follow the CR."""
+"""`dmc-jax bench`'s equal-memory decode comparison: every cache fits the budget, batches follow the CR; the
+same-batch rows and every row's roofline."""
 
 import pytest
 
@@ -9,10 +10,11 @@ def test_equal_memory_decode_sizes_every_cache_to_the_budget():
   budget, context, steps = 4 * 2**20, 64, 2
   rows = bench_dmc.decode_equal_memory("smollm2-135m@1", budget=budget, context=context, steps=steps, crs=[2.0],
                                        dtype="float32", page_size=32, attention_impl=None,
-                                       policies=["h2o", "streaming"])
-  by = {r["method"]: r for r in rows}
+                                       policies=["h2o", "streaming"], same_batch=True, repeats=2, copy_bw=2e10,
+                                       matmul_flops=1e11)
+  by = {r["method"]: r for r in rows if r["group"] == "decode"}
   assert list(by) == ["vanilla", "dmc cr 2", "h2o cr 2", "streaming cr 2"]
-  assert all(0 < r["kv_bytes"] <= budget and r["tokens_per_s"] > 0 for r in rows)
+  assert all(0 < r["kv_bytes"] <= budget and r["tokens_per_s"] > 0 for r in by.values())
   vanilla = by["vanilla"]
   assert vanilla["realised_cr"] == 1 and vanilla["ratio_vs_vanilla"] == 1
   # The policies' compact cache: ceil(67 / 2) + 1 = 35 slots for 67 tokens, plus 9 bytes of state on a 512-byte
@@ -22,10 +24,26 @@ def test_equal_memory_decode_sizes_every_cache_to_the_budget():
     assert abs(by[name]["realised_cr"] - 67 / 34) < 1e-9
   # DMC pays for whole 32-slot pages, merge state and a 6-sigma margin: at 67 tokens fewer sequences than vanilla.
   assert 0 < by["dmc cr 2"]["batch"] < vanilla["batch"]
-  assert "| h2o cr 2 |" in bench_dmc.tables({"device": "cpu", "platform": "cpu", "jax": "x", "copy_bandwidth_GBps": 1.0,
-                                             "context": context, "steps": steps, "dtype": "float32",
-                                             "decode_impl": "xla", "decode": [dict(r, budget_mb=4) for r in rows],
-                                             "kernel": [], "train": []})
+
+  same = {r["method"]: r for r in rows if r["group"] == "same_batch"}
+  assert list(same) == ["vanilla", "dmc cr 1", "dmc cr 2", "h2o cr 2", "streaming cr 2"]
+  assert all(r["batch"] == vanilla["batch"] and r["context"] == context for r in same.values())
+  assert same["dmc cr 1"]["realised_cr"] == 1  # forced merge rate 0: every token its own slot
+  for r in rows:
+    assert r["repeats"] == 2 and r["ms_spread"] >= 0
+    # Every weight is read once; what differs between rows at one batch is the K/V (and state) in use.
+    assert r["bytes_read"] > 4 * bench_dmc.matmul_params(bench_dmc.model_config("smollm2-135m@1", "float32", None))
+    assert r["roofline_ms"] > 0 and r["roofline_fraction"] == r["roofline_ms"] / r["ms_per_step"]
+  assert same["dmc cr 2"]["bytes_read"] < same["dmc cr 1"]["bytes_read"]
+  assert same["dmc cr 2"]["flops"] < same["dmc cr 1"]["flops"]
+  assert abs(same["dmc cr 1"]["flops"] - same["vanilla"]["flops"]) < 0.05 * same["vanilla"]["flops"]
+
+  table = bench_dmc.tables({"device": "cpu", "platform": "cpu", "jax": "x", "copy_bandwidth_GBps": 1.0,
+                            "matmul_GFLOPs": 100.0, "context": context, "steps": steps, "repeats": 2,
+                            "dtype": "float32", "decode_impl": "xla",
+                            "decode": [dict(r, budget_mb=4) for r in rows if r["group"] == "decode"],
+                            "same_batch": [r for r in rows if r["group"] == "same_batch"], "kernel": [], "train": []})
+  assert "| h2o cr 2 |" in table and "Same batch" in table and "| dmc cr 1 |" in table
 
 
 @pytest.mark.slow  # 37 s on 2 busy cores: a whole-model compile with the interpreted kernel inside
