@@ -13,8 +13,16 @@ from __future__ import annotations
 import importlib
 
 from dmc_jax import errors
-from dmc_jax.errors import (ArgumentError, CachePoolExhausted, CheckpointError, ConfigError, ConversionError,
-                            DataError, TokenizerError, UserError)
+from dmc_jax.errors import (
+  ArgumentError,
+  CachePoolExhausted,
+  CheckpointError,
+  ConfigError,
+  ConversionError,
+  DataError,
+  TokenizerError,
+  UserError,
+)
 
 # Re-exported names, imported on first use so that `import dmc_jax` stays cheap (jax and flax load with the model).
 _LAZY = {

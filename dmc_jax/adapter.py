@@ -205,6 +205,7 @@ def save(out: str, trainable: Mapping, spec: AdapterSpec, dmc: DMCConfig, *, n_l
          extra: Mapping[str, Any] | None = None, force: bool = True) -> str:
   """Writes ADAPTER/ from a trainable tree (scanned when `n_layers` is given: unstacked to per-layer names)."""
   import jax
+
   from dmc_jax import checkpoint
   from dmc_jax.convert.tensors import LazyTensor, write_safetensors
   if method not in METHODS:

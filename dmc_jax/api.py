@@ -98,6 +98,7 @@ class Model:
   def __init__(self, ckpt: Checkpoint, dtype: str | None = None, attention_impl: str | None = None,
                adapter=None):
     import jax
+
     from dmc_jax.config import DTYPES
     if dtype is not None and dtype not in DTYPES:
       raise ArgumentError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
@@ -227,6 +228,7 @@ class Model:
       return self._scorers[choice]
     import jax
     import jax.numpy as jnp
+
     from dmc_jax.convert import layout
     from dmc_jax.model.llama import Llama
     if choice.force_cr is not None:

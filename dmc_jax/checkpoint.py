@@ -20,24 +20,20 @@ Training state (optimizer, data iterator) lives in Orbax checkpoints, not here.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from dmc_jax.config import ConfigError, LlamaConfig
 from dmc_jax.convert import Converted, layout
-from dmc_jax.convert.tensors import (FLOAT_DTYPES, ConversionError, LazyTensor, read_json, read_sharded,
-                                     write_sharded)
+from dmc_jax.convert.tensors import FLOAT_DTYPES, ConversionError, LazyTensor, read_json, read_sharded, write_sharded
 from dmc_jax.errors import CheckpointError
 from dmc_jax.tokenizer import Tokenizer, TokenizerInfo
 from dmc_jax.tokenizer import check as tokenizer_check
@@ -58,8 +54,8 @@ def atomic_directory(out: str, force: bool = False, inputs=()):
 
 
 def _versions() -> dict[str, str]:
-  import jax
   import flax
+  import jax
   return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
           "numpy": np.__version__}
 

@@ -39,8 +39,10 @@ def typed(d: Mapping[str, Any], key: str, kind: str, where: str, default: Any = 
     if default is _MISSING:
       raise error(f"{where}: missing key {key!r}" if value is _MISSING else f"{where}: {key} is null, expected {kind}")
     return default
+  noun = {'int': 'integer', 'float': 'number', 'bool': 'boolean (true/false)', 'str': 'string',
+          'ids': 'token id or list of ids'}[kind]
   bad = error(f"{where}: {key} must be {'a positive ' if positive else 'an ' if kind == 'int' else 'a '}"
-              f"{ {'int': 'integer', 'float': 'number', 'bool': 'boolean (true/false)', 'str': 'string', 'ids': 'token id or list of ids'}[kind] }"
+              f"{noun}"
               f"{'' if minimum is None else f' >= {minimum}'}, got {value!r:.60}")
   if kind == "bool":
     if not isinstance(value, bool):

@@ -41,8 +41,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dmc_jax.tokenizer import Tokenizer
 from dmc_jax.errors import DataError
+from dmc_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("dmc_jax")
 

@@ -176,7 +176,8 @@ def _byte_level_pre_tokenizer(pre: str, where: str):
 
 def gguf_bpe_tokenizer_json(meta: Mapping[str, Any], where: str) -> str:
   """A `tokenizer.json` for a GGUF `gpt2` (byte-level BPE) vocabulary."""
-  from tokenizers import AddedToken, Tokenizer as HFTok, decoders, models, processors
+  from tokenizers import AddedToken, decoders, models, processors
+  from tokenizers import Tokenizer as HFTok
   tokens = list(meta["tokenizer.ggml.tokens"])
   types = list(meta.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
   merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]

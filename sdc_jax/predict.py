@@ -48,6 +48,7 @@ class Predictor:
   def extrapolate_flow(self, frames_SxHxWx3: np.ndarray, steps: int) -> np.ndarray:
     """The flow-extrapolation baseline run recursively with the same estimator (constant velocity)."""
     import jax.numpy as jnp
+
     from pallas_kernels.displaced_conv import api
     history = list(frames_SxHxWx3[-2:])
     out = []

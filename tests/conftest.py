@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
 
@@ -40,8 +39,8 @@ def smollm2_gguf() -> str:
 @pytest.fixture(scope="session")
 def smollm2_ckpt(tmp_path_factory, smollm2_gguf) -> str:
   """The real SmolLM2-135M-Instruct, converted once per test session."""
-  from dmc_jax.convert import gguf
   from dmc_jax import checkpoint
+  from dmc_jax.convert import gguf
   out = str(tmp_path_factory.mktemp("ckpt") / "smollm2")
   checkpoint.write(out, gguf.read(smollm2_gguf))
   return out
@@ -52,7 +51,9 @@ def tiny_checkpoint(tmp_path_factory) -> str:
   """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (from the golden files): seconds to
   load, for tests of the API and the checkpoint format rather than of the model's quality."""
   import gzip
+
   import jax
+
   from dmc_jax import checkpoint
   from dmc_jax.config import LlamaConfig
   from dmc_jax.convert import Converted, LazyTensor, layout

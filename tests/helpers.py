@@ -7,6 +7,9 @@ import os
 
 import numpy as np
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)  # the repository
+
 
 def random_hf_model(cfg, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
   """Random HF-layout tensors for `cfg` (norm weights near 1 so they matter)."""
@@ -24,6 +27,7 @@ def random_hf_model(cfg, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarra
 def write_hf_dir(path, cfg, tensors: dict[str, np.ndarray], shards: int = 1) -> str:
   """An HF model directory (config.json + safetensors, optionally sharded with an index)."""
   import json
+
   from dmc_jax.config import to_hf_config
   from dmc_jax.convert.tensors import LazyTensor, write_sharded
   os.makedirs(path, exist_ok=True)
@@ -39,6 +43,7 @@ def word_level_tokenizer(vocab_size: int) -> tuple:
   """(TokenizerInfo, tokenizer.json bytes) of a whitespace word-level tokenizer with exactly `vocab_size` ids, for
   tiny models (a real tokenizer's ids would exceed their vocabulary and be refused)."""
   from tokenizers import Tokenizer, models, pre_tokenizers
+
   from dmc_jax.tokenizer import TokenizerInfo
   vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -49,8 +54,8 @@ def word_level_tokenizer(vocab_size: int) -> tuple:
 def write_checkpoint(path, cfg, params, tokenizer_from: str | None = None, dmc: dict | None = None,
                      tokenizer: tuple | None = None) -> str:
   """A dmc-jax checkpoint of a Flax parameter tree, with the tokenizer of checkpoint `tokenizer_from`."""
-  from dmc_jax.convert import Converted, LazyTensor, layout
   from dmc_jax import checkpoint
+  from dmc_jax.convert import Converted, LazyTensor, layout
   flat = {k: np.asarray(v) for k, v in layout.flatten(params["params"]).items()}
   tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
   if tokenizer is None and tokenizer_from:

@@ -26,7 +26,7 @@ def main():
   ck = Checkpoint(args.ckpt)
   for name in sorted(ck.meta["files"]):
     path = os.path.join(ck.directory, name)
-    cpu, wall = timed(lambda: _sha256_file(path))
+    cpu, wall = timed(lambda path=path: _sha256_file(path))
     print(f"sha256 {name}: {os.path.getsize(path) / 1e6:.0f} MB, cpu {cpu:.2f} s, wall {wall:.2f} s")
   if args.big_gib > 0:
     with tempfile.NamedTemporaryFile(dir=os.path.dirname(ck.directory)) as f:
@@ -37,7 +37,7 @@ def main():
       cpu, wall = timed(lambda: _sha256_file(f.name))
       print(f"sha256 {args.big_gib:g} GiB file: cpu {cpu:.2f} s, wall {wall:.2f} s")
   for verify in (True, False):
-    cpu, wall = timed(lambda: Checkpoint(args.ckpt, verify=verify).load_params())
+    cpu, wall = timed(lambda verify=verify: Checkpoint(args.ckpt, verify=verify).load_params())
     print(f"load_params(verify={verify}): cpu {cpu:.2f} s, wall {wall:.2f} s")
 
 

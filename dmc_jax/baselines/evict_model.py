@@ -143,8 +143,9 @@ def decode(cfg: LlamaConfig, policy: Policy, params: Any, tokens_B: Array, index
     q, k, v = _qkv(cfg, p, x, index_B[:, None])
     slot_BxK = jnp.argmin(c["keep"], axis=-1)  # a free slot: at most C − 1 are held between steps
     # One slot per (row, head), in order: unique sorted indices let XLA:CPU write in place (see write_cache).
-    put = lambda buf, new: buf.at[rows_Bx1, heads_1xK, slot_BxK].set(new.astype(buf.dtype), indices_are_sorted=True,
-                                                                     unique_indices=True)
+    def put(buf, new, slot_BxK=slot_BxK):
+      return buf.at[rows_Bx1, heads_1xK, slot_BxK].set(new.astype(buf.dtype), indices_are_sorted=True,
+                                                       unique_indices=True)
     ck, cv = put(c["k"], k[:, 0]), put(c["v"], v[:, 0])
     pos = put(c["pos"], jnp.broadcast_to(index_B[:, None], slot_BxK.shape))
     kv, d = ck.shape[1], ck.shape[-1]

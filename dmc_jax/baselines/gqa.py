@@ -31,9 +31,8 @@ def pooled_config(cfg: LlamaConfig, kv_heads: int) -> LlamaConfig:
 
 def pool_checkpoint(src: str, kv_heads: int, out: str, force: bool = False) -> tuple[str, float]:
   """Writes the pooled checkpoint (self-describing, same tokenizer and DMC settings). Returns (path, cache CR)."""
-  import os
-  from dmc_jax.convert import Converted
   from dmc_jax import checkpoint
+  from dmc_jax.convert import Converted
   ckpt = checkpoint.Checkpoint(src)
   cfg = pooled_config(ckpt.config, kv_heads)
   tensors = []

@@ -1,7 +1,8 @@
 """Checkpoint conversion: HF safetensors, Meta `.pth` (torch-free) and GGUF → this project's tensors, and back.
 
 Each reader returns a `Converted`: the model config, lazy tensors already named and laid out as our parameter
-tree, the tokenizer, its chat template, and provenance. Writing (atomic, streamed, checksummed) is `dmc_jax.checkpoint`'s.
+tree, the tokenizer, its chat template, and provenance. Writing (atomic, streamed, checksummed) is
+`dmc_jax.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def tokenizer_from_file(path: str, cfg: LlamaConfig) -> tuple[TokenizerInfo, byt
 
 def convert(src: str, out: str, *, source: str | None = None, dtype: str = "auto", tokenizer: str | None = None,
             force: bool = False, max_shard_bytes: int = 2 * 2**30, on_progress=None) -> str:
-  """Converts an HF directory, Meta checkpoint, GGUF file, Megatron-LM checkpoint or older dmc-jax checkpoint into a dmc-jax checkpoint
+  """Converts an HF directory, Meta checkpoint, GGUF file, Megatron-LM checkpoint or older dmc-jax checkpoint into
+  a dmc-jax checkpoint
   directory at `out` (written atomically, checksummed); returns its path. `source=None` detects the format."""
   from dmc_jax import checkpoint
   converted = read(src, source or detect_source(src), tokenizer)

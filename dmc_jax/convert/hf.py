@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-from dmc_jax.config import ConfigError, from_hf_config, to_hf_config
-from dmc_jax.convert import Converted
-from dmc_jax.convert import layout
-from dmc_jax.convert.tensors import ConversionError, read_json, read_sharded
 from dmc_jax import tokenizer as tok
+from dmc_jax.config import ConfigError, from_hf_config, to_hf_config
+from dmc_jax.convert import Converted, layout
+from dmc_jax.convert.tensors import ConversionError, read_json, read_sharded
 
 
 def read_hf_config(src: str) -> dict:

@@ -443,7 +443,7 @@ def _layer_tensors(ranks, i: int, cfg: LlamaConfig, slot: _OneSlot) -> dict[str,
 
   def fused_qkv():  # [groups, (G + 2) * kv, d], rank r holding groups r*ng_r ... (r+1)*ng_r - 1
     return np.concatenate([t.load().reshape(ng_r, (G + 2) * kv, d) for t in qkv], axis=0)
-  for j, (hf_name, lo, hi) in enumerate((("q_proj", 0, G * kv), ("k_proj", G * kv, (G + 1) * kv),
+  for _, (hf_name, lo, hi) in enumerate((("q_proj", 0, G * kv), ("k_proj", G * kv, (G + 1) * kv),
                                          ("v_proj", (G + 1) * kv, (G + 2) * kv))):
     rows = cfg.n_kv_heads * (hi - lo)
     out[h + f"self_attn.{hf_name}.weight"] = LazyTensor(

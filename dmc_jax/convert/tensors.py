@@ -19,7 +19,6 @@ import numpy as np
 
 from dmc_jax.errors import ConversionError
 
-
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -99,7 +98,7 @@ def check_extents(path: str, extents, data_start: int, file_size: int) -> None:
     if nbytes:
       spans.append((begin, begin + nbytes, name))
   spans.sort()
-  for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+  for (_, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
     if b1 < e0:
       raise ConversionError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b1}..{min(e0, e1)} of the data "
                             f"section belong to both)")
@@ -174,7 +173,7 @@ def read_safetensors(path: str) -> dict[str, LazyTensor]:
     begin = int(info["data_offsets"][0])
     count = int(np.prod(shape, dtype=np.int64))
 
-    def load(begin=begin, count=count, dtype=dtype, shape=shape):
+    def load(begin=begin, count=count, dtype=dtype, shape=shape, name=name):
       with open(path, "rb") as f:
         f.seek(data_start + begin)
         a = np.fromfile(f, dtype=dtype, count=count)

@@ -199,7 +199,7 @@ class Attention(nn.Module):
              forced_alpha_BxK: Array | None = None):
     """One token per sequence against the compressed cache: the shared page `pool` and every layer's `state`, of
     which layer `layer`'s is read and updated (see dmc_jax.cache.decode_layer). Returns (out, pool, state)."""
-    dmc, ch = self.dmc, self.ch
+    ch = self.ch
     q, k, v = self._project(x_Bx1xD)
     a, omega = self._decide(x_Bx1xD, q, k)
     q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)

@@ -44,8 +44,9 @@ def copy_bandwidth(n_bytes: int = 2**30, repeats: int = 5) -> float:
 
 
 def random_params(cfg, seed=0):
-  from dmc_jax.model.llama import Llama
   import flax.linen as nn
+
+  from dmc_jax.model.llama import Llama
   init = jax.jit(lambda k: nn.unbox(Llama(cfg).init(k, jnp.zeros((1, 8), jnp.int32))))
   return init(jax.random.key(seed))
 

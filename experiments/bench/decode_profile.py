@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import glob
+import gzip
 import json
 import os
 import re
@@ -68,6 +68,7 @@ def profile(spec: str, budget_mb: float, context: int, crs, steps: int, out: str
             impl=None, page_size: int = 32) -> list[dict]:
   import jax
   import jax.numpy as jnp
+
   from dmc_jax.config import DMCConfig
   from dmc_jax.generate import DMCOptions, Generator
   from dmc_jax.model.llama import init_cache

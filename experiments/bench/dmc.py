@@ -106,6 +106,7 @@ def plan(cfg, dmc, budget: int, context: int, steps: int, cr: float, page_size: 
 def plan_policy(cfg, policy, budget: int, context: int, steps: int) -> Plan:
   """The largest batch whose compact eviction cache (sized for `context + steps` tokens) fits `budget` bytes."""
   import jax.numpy as jnp
+
   from dmc_jax.baselines import evict_model
   slots = evict_model.capacity(policy, context + steps)
   per_slot = 2 * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize + 4 + 4 + 1  # k, v; score, pos, keep
@@ -119,6 +120,7 @@ def plan_policy(cfg, policy, budget: int, context: int, steps: int) -> Plan:
 def synthetic_policy_cache(cfg, policy, batch: int, context: int, steps: int):
   """An eviction cache after `context` tokens: the policy's budget of entries held, at spread-out positions."""
   import jax.numpy as jnp
+
   from dmc_jax.baselines import evict_model
   held = policy.budget(context)
   out = []
@@ -133,6 +135,7 @@ def synthetic_policy_cache(cfg, policy, batch: int, context: int, steps: int):
 def synthetic_dmc_cache(cfg, dmc, pl_: Plan, context: int, page_size: int, seed: int = 0):
   """A DMC cache as `context` tokens with decisions at rate 1 − 1/CR leave it: per-row lengths 1 + Binomial."""
   import jax.numpy as jnp
+
   from dmc_jax import cache as dmc_cache
   rng = np.random.default_rng(seed)
   shape = (cfg.n_layers, pl_.batch, cfg.n_kv_heads)
@@ -230,6 +233,7 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
   With `copy_bw` and `matmul_flops` every row gets its roofline (bytes_read / copy_bw + flops / matmul_flops)."""
   import jax
   import jax.numpy as jnp
+
   from dmc_jax import cache as dmc_cache
   from dmc_jax.baselines.policies import Policy
   from dmc_jax.baselines.policy_generate import PolicyGenerator
@@ -297,7 +301,7 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
         cases.append(policy_case("same_batch", dataclasses.replace(plan_policy(cfg, policy, budget, context,
                                                                                steps + 1), batch=b), policy))
   results = {}
-  for rep in range(repeats):  # interleaved: every case once per round, so drifting load hits all of them alike
+  for _ in range(repeats):  # interleaved: every case once per round, so drifting load hits all of them alike
     for i, case in enumerate(cases):
       with jax.profiler.TraceAnnotation(f"bench/{case.group}/{spec}/{case.plan.method}"):
         step_s, cache = time_decode(case.gen, case.make_cache(), case.plan.batch, context, steps)
@@ -341,6 +345,7 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
 def kernel_bandwidth(spec: str, dtype: str, context: int, crs, batch: int, page_size: int, impls) -> list[dict]:
   import jax
   import jax.numpy as jnp
+
   from pallas_kernels.dmc_decode import api
   cfg = model_config(spec, dtype, None)
   dt = jnp.dtype(dtype)
@@ -363,7 +368,7 @@ def kernel_bandwidth(spec: str, dtype: str, context: int, crs, batch: int, page_
     variants = [(impl, lambda *a, impl=impl: api.paged_decode_attention(*a, implementation=impl)) for impl in impls]
     if "xla" in impls:  # the other fast-path design: one gather over a static bucket (the rows' maximum here)
       from pallas_kernels.dmc_decode import xla
-      variants.append(("xla bucketed", lambda *a: xla.bucketed(*a, max_pages=m)))
+      variants.append(("xla bucketed", lambda *a, m=m: xla.bucketed(*a, max_pages=m)))
     for impl, f in variants:
       fn = jax.jit(f)
       jax.block_until_ready(fn(*args))
@@ -382,9 +387,10 @@ def kernel_bandwidth(spec: str, dtype: str, context: int, crs, batch: int, page_
 
 
 def train_step_times(spec: str, dtype: str, batch: int, length: int, variants, repeats: int = 3) -> list[dict]:
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  import flax.linen as nn
+
   from dmc_jax.config import DMCConfig
   from dmc_jax.model.llama import Llama
   tokens = jax.random.randint(jax.random.key(0), (batch, length), 3, 1000)
@@ -394,9 +400,9 @@ def train_step_times(spec: str, dtype: str, batch: int, length: int, variants, r
     dmc = DMCConfig() if mode != "off" else None
     model = Llama(cfg, dmc, mode)
     rngs = {"params": jax.random.key(0), "dmc": jax.random.key(1)}
-    params = jax.jit(lambda: nn.unbox(model.init(rngs, tokens[:, :8])))()
+    params = jax.jit(lambda model=model, rngs=rngs: nn.unbox(model.init(rngs, tokens[:, :8])))()
 
-    def loss(p):
+    def loss(p, model=model):
       logits = model.apply(p, tokens, rngs={"dmc": jax.random.key(2)})
       logits = logits[0] if isinstance(logits, tuple) else logits
       logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
@@ -494,6 +500,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   import jax
+
   from experiments.bench.decode import copy_bandwidth
   on_gpu = jax.default_backend() == "gpu"
   cfg = dict(PRESETS[args.preset or ("gpu" if on_gpu else "cpu")])

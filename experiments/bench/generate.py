@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> None:
   t_start = time.perf_counter()
 
   import jax
-  from dmc_jax.generate import Generator
+
   from dmc_jax.checkpoint import Checkpoint
+  from dmc_jax.generate import Generator
 
   os.makedirs(args.out, exist_ok=True)
   ckpt = Checkpoint(args.ckpt)

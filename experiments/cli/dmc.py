@@ -62,8 +62,8 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-  from dmc_jax.convert import hf
   from dmc_jax import checkpoint
+  from dmc_jax.convert import hf
   from experiments.harness import progress
   ckpt = checkpoint.Checkpoint(args.ckpt)
   if ckpt.dmc:
@@ -146,6 +146,7 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
 
 def _run_generate(args: argparse.Namespace) -> None:
   import jax
+
   import dmc_jax
   prof = profiling.from_args(args, "decode", unit="decode step")  # a bad --profile-steps fails before the load
   t0 = time.perf_counter()
@@ -182,7 +183,8 @@ def _report_dmc(options, stats) -> None:
   import numpy as np
   cr, mem = stats["cr"], stats["memory"]
   fmt = lambda xs: " ".join(f"{x:.2f}" for x in np.ravel(xs))
-  forced = "" if options.forced_merge_rate is None else f", decisions forced (merge rate {options.forced_merge_rate:.3f})"
+  rate = options.forced_merge_rate
+  forced = "" if rate is None else f", decisions forced (merge rate {rate:.3f})"
   print(f"[dmc] settings: {options.dmc.to_dict()}, page size {options.page_size}, pool "
         f"{mem['pool'] / 2**20:.2f} MiB{forced}", file=sys.stderr)
   print(f"[dmc] realised CR {cr['overall']:.2f}; cache in use {mem['total'] / 2**20:.2f} MiB "
@@ -226,6 +228,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
   import json
+
   from experiments.dmc import train as dmc_run
   from experiments.harness import config, distributed
   overrides = list(args.config_overrides)
@@ -257,12 +260,14 @@ def _configure_plan(p: argparse.ArgumentParser) -> None:
   cli.add_config_argument(p)
   p.add_argument("--devices", type=cli.positive_int, default=None,
                  help="fake CPU devices (default: the product of the mesh sizes; needed when one is -1)")
-  p.add_argument("--layers", type=cli.positive_int, default=None, help="plan only this many layers (same widths; quick checks)")
+  p.add_argument("--layers", type=cli.positive_int, default=None,
+                 help="plan only this many layers (same widths; quick checks)")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def _run_plan(args: argparse.Namespace) -> None:
   import json
+
   from experiments.dmc import plan
   from experiments.harness import config
   p = plan.plan(config.load(args.config, args.config_overrides), devices=args.devices, n_layers=args.layers)
@@ -284,7 +289,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def _configure_gqa_pool(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
-  p.add_argument("--kv-heads", type=cli.positive_int, required=True, help="KV heads after pooling (divides the current count)")
+  p.add_argument("--kv-heads", type=cli.positive_int, required=True,
+                 help="KV heads after pooling (divides the current count)")
   p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
   p.add_argument("--force", action="store_true", help="replace --out if it exists")
 

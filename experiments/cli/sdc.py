@@ -17,8 +17,8 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-  from experiments.sdc import run as sdc_run
   from experiments.harness import config
+  from experiments.sdc import run as sdc_run
   with profiling.from_args(args, "train", unit="optimizer step"):
     summary = sdc_run.train(config.load(args.config, args.config_overrides), break_lock=args.break_lock,
                             allow_config_change=args.allow_config_change)

@@ -98,6 +98,7 @@ def scorers(cfg, params, args, dmc_settings):
   """[(method, label, cr_target, fn(batch) -> (nll sum, cache entries at document ends or None))]."""
   import jax
   import jax.numpy as jnp
+
   from dmc_jax.baselines import evict_model
   from dmc_jax.baselines.policies import Policy
   from dmc_jax.convert import layout
@@ -154,8 +155,8 @@ def _fold_cache_aliases(args) -> None:
 def evaluate(args) -> dict:
   import jax
   _fold_cache_aliases(args)
-  from dmc_jax.config import DMCConfig
   from dmc_jax import checkpoint
+  from dmc_jax.config import DMCConfig
   ckpt = checkpoint.Checkpoint(args.ckpt)
   if args.out and os.path.isdir(args.out):
     raise ConfigError(f"--out {args.out}: is a directory (expected the path of a JSON file)")

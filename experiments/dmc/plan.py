@@ -66,6 +66,7 @@ class Plan:
 def fake_cpu_devices(n: int) -> list:
   """`n` CPU devices; must run before JAX initialises its backends (or with XLA_FLAGS already giving ≥ n)."""
   import jax
+
   from experiments.harness.mesh import MeshError
   jax.config.update("jax_platforms", "cpu")
   try:
@@ -120,6 +121,7 @@ def retrofit_pieces(cfg, llama, dmc):
   """(init, train_step) of the retrofit as `dmc-jax train` runs it: init(rng) -> state with boxed (logically
   named) parameters and optimizer state; train_step(state, batch, rng) -> (state, scalar metrics)."""
   import jax.numpy as jnp
+
   from dmc_jax.model.llama import Llama
   from experiments.dmc import train as dmc_run
   tx = dmc_run.make_optimizer(cfg, dmc)
@@ -143,6 +145,7 @@ def lower(cfg, mesh, llama, dmc):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
+
   from experiments.harness import mesh as mesh_lib
   from experiments.harness import trainer
   init, train_step = retrofit_pieces(cfg, llama, dmc)

@@ -22,9 +22,9 @@ FORMAT = "dmc-jax-retrofit/1"
 
 
 def _model_and_tokenizer(cfg):
+  from dmc_jax import checkpoint
   from dmc_jax.config import DMCConfig
   from dmc_jax.presets import preset
-  from dmc_jax import checkpoint
   dmc = DMCConfig(decision_channel=cfg.dmc.decision_channel, window=cfg.dmc.window,
                   temperature=cfg.dmc.temperature, offset=cfg.dmc.offset, decisions=cfg.dmc.decisions)
   source = checkpoint.Checkpoint(cfg.model.init_from) if cfg.model.init_from else None
@@ -45,6 +45,7 @@ def _model_and_tokenizer(cfg):
 
 def make_optimizer(cfg, dmc):
   import optax
+
   from dmc_jax import train as dmc_train
   t = cfg.train
   schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.warmup_steps, 1), max(t.steps, 2))
@@ -113,14 +114,14 @@ def check_config(cfg) -> None:
 
 
 def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> dict:
-  import flax.linen as nn
   import jax
   import jax.numpy as jnp
+
+  from dmc_jax import text_data
   from dmc_jax import train as dmc_train
   from dmc_jax.convert import layout
   from dmc_jax.model.llama import Llama
   from experiments.harness import mesh as mesh_lib
-  from dmc_jax import text_data
   from experiments.harness import mfu, trainer
   check_config(cfg)
   llama, dmc, source, tokenizer = _model_and_tokenizer(cfg)
@@ -250,9 +251,10 @@ def _export(params, llama, dmc, tokenizer, cfg, workdir) -> str:
   """The trained weights as a self-describing checkpoint (unscanned, float32): WORKDIR/dmc_checkpoint with the
   DMC settings, or WORKDIR/checkpoint for a vanilla run (dmc None)."""
   import jax
+
+  from dmc_jax import checkpoint
   from dmc_jax.convert import Converted, layout
   from dmc_jax.convert.tensors import LazyTensor
-  from dmc_jax import checkpoint
   tree = layout.unstack_layers(jax.device_get(params)["params"], llama.n_layers)
   flat = {k: np.asarray(v) for k, v in layout.flatten(tree).items()}
   tensors = [LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()]
@@ -268,6 +270,7 @@ def _export(params, llama, dmc, tokenizer, cfg, workdir) -> str:
 def _export_adapter(state, spec, llama, dmc, source, cfg, workdir, tokens: int) -> str:
   """WORKDIR/adapter: only what trained, naming its base by the base's parameter digest."""
   import jax
+
   from dmc_jax import adapter, checkpoint
   from dmc_jax.convert import layout
   if source is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+
 from experiments.harness.errors import AssetMissing
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

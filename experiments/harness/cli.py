@@ -26,7 +26,7 @@ def _number(text: str, kind: type, lo=None, hi=None, lo_open=False, what=""):
   try:
     value = kind(text)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
   if kind is float and not math.isfinite(value):
     raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
   if lo is not None and (value < lo or (lo_open and value == lo)) or hi is not None and value > hi:

@@ -115,7 +115,8 @@ class Range:
   """A numeric range [lo, hi] (lo_open: (lo, hi]); `integer` also refuses 2.5; `allowed` extra values (e.g. -1)."""
 
   def __init__(self, lo=None, hi=None, *, integer=False, lo_open=False, allowed=(), optional=False):
-    self.lo, self.hi, self.integer, self.lo_open, self.allowed, self.optional = lo, hi, integer, lo_open, allowed, optional
+    self.lo, self.hi, self.integer, self.lo_open = lo, hi, integer, lo_open
+    self.allowed, self.optional = allowed, optional
 
   def check(self, value) -> str | None:
     if value is None:

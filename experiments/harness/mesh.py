@@ -12,7 +12,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from experiments.harness.errors import MeshError
 
 AXES = ("data", "fsdp", "tensor")

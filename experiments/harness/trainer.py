@@ -24,12 +24,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from dmc_jax.convert.tensors import read_json
 from experiments.harness import mesh as mesh_lib
 from experiments.harness import metrics as metrics_lib
 from experiments.harness import orbax_ckpt, profiling, progress
 from experiments.harness import workdir as workdir_lib
 from experiments.harness.errors import TrainCheckpointError
-from dmc_jax.convert.tensors import read_json
 
 log = logging.getLogger("dmc_jax")
 
@@ -91,7 +91,7 @@ def train(task: Task, cfg: LoopConfig, workdir: str,
     except Exception as e:
       if workdir_lib.disk_full(e):
         raise TrainCheckpointError(f"{workdir}: disk full ({e.__class__.__name__}: No space left on device); the "
-                                   f"checkpoints already finished are intact — free space and rerun to resume") from None
+                                   "checkpoints already finished are intact — free space and rerun to resume") from None
       raise
 
 

@@ -19,7 +19,8 @@ import os
 
 import numpy as np
 
-from sdc_jax import data, flow as flow_lib
+from sdc_jax import data
+from sdc_jax import flow as flow_lib
 
 BINS = np.concatenate([[0.0], np.geomspace(0.05, 40, 40)])
 
@@ -57,6 +58,7 @@ def baseline_gap(settings: data.DataSettings, data_dir: str, synthetic: dict, n_
                  crop: int = 96, seed: int = 0) -> dict:
   import jax
   import jax.numpy as jnp
+
   from sdc_jax.train import baselines
   base = jax.jit(baselines)
   builder = data.prepare(settings, data_dir)
@@ -87,6 +89,7 @@ def baseline_gap(settings: data.DataSettings, data_dir: str, synthetic: dict, n_
 def motion_response(run_dirs: dict[str, str], video: str, max_windows: int = 46) -> dict:
   import jax
   import jax.numpy as jnp
+
   from experiments.sdc import run as sdc_run
   from sdc_jax.model import SDCNet
   res = {}

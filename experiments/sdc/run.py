@@ -16,12 +16,16 @@ import json
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from experiments.harness import profiling
 from sdc_jax.errors import SDCError
+
+if TYPE_CHECKING:  # annotations only; the modules import cv2 and jax
+  from sdc_jax.data import DataSettings
+  from sdc_jax.model import SDCNetConfig
 
 log = logging.getLogger("dmc_jax")
 FORMAT = "sdc-jax-run/1"
@@ -71,11 +75,13 @@ def default_workdir(cfg) -> str:
 
 def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> dict:
   import jax
+
   from experiments.harness.config import validate
   from experiments.sdc.configs.skvideo_sdc import RANGES
   validate(cfg, RANGES, where=cfg.get("name", "config"))
   from experiments.harness import trainer
-  from sdc_jax import data, train as sdc_train
+  from sdc_jax import data
+  from sdc_jax import train as sdc_train
   from sdc_jax.model import SDCNet, num_params
   mcfg = model_config(cfg)
   settings = data_settings(cfg)
@@ -204,6 +210,7 @@ def load_run(workdir: str):
 def export(workdir: str, out: str) -> dict:
   """Writes a self-contained model directory (module docstring) from a run's latest checkpoint."""
   from safetensors.numpy import save_file
+
   from experiments.harness import orbax_ckpt
   from sdc_jax.model import num_params
   meta = orbax_ckpt.read_run_json(workdir, FORMAT)
@@ -240,8 +247,9 @@ def evaluate(workdir: str, videos: Sequence[str] = (), steps: int = 3, out: str 
              max_windows: int = 0, max_frames: int = 0) -> dict:
   """Next-frame and k-step recursive metrics per clip, beside copy-last-frame and flow extrapolation."""
   import jax
-  from sdc_jax import data, flow as flow_lib
-  from sdc_jax.model import SDCNet
+
+  from sdc_jax import data
+  from sdc_jax import flow as flow_lib
   from sdc_jax.predict import Predictor
   from sdc_jax.train import eval_step_for
   mcfg, settings, params, ckpt_step = load_run(workdir)
@@ -348,7 +356,9 @@ def predict(workdir: str, video: str, out: str, steps: int | None = None, max_fr
   """With steps: the video followed by K recursively predicted frames. Without: the next-frame prediction for
   every window (frame t+1 predicted from frames ≤ t; the first s frames are copied)."""
   import jax
-  from sdc_jax import data, flow as flow_lib
+
+  from sdc_jax import data
+  from sdc_jax import flow as flow_lib
   from sdc_jax.predict import Predictor
   mcfg, settings, params, _ = load_run(workdir)
   estimator = flow_lib.make_estimator(settings["flow"])
@@ -380,6 +390,7 @@ def output_fps(video: str, fps: float | None, out: str) -> float:
   """`fps` if given (positive), else the input video's rate; a frame folder (or a file without a usable rate) has
   none, so DEFAULT_FPS with a note — OpenCV cannot open a writer at 0 fps."""
   import cv2
+
   from sdc_jax import data
   if fps is not None:
     if not 0 < fps < float("inf"):

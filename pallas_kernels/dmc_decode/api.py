@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-
 import jax
 
 from pallas_kernels import _backend

@@ -76,6 +76,7 @@ def hlo_shapes(text):
 def run_meshes(shapes):
   import flax.linen as nn
   import jax
+
   from experiments.dmc import plan
   from experiments.harness import mesh as mesh_lib
   cfg, (llama, dmc) = experiment(), models()
@@ -114,6 +115,7 @@ def run_train(workdir, shape, coordinator=None, num_processes=None, process_id=N
   from experiments.harness import distributed
   distributed.initialize(coordinator, num_processes, process_id)
   import jax
+
   from experiments.dmc import plan
   from experiments.harness import progress, trainer
   progress.setup_logging()

@@ -5,14 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import write_checkpoint
 
+from dmc_jax import checkpoint
 from dmc_jax.baselines import gqa
 from dmc_jax.config import LlamaConfig
 from dmc_jax.model.llama import Llama, cache_bytes, init_cache
 from experiments.cli import dmc as cli_dmc
-from dmc_jax import checkpoint
-
-from helpers import write_checkpoint
 
 CFG = LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=48)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 12)), jnp.int32)

@@ -61,8 +61,9 @@ def test_cr_1_generates_like_the_vanilla_cache(params):
 
 def test_generate_cli_with_a_policy(tmp_path, smollm2_ckpt, params, capsys):
   from helpers import write_checkpoint
-  from experiments.cli import dmc as cli_dmc
+
   from dmc_jax import checkpoint
+  from experiments.cli import dmc as cli_dmc
   real = checkpoint.Checkpoint(smollm2_ckpt).config
   cfg = CFG.replace(vocab_size=real.vocab_size, eos_token_ids=real.eos_token_ids, bos_token_id=real.bos_token_id)
   p = nn.unbox(jax.jit(Llama(cfg).init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32)))

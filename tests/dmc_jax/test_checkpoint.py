@@ -3,11 +3,11 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import random_hf_model, write_hf_dir
+
+from dmc_jax import checkpoint
 from dmc_jax.config import LlamaConfig
 from dmc_jax.convert import hf
-from dmc_jax import checkpoint
 
 CFG = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=48)
 
@@ -33,7 +33,7 @@ def test_checkpoint_describes_itself(ckpt_dir):
 
 def test_sharded_checkpoint_reads_like_a_single_file(tmp_path, ckpt_dir):
   one = checkpoint.Checkpoint(ckpt_dir).load_params()
-  many = checkpoint.write(str(tmp_path / "sharded"), hf.read(str(tmp_path / "src")), 
+  many = checkpoint.write(str(tmp_path / "sharded"), hf.read(str(tmp_path / "src")),
                           max_shard_bytes=20_000)
   assert len([f for f in os.listdir(many) if f.endswith(".safetensors")]) > 2
   two = checkpoint.Checkpoint(many).load_params()

@@ -10,6 +10,7 @@ from dmc_jax import cache as dmc_cache
 from dmc_jax.config import DMCConfig
 from dmc_jax.model.llama import Llama
 
+
 def _equivalence_helpers():
   """The channel form's equivalence harness (a sibling test file; tests are not a package)."""
   import importlib.util

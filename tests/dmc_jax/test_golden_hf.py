@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
+from dmc_jax import checkpoint
 from dmc_jax.convert import hf
 from dmc_jax.model.llama import Llama
-from dmc_jax import checkpoint
 
 HF_MODELS = ["hf_llama2_mha", "hf_gqa_tied", "hf_llama31_rope", "hf_head_dim_differs", "hf_llama3_meta_twin",
              "hf_spm_twin"]

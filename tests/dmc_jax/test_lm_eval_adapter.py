@@ -12,16 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ROOT, TESTS, write_checkpoint
 
 from dmc_jax.baselines import evict_model
 from dmc_jax.baselines.policies import Policy
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model.llama import Llama
 
-from helpers import write_checkpoint
-
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "lm_eval_mc.jsonl")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA = os.path.join(TESTS, "data", "lm_eval_mc.jsonl")
 DMC = DMCConfig(window=4)
 
 
@@ -65,6 +63,7 @@ def _direct(cfg, params, method, ids):
 @pytest.mark.parametrize("method", ["vanilla", "dmc", "h2o"])
 def test_loglikelihoods_equal_a_direct_forward(tiny, method):
   from lm_eval.api.instance import Instance
+
   from dmc_jax.lm_eval_adapter import DMCJaxLM
   path, cfg, params = tiny
   lm = DMCJaxLM(path, method=method, cr=2, batch_size=2)
@@ -89,6 +88,7 @@ def test_loglikelihoods_equal_a_direct_forward(tiny, method):
 
 def test_generate_until_stops_at_the_stop_string(tiny):
   from lm_eval.api.instance import Instance
+
   from dmc_jax.baselines.policy_generate import PolicyGenerator
   from dmc_jax.lm_eval_adapter import DMCJaxLM
   path, cfg, params = tiny
@@ -108,6 +108,7 @@ def test_generate_until_stops_at_the_stop_string(tiny):
 def test_local_multiple_choice_task_end_to_end(tiny, tmp_path, monkeypatch):
   import lm_eval
   from lm_eval.tasks import TaskManager
+
   from dmc_jax.lm_eval_adapter import DMCJaxLM
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")

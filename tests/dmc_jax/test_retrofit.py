@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import word_level_tokenizer, write_checkpoint
 
 import dmc_jax
-from helpers import word_level_tokenizer, write_checkpoint
 from dmc_jax import adapter as adapter_lib
-from dmc_jax import checkpoint
-from dmc_jax import train
+from dmc_jax import checkpoint, train
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.convert import layout
 from dmc_jax.errors import CheckpointError

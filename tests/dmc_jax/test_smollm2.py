@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from dmc_jax import checkpoint
 from dmc_jax.generate import Generator
 from dmc_jax.model.llama import Llama
-from dmc_jax import checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
+from dmc_jax import checkpoint
 from dmc_jax.convert import gguf, hf
 from dmc_jax.tokenizer import Tokenizer, TokenizerError, TokenizerInfo, from_gguf_metadata
-from dmc_jax import checkpoint
 
 
 def _cases(golden_dir, name):

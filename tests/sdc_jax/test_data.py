@@ -23,7 +23,8 @@ def test_bundled_clips_read_as_rgb(bikes):
 
 def test_scene_cuts_in_bikes_and_windows_avoid_them(bikes):
   cuts = data.scene_cuts(bikes, 30.0)
-  assert {30, 137, 187, 242} <= set(cuts) and len(cuts) <= 6, cuts  # docs/sdc.md §5 (cuts found before frames 30, 76, 137, 187, 242)
+  # docs/sdc.md §5: cuts found before frames 30, 76, 137, 187, 242
+  assert {30, 137, 187, 242} <= set(cuts) and len(cuts) <= 6, cuts
   starts = data.window_starts(len(bikes), 3, cuts)
   assert 28 not in starts and 27 in starts and 30 in starts
   for t in starts:

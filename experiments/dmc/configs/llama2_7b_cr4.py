@@ -1,5 +1,6 @@
 """Retrofit Llama 2 7B (MHA) to DMC at CR 4 with the paper's recipe: 8 H100s, FSDP, one 4k row per GPU per
-microbatch (set model.init_from to a converted checkpoint and data.paths to a corpus; see experiments/dmc/configs/paper.py)."""
+microbatch (set model.init_from to a converted checkpoint and data.paths to a corpus; see
+experiments/dmc/configs/paper.py)."""
 
 from experiments.dmc.configs import paper
 

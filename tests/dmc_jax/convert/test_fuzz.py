@@ -1,5 +1,6 @@
 """Fuzzing the converters: random truncations and byte flips of the small golden files. Every run ends in a
-success (a checkpoint that loads, and byte-identical when converted again) or exit 2 with at most 3 lines on stderr — never a crash, a hang or a traceback.
+success (a checkpoint that loads, and byte-identical when converted again) or exit 2 with at most 3 lines on
+stderr — never a crash, a hang or a traceback.
 All cases run in one worker process (so a segfault is a failure here, not the end of pytest), bounded in time."""
 
 import json
@@ -7,7 +8,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from helpers import ROOT
 
 WORKER = r'''
 import contextlib, io, json, os, shutil, sys, tempfile

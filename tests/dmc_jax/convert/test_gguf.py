@@ -6,15 +6,15 @@ import gguf
 import jax
 import numpy as np
 import pytest
-
 from helpers import random_hf_model, write_hf_dir
+
+from dmc_jax import checkpoint
 from dmc_jax.config import LlamaConfig
 from dmc_jax.convert import gguf as gguf_convert
 from dmc_jax.convert import hf
 from dmc_jax.convert.tensors import ConversionError
 from dmc_jax.model.llama import Llama
 from dmc_jax.model.rope import meta_to_hf_permutation
-from dmc_jax import checkpoint
 
 # Rows of 64/96 values: multiples of every block size gguf-py can write (32).
 CFG = LlamaConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,

@@ -5,13 +5,13 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import random_hf_model, write_hf_dir
+
+from dmc_jax import checkpoint
 from dmc_jax.config import LlamaConfig
 from dmc_jax.convert import hf
 from dmc_jax.convert.tensors import ConversionError, read_sharded
 from experiments.cli import dmc as cli_dmc
-from dmc_jax import checkpoint
 
 CFG = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, head_dim=16)
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from dmc_jax import checkpoint, io_safety
-from dmc_jax.convert import gguf as gguf_convert, meta
+from dmc_jax.convert import gguf as gguf_convert
+from dmc_jax.convert import meta
 from experiments.cli import dmc as cli_dmc
 
 GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "golden")
@@ -385,6 +386,7 @@ def test_concurrent_writers_and_stale_siblings(tmp_path, capsys):
 def test_filesystem_errors_are_one_line(tmp_path, capsys, monkeypatch):
   import errno
   import tempfile
+
   from dmc_jax.convert import tensors
 
   def enospc(*a, **k):

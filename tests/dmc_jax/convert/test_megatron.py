@@ -187,7 +187,7 @@ def _rewrite_pickle(path, edit):
 def _set_arg(data: bytes, key: str, value_opcode: bytes) -> bytes:
   """Replaces the pickled value that follows the string `key` (an args field) by `value_opcode`."""
   ops = list(pickletools.genops(data))
-  for i, (op, arg, pos) in enumerate(ops):
+  for i, (op, arg, _) in enumerate(ops):
     if op.name == "BINUNICODE" and arg == key:
       j = i + 1
       while ops[j][0].name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):

@@ -7,10 +7,10 @@ import zipfile
 import numpy as np
 import pytest
 
+from dmc_jax import checkpoint
 from dmc_jax.convert import meta
 from dmc_jax.convert.tensors import ConversionError
 from dmc_jax.model.llama import Llama
-from dmc_jax import checkpoint
 
 META = ["meta_llama2_1shard", "meta_llama2_2shard", "meta_llama3_1shard", "meta_llama3_2shard",
         "meta_llama2_1shard_bf16"]

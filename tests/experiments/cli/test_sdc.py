@@ -6,10 +6,10 @@ import os
 import cv2
 import numpy as np
 import pytest
+from helpers import ROOT
 
 from experiments.cli import sdc as cli_sdc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CONFIG = os.path.join(ROOT, "experiments", "sdc", "configs", "skvideo_sdc.py")
 
 
@@ -121,6 +121,7 @@ def test_predict_on_corrupt_or_short_video(run_dir, tmp_path, capsys):
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
   import sys as _sys
+
   from experiments.cli import sdc as cli_sdc
   monkeypatch.setitem(_sys.modules, "cv2", None)  # as if opencv were not installed
   assert cli_sdc.main(["eval", "nowhere"]) == 2

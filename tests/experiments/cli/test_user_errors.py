@@ -4,12 +4,13 @@ generate/eval/plan/train and of sdc-jax, nonsense experiment settings, and run d
 import os
 
 import pytest
+from helpers import ROOT
 
 from dmc_jax import checkpoint
 from dmc_jax.convert import gguf as gguf_convert
-from experiments.cli import dmc as cli_dmc, sdc as cli_sdc
+from experiments.cli import dmc as cli_dmc
+from experiments.cli import sdc as cli_sdc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 GGUF = os.path.join(ROOT, "tests", "golden", "spm", "tiny_spm.gguf")
 TOY = os.path.join(ROOT, "experiments", "dmc", "configs", "smollm2_135m_cr2.py") + ":toy"
 SDC = os.path.join(ROOT, "experiments", "sdc", "configs", "skvideo_sdc.py") + ":tiny"
@@ -98,6 +99,7 @@ def test_sdc_arguments_and_run_dirs(capsys, tmp_path):
 
 def test_predict_frame_rate_defaults_for_a_frame_folder(tmp_path, caplog):
   import numpy as np
+
   from experiments.sdc import run as sdc_run
   frames = tmp_path / "frames"
   frames.mkdir()

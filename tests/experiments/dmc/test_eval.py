@@ -10,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import write_checkpoint
 
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model.llama import Llama
 from experiments.cli import dmc as cli_dmc
 from experiments.dmc import eval as eval_dmc
-
-from helpers import write_checkpoint
 
 DMC = DMCConfig(window=4)
 EVAL = ["--tokens", "256", "--seq-len", "128"]

@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from dmc_jax.presets import preset
 from experiments.cli import dmc as cli_dmc
 from experiments.dmc import plan
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CONFIG = os.path.join(ROOT, "experiments", "dmc", "configs", "llama2_70b_cr2.py")
 # compiled peak / analytic peak measured for the full 80 layers on 16-64 devices: 0.77-0.90 (README)
 PEAK_RATIO = (0.6, 1.25)

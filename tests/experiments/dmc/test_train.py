@@ -5,16 +5,16 @@ import os
 
 import numpy as np
 import pytest
+from helpers import ROOT, random_hf_model, write_hf_dir
 
-from helpers import random_hf_model, write_hf_dir
+from dmc_jax import checkpoint
 from dmc_jax.convert import hf
 from dmc_jax.presets import preset
 from experiments.cli import dmc as cli_dmc
 from experiments.dmc import train as dmc_run
-from dmc_jax import checkpoint
 from experiments.harness import config
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "experiments", "dmc", "configs", "smollm2_135m_cr2.py")
+CONFIG = os.path.join(ROOT, "experiments", "dmc", "configs", "smollm2_135m_cr2.py")
 
 
 def test_tiny_retrofit_runs_all_stages_exports_and_resumes(tmp_path, smollm2_ckpt, capsys):

@@ -1,10 +1,11 @@
 import os
 
 import pytest
+from helpers import ROOT, TESTS
 
 from experiments.harness import config
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "example_experiment.py")
+EXAMPLE = os.path.join(TESTS, "data", "example_experiment.py")
 
 
 def test_variant_and_overrides():
@@ -49,7 +50,7 @@ def test_cli_prints_the_resolved_config(capsys):
     ("llama2_70b_cr2", "llama2-70b", 2, 256, (-1, 4, 8)),
 ])
 def test_paper_recipe_configs(name, preset, cr, grad_accum, mesh):
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "experiments", "dmc", "configs", f"{name}.py")
+  path = os.path.join(ROOT, "experiments", "dmc", "configs", f"{name}.py")
   cfg = config.load(path)
   t = cfg.train
   assert cfg.model.preset == preset and cfg.model.init_from is None and cfg.model.dtype == "bfloat16"

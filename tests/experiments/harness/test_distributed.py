@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from experiments.harness import distributed
 from experiments.harness import metrics as metrics_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TASK = os.path.join(ROOT, "tests", "data", "dmc_mesh_task.py")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 MESH = "1,2,2"  # fsdp x tensor: parameter shards and batch rows both span the two processes

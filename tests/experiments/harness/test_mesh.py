@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TASK = os.path.join(ROOT, "tests", "data", "dmc_mesh_task.py")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ROWS, SEQ, VOCAB, FFN, KV, GROUP = 8, 16, 256, 96, 8, 2  # as in dmc_mesh_task.py

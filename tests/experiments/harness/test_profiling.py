@@ -4,11 +4,12 @@ import glob
 import os
 
 import pytest
+from helpers import ROOT
 
 from experiments.cli import dmc as cli_dmc
 from experiments.harness import profiling
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+CONFIG = os.path.join(ROOT,
                       "experiments", "dmc", "configs", "smollm2_135m_cr2.py")
 
 

@@ -8,12 +8,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import ROOT
 
 from experiments.harness import mesh as mesh_lib
 from experiments.harness import metrics as metrics_lib
 from experiments.harness import orbax_ckpt, trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TASK = os.path.join(ROOT, "tests", "data", "harness_task.py")
 
 

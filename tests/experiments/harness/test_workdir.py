@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
-from experiments.harness import orbax_ckpt, trainer, workdir as workdir_lib
+from experiments.harness import orbax_ckpt, trainer
+from experiments.harness import workdir as workdir_lib
 from experiments.harness.errors import TrainCheckpointError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 @pytest.fixture(scope="module")
