@@ -12,35 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def copy_bandwidth(n_bytes: int = 2**30, repeats: int = 5) -> float:
-  """Device copy bandwidth in bytes/s, counting bytes read plus bytes written (best of `repeats`)."""
-  if jax.devices()[0].platform == "cpu":  # XLA:CPU elementwise loops are single-threaded; memcpy is not
-    src = np.random.default_rng(0).standard_normal(n_bytes // 8)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      np.copyto(dst, src)
-      best = min(best, time.perf_counter() - t0)
-    return 2 * n_bytes / best
-  x = jax.random.normal(jax.random.key(0), (n_bytes // 4,), jnp.float32)
-  loops = 10
-  # Ten dependent read+write passes in one launch: the launch overhead is amortised, no pass can be elided.
-  copy = jax.jit(lambda a: jax.lax.fori_loop(0, loops, lambda i, b: b * 1.0000001, a))
-  copy(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    copy(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n_bytes * loops / best
+from experiments.bench.common import copy_bandwidth
 
 
 def random_params(cfg, seed=0):

@@ -181,21 +181,6 @@ def step_cost(cfg, param_bytes: int, batch: int, slots_attended: int, kv_bytes: 
   return {"bytes_read": int(param_bytes + kv_bytes), "flops": int(flops)}
 
 
-def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
-  """FLOP/s of a float32 n³ matmul on the default device (best of `repeats`)."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  mm = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(mm(a))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(mm(a))
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
-
-
 def time_decode(gen, cache, batch: int, context: int, steps: int):
   """Seconds per decode step (after one warm-up step), through the Generator's ahead-of-time compiled step."""
   import jax
@@ -501,7 +486,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   import jax
 
-  from experiments.bench.decode import copy_bandwidth
+  from experiments.bench.common import copy_bandwidth, matmul_rate
   on_gpu = jax.default_backend() == "gpu"
   cfg = dict(PRESETS[args.preset or ("gpu" if on_gpu else "cpu")])
   models = args.models.split(",") if args.models else cfg["models"]

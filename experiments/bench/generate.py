@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import subprocess
-import threading
 import time
 
 import numpy as np
@@ -92,28 +91,6 @@ class IdleWaiter:
         busy = cpu_busy_fraction(2.0)
       self.waited_s += time.perf_counter() - t0
     return busy
-
-
-def copy_bandwidth(nbytes: int, threads: int, tries: int = 5) -> dict[str, float]:
-  """Best-of-`tries` bandwidth of a large numpy copy (bytes read + written per second), by 1 and by `threads`
-  threads copying disjoint halves (numpy releases the GIL while copying)."""
-  src = np.ones(nbytes // 4, np.float32)
-  dst = np.zeros_like(src)  # touched: no page faults inside the timed copies
-  out = {}
-  for k in sorted({1, threads}):
-    parts = [(dst[i * src.size // k:(i + 1) * src.size // k], src[i * src.size // k:(i + 1) * src.size // k])
-             for i in range(k)]
-    best = float("inf")
-    for _ in range(tries):
-      ths = [threading.Thread(target=np.copyto, args=part) for part in parts]
-      t0 = time.perf_counter()
-      for th in ths:
-        th.start()
-      for th in ths:
-        th.join()
-      best = min(best, time.perf_counter() - t0)
-    out[f"{k}_thread"] = 2 * src.nbytes / best
-  return out
 
 
 def step_bytes(cfg, param_bytes: int, batch: int, context: float, itemsize: int = 4) -> float:
@@ -296,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
 
   idle = IdleWaiter(args.wait_idle)
   busy_before = idle(1.0)
-  bws = copy_bandwidth(args.bandwidth_mb * 2**20, cpus)
+  from experiments.bench.common import copy_bandwidth
+  bws = {f"{k}_thread": copy_bandwidth(args.bandwidth_mb * 2**20, threads=k) for k in sorted({1, cpus})}
   bw = max(bws.values())
   log.info("CPU busy before the bench (other processes): %.0f%%; copy bandwidth (read + write, %d MiB, best of 5): "
            "%s", 100 * busy_before, args.bandwidth_mb,

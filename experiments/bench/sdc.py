@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench.decode import copy_bandwidth
+from experiments.bench.common import copy_bandwidth
 from pallas_kernels.displaced_conv import api
 
 SIZES = {"256": (256, 256), "720p": (720, 1280), "1080p": (1080, 1920)}
