@@ -234,10 +234,10 @@ def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> d
     summary["checkpoint"] = _export(final, llama, None, tokenizer, cfg, workdir)
   else:
     summary["dmc_checkpoint"] = _export(final, llama, dmc, tokenizer, cfg, workdir)
+    summary["heatmap"] = _plot_heatmap(last_heads.get("fraction"), os.path.join(workdir, "cr_heatmap.png"))
   if spec is not None:
     summary["adapter"] = _export_adapter(res.state, spec, llama, dmc, source, cfg, workdir,
                                          tokens=summary["tokens"])
-    summary["heatmap"] = _plot_heatmap(last_heads.get("fraction"), os.path.join(workdir, "cr_heatmap.png"))
   summary["curves"] = _plot_curves(res.history, cfg, os.path.join(workdir, "loss_cr_curves.png"))
   log.info("retrofit done: %s", summary)
   if "eval_before" in summary:

@@ -45,7 +45,7 @@ def test_peak_rss_while_converting_a_sharded_checkpoint(tmp_path):
     return lambda: (np.arange(np.prod(shape), dtype=np.float32) * (1e-6 * (seed + 1))).reshape(shape)
   lazy = [LazyTensor(n, s, np.dtype(np.float32), make(s, i)) for i, (n, s) in enumerate(hf_shapes(CFG).items())]
   total = sum(t.nbytes for t in lazy)
-  files = write_sharded(str(src), "model", lazy, SHARD)
+  files = list(write_sharded(str(src), "model", lazy, SHARD))
   assert len(files) >= 4 and all(os.path.getsize(src / f) >= 200 * 2**20 for f in files[:-1])
 
   out = subprocess.run([sys.executable, "-c", _PROBE, str(src), str(tmp_path / "out"), str(SHARD)],
