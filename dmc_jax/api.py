@@ -292,27 +292,30 @@ class Model:
         out[i] = (logp[r, :n], greedy[r, :n])
     return out
 
-  def loglikelihood(self, texts: str | Sequence[str], *, cache: str | None = None, cr: float | None = None,
-                    batch_size: int = 8) -> list[float]:
-    """Sum of log p(token | preceding tokens) over each text's tokens after the first (BOS, if the tokenizer adds
-    one, is the first), under the chosen cache's parallel forward. Texts longer than the model's context are cut
-    to its last max_position_embeddings + 1 tokens."""
+  def _text_rows(self, texts) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) per text: its ids cut to the last max_position_embeddings + 1, shifted by one."""
     rows = []
     for i, text in enumerate(_prompt_list(texts, "texts")):
       ids = self.encode(text)[-(self.config.max_position_embeddings + 1):]
       if len(ids) < 2:
         raise ArgumentError(f"texts[{i}]: needs at least 2 tokens to score, got {len(ids)}")
       rows.append((ids[:-1], ids[1:]))
-    return [float(lp.sum(dtype=np.float64)) for lp, _ in self.score(rows, cache=cache, cr=cr,
-                                                                     batch_size=batch_size)]
+    return rows
+
+  def loglikelihood(self, texts: str | Sequence[str], *, cache: str | None = None, cr: float | None = None,
+                    batch_size: int = 8) -> list[float]:
+    """Sum of log p(token | preceding tokens) over each text's tokens after the first (BOS, if the tokenizer adds
+    one, is the first), under the chosen cache's parallel forward. Texts longer than the model's context are cut
+    to its last max_position_embeddings + 1 tokens."""
+    scored = self.score(self._text_rows(texts), cache=cache, cr=cr, batch_size=batch_size)
+    return [float(lp.sum(dtype=np.float64)) for lp, _ in scored]
 
   def perplexity(self, texts: str | Sequence[str], *, cache: str | None = None, cr: float | None = None,
                  batch_size: int = 8) -> float:
     """exp(mean negative log-likelihood per scored token) over all texts (see `loglikelihood`)."""
-    texts = _prompt_list(texts, "texts")
-    lls = self.loglikelihood(texts, cache=cache, cr=cr, batch_size=batch_size)
-    n = sum(min(len(self.encode(t)), self.config.max_position_embeddings + 1) - 1 for t in texts)
-    return math.exp(-sum(lls) / n)
+    rows = self._text_rows(texts)
+    scored = self.score(rows, cache=cache, cr=cr, batch_size=batch_size)
+    return math.exp(-sum(float(lp.sum(dtype=np.float64)) for lp, _ in scored) / sum(len(t) for _, t in rows))
 
 
 def _prompt_list(prompts, name: str = "prompts") -> list[str]:
