@@ -131,11 +131,6 @@ def read_video(video: str, max_frames: int | None = None, short_side: int | None
   return np.stack(out)
 
 
-def check_frames(frames: np.ndarray, where: str) -> None:
-  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise SDCError(f"{where}: frames must be TxHxWx3 uint8 RGB, got shape {frames.shape} dtype {frames.dtype}")
-
-
 def frame_differences(frames: np.ndarray) -> np.ndarray:
   """Mean absolute grey difference between frame t-1 and t, for t = 1..T-1 (0..255)."""
   grey = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).astype(np.float32)

@@ -74,10 +74,6 @@ class SDCNetConfig:
                      f"(got {len(self.encoder_widths)} and {len(self.decoder_widths)})")
 
   @property
-  def in_channels(self) -> int:
-    return 3 * self.frames + 2 * (self.frames - 1)
-
-  @property
   def head_channels(self) -> int:
     if self.head == "vector":
       return 2
