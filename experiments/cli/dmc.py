@@ -304,11 +304,21 @@ def _run_gqa_pool(args: argparse.Namespace) -> None:
 def _configure_report(p: argparse.ArgumentParser) -> None:
   p.add_argument("results", nargs="+", help="JSON files written by `dmc-jax eval --out`")
   p.add_argument("--out", required=True, help="directory for report.md and ppl_vs_cr.png")
+  p.add_argument("--pair", action="append", default=[], metavar="LABEL=REFERENCE",
+                 help="compare the row LABEL with the row REFERENCE (default: the vanilla row of its own file); "
+                 "repeat")
 
 
 def _run_report(args: argparse.Namespace) -> None:
+  from dmc_jax.errors import ConfigError
   from experiments.dmc import report as report_dmc
-  md, png = report_dmc.write(args.results, args.out)
+  pairs = {}
+  for p in args.pair:
+    label, sep, ref = p.partition("=")
+    if not sep or not label or not ref:
+      raise ConfigError(f"--pair {p!r}: expected LABEL=REFERENCE")
+    pairs[label] = ref
+  md, png = report_dmc.write(args.results, args.out, pairs)
   print(open(md).read())
   log.info("wrote %s and %s", md, png)
 

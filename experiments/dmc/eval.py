@@ -26,6 +26,7 @@ from experiments.harness import profiling
 
 log = logging.getLogger("dmc_jax")
 FORMAT = "dmc-jax-eval/1"
+BLOCK = 128  # scored tokens per bootstrap block: long enough to hold the correlation between neighbouring tokens
 LABELS = {"streaming": "StreamingLLM", "h2o": "H2O", "tova": "TOVA"}
 
 
@@ -87,11 +88,20 @@ def document_ends(segment_ids_BxL: np.ndarray) -> np.ndarray:
 
 
 def _nll(logits_BxLxV, targets_BxL, mask_BxL):
+  """Per-token NLL [B, L] (0 where not scored): the host keeps each token's so rows can be compared pairwise."""
   import jax
   import jax.numpy as jnp
   logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll * mask_BxL)
+  return nll * mask_BxL
+
+
+def token_blocks(nll_N: np.ndarray, size: int = BLOCK) -> dict:
+  """Sums and counts of the per-token NLL over blocks of `size` consecutive scored tokens (the last one may be
+  shorter): enough for a paired block bootstrap between two rows scored on the same tokens (report.py)."""
+  starts = np.arange(0, len(nll_N), size)
+  return {"size": size, "nll_sums": [round(float(x), 6) for x in np.add.reduceat(nll_N, starts)] if len(nll_N) else [],
+          "counts": [int(min(size, len(nll_N) - s)) for s in starts]}
 
 
 def scorers(cfg, params, args, dmc_settings):
@@ -192,15 +202,18 @@ def evaluate(args) -> dict:
   rows = []
   for method, label, cr_target, fn in scorers(cfg, params, args, dmc_settings):
     t0 = time.perf_counter()
-    nll, entries = 0.0, 0.0
+    per_token, entries = [], 0.0
     for i, b in enumerate(batches):
       profiling.step(i + 1)  # --profile: batch i + 1 of the first method whose batches reach the window
       n, e = fn(b)
-      nll += float(n)
+      per_token.append(np.asarray(n, np.float64)[np.asarray(b["loss_mask"]) > 0])  # row-major: the token order
       entries += float(e) if e is not None else 0.0
+    nll_N = np.concatenate(per_token)
+    nll = float(nll_N.sum())
     realised = cr_target if method in ("vanilla", "gqa") else full_entries / entries
     row = {"method": method, "label": label, "cr_target": cr_target, "realised_cr": round(realised, 4),
-           "nll": nll / n_scored, "ppl": float(np.exp(nll / n_scored)), "seconds": round(time.perf_counter() - t0, 1)}
+           "nll": nll / n_scored, "ppl": float(np.exp(nll / n_scored)), "seconds": round(time.perf_counter() - t0, 1),
+           "blocks": token_blocks(nll_N)}
     log.info("%-12s CR target %s realised %.3f: ppl %.4f (%.1f s)", label, cr_target, realised, row["ppl"],
              row["seconds"])
     rows.append(row)

@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -88,9 +89,15 @@ def test_report_table_plot_and_refusals(tiny, result, capsys):
   assert [(r["method"], r["cr_target"], r["realised_cr"]) for r in gqa] == [("gqa", 2.0, 2.0)]
   assert cli_dmc.main(["report", str(d / "a.json"), b, "--out", str(d / "report")]) == 0
   md = open(d / "report" / "report.md").read()
-  assert "| GQA | 2 | 2.00 |" in md and "| TOVA | 2 |" in md and "| DMC | — |" in md
-  # The DMC checkpoint's vanilla row is its weights without the cache, and is labelled so (once).
+  assert "| GQA | 2 | 2.00 |" in md and "| TOVA on tiny | 2 |" in md and "| tiny | — |" in md
+  # The DMC checkpoint's vanilla row is its weights without the cache, and is labelled so (once); it is the
+  # default reference of that file's rows (the DMC row, the policies).
   assert md.count("| tiny, vanilla attention | 1 | 1.00 |") == 1
+  assert md.count("| tiny, vanilla attention | +") + md.count("| tiny, vanilla attention | -") == 5
+  assert cli_dmc.main(["report", str(d / "a.json"), b, "--out", str(d / "r3"), "--pair", "tiny=GQA"]) == 0
+  assert re.search(r"^\| tiny \| — \|[^\n]*\| GQA \| [+-]\d", open(d / "r3" / "report.md").read(), re.M)
+  assert cli_dmc.main(["report", str(d / "a.json"), "--out", str(d / "r4"), "--pair", "nope=GQA"]) == 2
+  assert "no row labelled 'nope'" in capsys.readouterr().err
   assert os.path.getsize(d / "report" / "ppl_vs_cr.png") > 5000
   other = json.load(open(b))
   other["tokens_sha256"] = "0" * 16
@@ -109,3 +116,26 @@ def test_eval_refuses_dmc_without_settings_and_cr_without_policy(tmp_path, tiny,
   assert cli_dmc.main(["eval", plain, "--cr", "2", *EVAL]) == 2
   assert "no --policy given" in capsys.readouterr().err
   del checkpoint
+
+
+def _row(label, per_token, size=128):
+  return {"label": label, "blocks": eval_dmc.token_blocks(np.asarray(per_token, np.float64), size)}
+
+
+def test_paired_bootstrap_interval():
+  from experiments.dmc import report
+  rng = np.random.default_rng(1)
+  hard = rng.gamma(2.0, 1.5, size=5000)  # token difficulty, shared by both rows
+  ref = _row("ref", hard)
+  # A constant per-token difference is known exactly whatever blocks are drawn.
+  same = report.paired_bootstrap(_row("shift", hard + 0.05), ref)
+  assert same["mean"] == pytest.approx(0.05) and same["lo"] == pytest.approx(0.05) and same["hi"] == pytest.approx(0.05)
+  assert same["blocks"] == 40  # 39 of 128 and one of 8
+  # Independent noise of sd 0.5 per token: the interval is about ±1.96·0.5/√5000 around the sample mean, and the
+  # pairing removes the difficulty's own spread (sd 2.1), which an unpaired comparison would carry.
+  noisy = report.paired_bootstrap(_row("noisy", hard + 0.02 + rng.normal(0, 0.5, 5000)), ref)
+  half = 1.96 * 0.5 / np.sqrt(5000)
+  assert noisy["lo"] < noisy["mean"] < noisy["hi"]
+  assert 0.7 * half < (noisy["hi"] - noisy["lo"]) / 2 < 1.3 * half
+  with pytest.raises(Exception, match="blocks of other tokens"):
+    report.paired_bootstrap(_row("short", hard[:4000]), ref)
