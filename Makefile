@@ -15,12 +15,12 @@ WORK    ?= .work
 SMOLLM2 := $(WORK)/ckpt/smollm2-135m-instruct
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv lint test test-fast demo demo-dmc demo-sdc bench bench-dmc bench-sdc golden ref-venv gpu-check gpu-wheels constraints clean
+.PHONY: help venv lint test test-slow test-all demo demo-dmc demo-sdc bench bench-dmc bench-sdc golden ref-venv gpu-check gpu-wheels constraints clean
 
 help:
 	@echo "make demo    - install, convert the real SmolLM2-135M, generate, a short DMC retrofit (CPU, minutes)"
 	@echo "make demo-sdc - train SDC-Net briefly on bundled real clips, eval vs baselines, write a predicted mp4"
-	@echo "make test    - install and run the CPU test suite"
+	@echo "make test    - install and run the CPU test suite (without the slow tests: make test-slow, make test-all)"
 	@echo "make lint    - ruff (rules E, F, W, I, B; see pyproject.toml)"
 	@echo "make bench   - decode throughput vs transformers, memory-bandwidth roofline; DMC vs vanilla (bench-dmc); SDC op memory and time (bench-sdc)"
 	@echo "make golden  - regenerate tests/golden with transformers + CPU torch (Python 3.11 venv)"
@@ -41,11 +41,16 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two pytest workers (pytest-xdist): most of the suite's time is XLA compiling, one core per compile.
+# `slow` tests (each over ~15 s on 2 cores) run in `make test-slow`; CI runs both.
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not gpu" --durations=25
+	$(VPY) -m pytest -q -n 2 -m "not gpu and not slow" --durations=25
 
-test-fast: $(STAMP)
-	$(VPY) -m pytest -q -m "not gpu and not slow"
+test-slow: $(STAMP)
+	$(VPY) -m pytest -q -n 2 -m "slow and not gpu" --durations=25
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q -n 2 -m "not gpu" --durations=25
 
 demo: demo-dmc demo-sdc
 

@@ -36,6 +36,7 @@ def slots(cache):
   return out
 
 
+@pytest.mark.slow  # 31 s: a decode compile per token position
 def test_parallel_prefill_state_equals_token_by_token_state(params):
   lengths = jnp.array([11, 6])
   tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, CFG.vocab_size)

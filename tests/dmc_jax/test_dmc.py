@@ -106,6 +106,7 @@ def test_cr_loss_schedule_and_realised_cr():
   np.testing.assert_allclose(dmc_math.stage1_fade(jnp.array([0, 100, 200, 250]), 250), [1, 0.5, 0, 0])
 
 
+@pytest.mark.slow  # 22 s: retrofit-step compiles on both sides of the surgery
 def test_stage1_surgery_zeroes_decision_rows_only():
   dmc = DMCConfig()
   for cfg in (CFG, CFG.replace(scan_layers=True)):
@@ -124,6 +125,7 @@ def test_stage1_surgery_zeroes_decision_rows_only():
     assert float(jnp.max(aux["alpha"])) == 0.0
 
 
+@pytest.mark.slow  # 31 s: many forward passes for the finite differences
 def test_relaxed_forward_gradients_match_finite_differences():
   """d(loss)/d(decision and importance rows) through noise, sigmoid, accumulation and the mask."""
   jax.config.update("jax_enable_x64", True)
@@ -165,6 +167,7 @@ def test_relaxed_forward_gradients_match_finite_differences():
     jax.config.update("jax_enable_x64", False)
 
 
+@pytest.mark.slow  # 25 s: one compile per document length
 def test_packed_documents_equal_separate_runs():
   dmc = DMCConfig(window=4)
   params = nn.unbox(Llama(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))

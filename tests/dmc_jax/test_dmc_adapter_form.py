@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dmc_jax import cache as dmc_cache
 from dmc_jax.config import DMCConfig
@@ -52,6 +53,7 @@ def test_adapter_at_init_is_the_original_model():
   assert float(jnp.max(jnp.abs(train_logits - original))) < 0.5
 
 
+@pytest.mark.slow  # 21 s: prefill and decode compiles per setting
 def test_forced_adapter_form_parallel_equals_prefill_plus_decode():
   cfg = GQA
   want, got, cache = run_both(cfg, DMC, adapter_params(cfg), _tokens(), _forced(cfg, 0.6))

@@ -130,6 +130,7 @@ def test_always_append_is_vanilla_with_channel_ch_zeroed():
         np.testing.assert_allclose(v, vanilla_cache[layer]["v"][b, h], atol=1e-5)
 
 
+@pytest.mark.slow  # 24 s: scanned and unrolled models compiled side by side
 def test_scanned_layers_prefill_and_decode():
   """A scanned model (one compiled layer body; the page pool rides in the scan carry) computes the same."""
   from dmc_jax.convert import layout

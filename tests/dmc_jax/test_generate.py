@@ -131,6 +131,7 @@ def test_dmc_generation_equals_the_parallel_dmc_forward():
   assert result.cache_bytes == result.dmc["memory"]["total"]
 
 
+@pytest.mark.slow  # 71 s: the real model's prefill and decode compiled twice (checkpoint settings, then forced)
 def test_cli_generate_with_dmc_settings_from_the_checkpoint(tmp_path, smollm2_ckpt):
   import json
   import shutil

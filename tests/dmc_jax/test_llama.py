@@ -57,6 +57,7 @@ def test_scanned_layers_compute_the_same_function(remat):
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params["params"]))
 
 
+@pytest.mark.slow  # 17 s: one gradient compile per remat policy
 def test_remat_gradients_equal_plain_gradients():
   params = _init(CFG)
   tokens = _tokens(2, 6)

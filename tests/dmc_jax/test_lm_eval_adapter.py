@@ -105,6 +105,7 @@ def test_generate_until_stops_at_the_stop_string(tiny):
   assert free == lm.tokenizer.decode([t for t in direct if t not in eos])
 
 
+@pytest.mark.slow  # 48 s: lm-eval's whole task pipeline on the real model
 def test_local_multiple_choice_task_end_to_end(tiny, tmp_path, monkeypatch):
   import lm_eval
   from lm_eval.tasks import TaskManager

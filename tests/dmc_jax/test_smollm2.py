@@ -29,6 +29,7 @@ def test_logits_match_transformers(model, golden_dir):
   np.testing.assert_array_equal(out.argmax(-1), z["logits"].argmax(-1))
 
 
+@pytest.mark.slow  # 27 s: the real 30-layer model's prefill and decode compiles
 def test_greedy_generation_matches_transformers_token_for_token(model, golden_dir):
   ck, params = model
   golden = json.load(open(os.path.join(golden_dir, "smollm2", "greedy.json")))

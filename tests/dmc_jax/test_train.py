@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from dmc_jax import dmc as dmc_math
 from dmc_jax import train
@@ -110,6 +111,7 @@ def _state(tx, cfg=CFG):
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
+@pytest.mark.slow  # 27 s: two retrofit-step compiles
 def test_gradient_accumulation_equals_the_whole_batch():
   # Rows with different token counts: the microbatch losses must be token-weighted to match the full batch.
   tx = optax.sgd(1.0)

@@ -6,6 +6,7 @@ import pytest
 from experiments.bench import dmc as bench_dmc
 
 
+@pytest.mark.slow  # 25 s: every cache's decode compiled
 def test_equal_memory_decode_sizes_every_cache_to_the_budget():
   budget, context, steps = 4 * 2**20, 64, 2
   rows = bench_dmc.decode_equal_memory("smollm2-135m@1", budget=budget, context=context, steps=steps, crs=[2.0],

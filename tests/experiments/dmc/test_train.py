@@ -17,6 +17,7 @@ from experiments.harness import config
 CONFIG = os.path.join(ROOT, "experiments", "dmc", "configs", "smollm2_135m_cr2.py")
 
 
+@pytest.mark.slow  # 25 s: a whole toy retrofit, killed and resumed
 def test_tiny_retrofit_runs_all_stages_exports_and_resumes(tmp_path, smollm2_ckpt, capsys):
   args = [f"--config.workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'data'}",
           f"--config.model.tokenizer_from={smollm2_ckpt}"]

@@ -29,6 +29,7 @@ def losses(workdir):
           if "train/loss" in r}
 
 
+@pytest.mark.slow  # 22 s: three training processes
 def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
   full, crashed = tmp_path / "full", tmp_path / "crashed"
   assert run_task(full, 12).returncode == 0
