@@ -113,3 +113,12 @@ def test_ckpt_rows_decode_a_checkpoints_own_decisions(merging_checkpoint, tiny_c
   with pytest.raises(ArgumentError, match="no learned DMC decisions"):
     bench_dmc.ckpt_decode(tiny_checkpoint, adapter=None, cache=None, budget=budget, context=context, steps=steps,
                           dtype="float32", page_size=8, attention_impl=None)
+
+
+@pytest.mark.parametrize("argv, message", [(["--cache", "dmc"], "give --ckpt DIR"),
+                                           (["--ckpt", "x", "--ckpt-budget-mb", "0"], "--ckpt-budget-mb")])
+def test_ckpt_arguments_are_checked_in_one_line(argv, message, capsys):
+  from experiments.cli import dmc as cli_dmc
+  assert cli_dmc.main(["bench", *argv]) == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1, err
