@@ -10,6 +10,9 @@ step time (fused DMC vs vanilla vs dense-bias DMC). Random weights: speed does n
   the same CRs): the compact cache of `dmc_jax.baselines.evict_model` (⌈T / CR⌉ + 1 slots per layer and KV head
   + 9 bytes of policy state a slot), filled to the policy's budget at the context; afterwards every row must hold
   exactly its budget.
+* `--ckpt DIR [--cache NAME] [--adapter DIR]`: a real checkpoint's own decisions after a prefill of real text
+  (rows "dmc ckpt" beside its vanilla, at vanilla's equal-memory batch and at the batch its realised CR fits;
+  `ckpt_decode`).
 * Kernel bandwidth: the paged decode attention alone over one layer's rows at the DMC batch; bytes = the pages in
   use (K and V) + q + output, against the device's measured copy bandwidth (read + write).
 * Training: value-and-grad of the LM loss, vanilla attention vs DMC with the dense-bias XLA reference vs DMC with
