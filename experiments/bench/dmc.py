@@ -10,6 +10,9 @@ step time (fused DMC vs vanilla vs dense-bias DMC). Random weights: speed does n
   the same CRs): the compact cache of `dmc_jax.baselines.evict_model` (⌈T / CR⌉ + 1 slots per layer and KV head
   + 9 bytes of policy state a slot), filled to the policy's budget at the context; afterwards every row must hold
   exactly its budget.
+* `--ckpt DIR [--cache NAME] [--adapter DIR]`: a real checkpoint's own decisions after a prefill of real text
+  (rows "dmc ckpt" beside its vanilla, at vanilla's equal-memory batch and at the batch its realised CR fits;
+  `ckpt_decode`).
 * Kernel bandwidth: the paged decode attention alone over one layer's rows at the DMC batch; bytes = the pages in
   use (K and V) + q + output, against the device's measured copy bandwidth (read + write).
 * Training: value-and-grad of the LM loss, vanilla attention vs DMC with the dense-bias XLA reference vs DMC with
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -198,6 +202,23 @@ def time_decode(gen, cache, batch: int, context: int, steps: int):
   return (time.perf_counter() - t0) / steps, cache
 
 
+def _dmc_check(cfg, dmc, cache, held: str):
+  """A DMC row's (kv bytes held, realised CR, slots attended, K/V + merge-state bytes read); the pool must not have
+  overflowed. `held`: "pool" (the whole pool a plan sized to the budget) or "pages" (the pages in use)."""
+  import jax.numpy as jnp
+
+  from dmc_jax import cache as dmc_cache
+  dmc_cache.check(cache)
+  mem = dmc_cache.memory_bytes(cache)
+  lengths = np.asarray(cache.lengths)
+  realised = float(np.asarray(cache.positions).sum() * cfg.n_layers * cfg.n_kv_heads / lengths.sum())
+  slots = int(lengths.sum())  # at the end; the timed steps saw ≈ this (CR > 1 grows slowly)
+  row_state = 4 * (2 * cfg.head_dim + 2 + (dmc.window or 0) * (2 * cfg.head_dim + 1))
+  itemsize = jnp.dtype(cache.k_pages.dtype).itemsize
+  return (mem[held] + mem["merge_state"] + mem["tables"], realised, slots,
+          slots * 2 * cfg.head_dim * itemsize + lengths.size * row_state)
+
+
 @dataclasses.dataclass
 class _Case:
   """One bench row: how to build its cache (afresh for every repetition) and the generator that decodes it."""
@@ -219,7 +240,6 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
   import jax
   import jax.numpy as jnp
 
-  from dmc_jax import cache as dmc_cache
   from dmc_jax.baselines.policies import Policy
   from dmc_jax.baselines.policy_generate import PolicyGenerator
   from dmc_jax.config import DMCConfig
@@ -232,7 +252,6 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # a tied embedding is one leaf: counted once
   itemsize = jnp.dtype(cfg.dtype).itemsize
   tokens_end = context + steps + 1
-  row_state = 4 * (2 * cfg.head_dim + 2 + (dmc.window or 0) * (2 * cfg.head_dim + 1))
 
   def vanilla_case(group, pl_):
     def check(cache):
@@ -242,14 +261,7 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
 
   def dmc_case(group, pl_, cr):
     gen = Generator(cfg, params, dmc=DMCOptions(dmc, page_size, pl_.pool_pages, forced_merge_rate=1 - 1 / cr))
-    def check(cache):
-      dmc_cache.check(cache)
-      mem = dmc_cache.memory_bytes(cache)
-      lengths = np.asarray(cache.lengths)
-      realised = float(np.asarray(cache.positions).sum() * cfg.n_layers * cfg.n_kv_heads / lengths.sum())
-      slots = int(lengths.sum())  # at the end; the timed steps saw ≈ this (CR > 1 grows slowly)
-      return (mem["pool"] + mem["merge_state"] + mem["tables"], realised, slots,
-              slots * 2 * cfg.head_dim * itemsize + lengths.size * row_state)
+    check = functools.partial(_dmc_check, cfg, dmc, held="pool")
     return _Case(group, pl_, gen, lambda: synthetic_dmc_cache(cfg, dmc, pl_, context, page_size), check)
 
   def policy_case(group, pl_, policy):
@@ -285,8 +297,15 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
         policy = Policy(name, cr)
         cases.append(policy_case("same_batch", dataclasses.replace(plan_policy(cfg, policy, budget, context,
                                                                                steps + 1), batch=b), policy))
+  results = _time_interleaved(cases, repeats, spec, budget, context, steps)
+  return _rows(cases, results, spec, cfg, param_bytes, context, copy_bw, matmul_flops)
+
+
+def _time_interleaved(cases, repeats: int, spec: str, budget: int, context: int, steps: int) -> dict:
+  """`repeats` rounds, every case once per round (drifting load hits all of them alike); each case's last check."""
+  import jax
   results = {}
-  for _ in range(repeats):  # interleaved: every case once per round, so drifting load hits all of them alike
+  for _ in range(repeats):
     for i, case in enumerate(cases):
       with jax.profiler.TraceAnnotation(f"bench/{case.group}/{spec}/{case.plan.method}"):
         step_s, cache = time_decode(case.gen, case.make_cache(), case.plan.batch, context, steps)
@@ -296,6 +315,11 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
       if case.group == "decode" and used > budget:
         raise RuntimeError(f"bench: {case.plan.method} used {used} bytes > budget {budget}")
       del cache
+  return results
+
+
+def _rows(cases, results: dict, spec: str, cfg, param_bytes: int, context: int, copy_bw, matmul_flops) -> list[dict]:
+  """One row per case (median ms, spread, bytes_read, flops, roofline), ratios against each group's first row."""
   rows = []
   for i, case in enumerate(cases):
     used, realised, slots, kv_read = results[i]
@@ -322,6 +346,111 @@ def decode_equal_memory(spec: str, *, budget: int, context: int, steps: int, crs
         # The ratio a perfect implementation would reach: vanilla's roofline time per token over this row's.
         r["roofline_ratio"] = (base["roofline_ms"] / base["batch"]) / (r["roofline_ms"] / r["batch"])
   return rows
+
+
+# -- a real checkpoint's own decisions ------------------------------------------------------------------------------
+
+
+def corpus_windows(model, batch: int, context: int) -> np.ndarray:
+  """[batch, context] token ids of real text: the standard-library corpus (dmc_jax.text_data), its documents
+  encoded in order (each with the tokenizer's special tokens) and cut into consecutive windows."""
+  from dmc_jax.errors import DataError
+  from dmc_jax.text_data import stdlib_documents
+  need, ids = batch * context, []
+  for _, text in stdlib_documents():
+    ids += model.encode(text)
+    if len(ids) >= need:
+      return np.asarray(ids[:need], np.int32).reshape(batch, context)
+  raise DataError(f"bench --ckpt: the standard-library corpus has {len(ids)} tokens, fewer than {batch} × "
+                  f"{context}; lower --context or --ckpt-budget-mb")
+
+
+def ckpt_decode(path: str, *, adapter: str | None, cache: str | None, budget: int, context: int, steps: int,
+                dtype: str, page_size: int, attention_impl, repeats: int = 1, copy_bw: float | None = None,
+                matmul_flops: float | None = None, verify: bool = True) -> list[dict]:
+  """A checkpoint's own DMC decisions on real text: rows "vanilla" (its weights, the vanilla cache) and "dmc ckpt",
+  at vanilla's equal-memory batch (`group` "same_batch") and at the batch its realised CR fits in `budget`
+  (`group` "decode"), the same keys as `decode_equal_memory`'s rows.
+
+  Each DMC cache is a real prefill of `context` corpus tokens a sequence (one parallel prefill, once per batch;
+  every repetition decodes a fresh copy of it). The fitted batch: the budget over the bytes a sequence held after
+  the same-batch run's steps (pages in use, merge state, block table), lowered while a run needs more than the
+  budget. The pool is sized for the worst case, so the learned decisions can never overflow it; `kv_bytes` counts
+  the pages in use."""
+  import os
+
+  import jax
+  import jax.numpy as jnp
+
+  import dmc_jax
+  from dmc_jax import cache as dmc_cache
+  from dmc_jax.config import DMCConfig
+  from dmc_jax.errors import ArgumentError
+  from dmc_jax.generate import prefill_dmc
+  from dmc_jax.model.llama import init_cache
+  model = dmc_jax.load(path, adapter=adapter, dtype=dtype, verify=verify, attention_impl=attention_impl)
+  choice = model.resolve_cache(cache)
+  if choice.kind != "dmc":
+    raise ArgumentError(f"--ckpt: {path} decodes with the {choice.kind!r} cache, which has no learned DMC "
+                        "decisions; give a DMC checkpoint, an --adapter, or --cache dmc")
+  cfg, tokens_end = model.config, context + steps + 1
+  if tokens_end > cfg.max_position_embeddings:
+    raise ArgumentError(f"--context: {context} + {steps + 1} decode tokens exceed the checkpoint's "
+                        f"{cfg.max_position_embeddings} positions")
+  gen = model.generator(choice, page_size=page_size)  # the model's own decisions, a worst-case pool
+  dmc = gen.dmc.dmc
+  name = os.path.basename(os.path.normpath(path))
+  if adapter:
+    name += "+" + os.path.basename(os.path.normpath(adapter))
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+  prefill = jax.jit(lambda p, t, n, c: prefill_dmc(gen.model, p, t, n, c)[1], donate_argnums=(3,))
+
+  def prefilled(batch):
+    c = dmc_cache.init_cache(cfg, dmc, batch, tokens_end, page_size, None, gen.cache_dtype)
+    tokens = jnp.asarray(corpus_windows(model, batch, context))
+    with jax.profiler.TraceAnnotation(f"bench/ckpt/{name}/prefill"):
+      c = prefill(model.params, tokens, jnp.full((batch,), context, jnp.int32), c)
+    dmc_cache.check(c)
+    return c
+
+  def dmc_case(group, batch, filled):
+    # The step donates its cache: every repetition decodes a copy of the one prefill.
+    return _Case(group, Plan("dmc ckpt", 0.0, batch, 0), gen, lambda: jax.tree.map(jnp.copy, filled),
+                 functools.partial(_dmc_check, cfg, dmc, held="pages"))
+
+  vanilla_plan = plan(cfg, DMCConfig(), budget, context, steps + 1, 0, page_size)
+  b0 = vanilla_plan.batch
+  if b0 < 1:
+    raise ArgumentError(f"--ckpt-budget-mb: {budget / 2**20:g} MiB holds no vanilla sequence of {tokens_end} "
+                        f"tokens for {name}")
+
+  def vanilla_check(cache):
+    n = b0 * cfg.n_layers * cfg.n_kv_heads * (context + steps // 2)  # mean slots in use while timed
+    return b0 * vanilla_plan.bytes_per_seq, 1.0, n, n * 2 * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+  vanilla = _Case("same_batch", vanilla_plan, model.generator(model.resolve_cache("vanilla")),
+                  lambda: init_cache(cfg, b0, tokens_end, cfg.dtype), vanilla_check)
+  same = dmc_case("same_batch", b0, prefilled(b0))
+  # What a sequence holds after the steps, measured at b0, sets the batch the budget fits.
+  _, held = time_decode(gen, same.make_cache(), b0, context, steps)
+  b1 = max(1, int(budget * b0 // same.check(held)[0]))
+  del held
+  for _ in range(4):
+    fitted = dmc_case("decode", b1, prefilled(b1))
+    _, held = time_decode(gen, fitted.make_cache(), b1, context, steps)
+    used = fitted.check(held)[0]
+    del held
+    if used <= budget or b1 == 1:
+      break
+    b1 = max(1, min(b1 - 1, int(b1 * budget // used)))  # another text mix held more than the estimate
+  if used > budget:
+    raise RuntimeError(f"bench --ckpt: one sequence of {name} holds {used} bytes > the budget {budget}")
+  cases = [vanilla, same, fitted]
+  results = _time_interleaved(cases, repeats, name, budget, context, steps)
+  # Vanilla's timing is the base of both groups (its batch is the equal-memory one).
+  cases.insert(2, dataclasses.replace(vanilla, group="decode"))
+  results = {0: results[0], 1: results[1], 2: results[0], 3: results[2]}
+  return _rows(cases, results, name, cfg, param_bytes, context, copy_bw, matmul_flops)
 
 
 # -- kernel bandwidth ----------------------------------------------------------------------------------------------
@@ -476,6 +605,13 @@ def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every decode row (median)")
   p.add_argument("--no-same-batch", action="store_true", help="skip the same-batch rows")
   p.add_argument("--skip", default="", help="comma-separated parts to skip: decode, kernel, train")
+  p.add_argument("--ckpt", help="also decode this dmc-jax checkpoint with its own DMC decisions after a prefill of "
+                 "real text (the standard-library corpus) to --context: rows 'dmc ckpt' at vanilla's equal-memory "
+                 "batch and at the batch its realised CR fits")
+  p.add_argument("--cache", default=None, help="with --ckpt: the learned cache to decode with (default: the "
+                 "checkpoint's or adapter's own method; 'dmc' on a checkpoint without DMC uses its untrained channel)")
+  p.add_argument("--adapter", default=None, help="with --ckpt: a retrofit adapter directory applied to the checkpoint")
+  p.add_argument("--ckpt-budget-mb", type=float, default=512.0, help="with --ckpt: its KV-memory budget (MiB)")
   p.add_argument("--json", help="also write the result here")
   from experiments.harness import profiling
   # No --profile-steps: each timed section already runs after its own compile and warm-up, so the whole run is
@@ -503,6 +639,11 @@ def run(args: argparse.Namespace) -> int:
   skip = set(filter(None, args.skip.split(",")))
   if steps < 1 or args.repeats < 1:
     raise ValueError(f"--steps and --repeats must be >= 1, got {steps} and {args.repeats}")
+  from dmc_jax.errors import ArgumentError
+  if args.ckpt is None and (args.cache or args.adapter):
+    raise ArgumentError("--cache and --adapter choose how --ckpt decodes; give --ckpt DIR")
+  if not (math.isfinite(args.ckpt_budget_mb) and args.ckpt_budget_mb > 0):
+    raise ArgumentError(f"--ckpt-budget-mb: expected a positive number of MiB, got {args.ckpt_budget_mb}")
   from pallas_kernels.dmc_decode import api as decode_api
   bw, mm = copy_bandwidth(), matmul_rate()
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform, "jax": jax.__version__,
@@ -519,6 +660,11 @@ def run(args: argparse.Namespace) -> int:
                                      same_batch=not args.no_same_batch, repeats=args.repeats, copy_bw=bw,
                                      matmul_flops=mm):
           result[r.pop("group")].append(dict(r, budget_mb=budget))
+    if args.ckpt:
+      for r in ckpt_decode(args.ckpt, adapter=args.adapter, cache=args.cache, budget=int(args.ckpt_budget_mb * 2**20),
+                           context=context, steps=steps, dtype=dtype, page_size=args.page_size, attention_impl=impl,
+                           repeats=args.repeats, copy_bw=bw, matmul_flops=mm):
+        result[r.pop("group")].append(dict(r, budget_mb=args.ckpt_budget_mb))
     if "kernel" not in skip:
       # GPU: one layer's rows at the largest DMC batch; CPU: a small batch (the XLA path copies what it gathers).
       batch = cfg["bw_batch"] or max([r["batch"] for r in result["decode"]] or [64])

@@ -1,6 +1,8 @@
 """`dmc-jax bench`'s equal-memory decode comparison: every cache fits the budget, batches follow the CR; the
 same-batch rows and every row's roofline."""
 
+import jax
+import numpy as np
 import pytest
 
 from experiments.bench import dmc as bench_dmc
@@ -60,3 +62,64 @@ def test_equal_memory_decode_with_the_tpu_kernel(monkeypatch):
   assert [r["method"] for r in rows] == ["vanilla", "dmc cr 4"]
   assert all(0 < r["kv_bytes"] <= budget and r["tokens_per_s"] > 0 for r in rows)
   assert rows[1]["realised_cr"] > 1.5 and calls, rows[1]
+
+
+@pytest.fixture(scope="module")
+def merging_checkpoint(tiny_checkpoint, tmp_path_factory):
+  """tiny_checkpoint with DMC settings and its decision channel (the last of each key head) scaled so it merges."""
+  from helpers import write_checkpoint
+
+  from dmc_jax.checkpoint import Checkpoint
+  from dmc_jax.config import DMCConfig
+  ckpt = Checkpoint(tiny_checkpoint)
+  params = jax.tree.map(np.array, ckpt.load_params())
+  for i in range(ckpt.config.n_layers):
+    params["params"][f"layers_{i}"]["attn"]["k_proj"]["kernel"][:, :, -1] *= 400
+  return write_checkpoint(tmp_path_factory.mktemp("bench") / "dmc", ckpt.config, params, tiny_checkpoint,
+                          dmc=DMCConfig(window=4).to_dict())
+
+
+def test_ckpt_rows_decode_a_checkpoints_own_decisions(merging_checkpoint, tiny_checkpoint, monkeypatch):
+  """`bench --ckpt`: the checkpoint's own decisions after a real-text prefill, at vanilla's batch and at the batch
+  its realised CR fits; a checkpoint without a learned cache is refused in one line."""
+  import argparse
+  import inspect
+  import json as json_module
+
+  from dmc_jax import text_data
+  from dmc_jax.errors import ArgumentError
+  # Real text, but a few modules' docstrings: parsing the whole standard library takes longer than this test.
+  docs = tuple((m.__name__, inspect.getdoc(m)) for m in (argparse, inspect, json_module, text_data))
+  monkeypatch.setattr(text_data, "stdlib_documents", lambda: docs)
+  budget, context, steps = 2**17, 64, 2
+  rows = bench_dmc.ckpt_decode(merging_checkpoint, adapter=None, cache=None, budget=budget, context=context,
+                               steps=steps, dtype="float32", page_size=8, attention_impl=None, repeats=2,
+                               copy_bw=2e10, matmul_flops=1e11)
+  by = {(r["group"], r["method"]): r for r in rows}
+  assert list(by) == [("same_batch", "vanilla"), ("same_batch", "dmc ckpt"), ("decode", "vanilla"),
+                      ("decode", "dmc ckpt")]
+  vanilla, same, fitted = by["decode", "vanilla"], by["same_batch", "dmc ckpt"], by["decode", "dmc ckpt"]
+  assert 0 < vanilla["kv_bytes"] <= budget and vanilla["ratio_vs_vanilla"] == 1
+  assert same["batch"] == vanilla["batch"] and same["context"] == context
+  # Its decisions merge some tokens: fewer slots than tokens, so less K/V read and attended than vanilla.
+  assert same["realised_cr"] > 1 and same["flops"] < by["same_batch", "vanilla"]["flops"]
+  # The fitted batch fills the budget: it fits, and two more sequences of its size would not.
+  per_seq = fitted["kv_bytes"] / fitted["batch"]
+  assert 0 < fitted["kv_bytes"] <= budget < fitted["kv_bytes"] + 2 * per_seq
+  assert fitted["realised_cr"] > 1
+  for r in rows:
+    assert r["repeats"] == 2 and r["ms_per_step"] > 0 and r["ms_spread"] >= 0
+    assert r["bytes_read"] > 0 and r["flops"] > 0
+    assert r["roofline_ms"] > 0 and r["roofline_fraction"] == r["roofline_ms"] / r["ms_per_step"]
+  with pytest.raises(ArgumentError, match="no learned DMC decisions"):
+    bench_dmc.ckpt_decode(tiny_checkpoint, adapter=None, cache=None, budget=budget, context=context, steps=steps,
+                          dtype="float32", page_size=8, attention_impl=None)
+
+
+@pytest.mark.parametrize("argv, message", [(["--cache", "dmc"], "give --ckpt DIR"),
+                                           (["--ckpt", "x", "--ckpt-budget-mb", "0"], "--ckpt-budget-mb")])
+def test_ckpt_arguments_are_checked_in_one_line(argv, message, capsys):
+  from experiments.cli import dmc as cli_dmc
+  assert cli_dmc.main(["bench", *argv]) == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1, err
