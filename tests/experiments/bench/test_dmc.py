@@ -79,6 +79,7 @@ def merging_checkpoint(tiny_checkpoint, tmp_path_factory):
                           dmc=DMCConfig(window=4).to_dict())
 
 
+@pytest.mark.slow  # 162 s on the loaded 2 cores: the prefill and decode compiles of four cases
 def test_ckpt_rows_decode_a_checkpoints_own_decisions(merging_checkpoint, tiny_checkpoint, monkeypatch):
   """`bench --ckpt`: the checkpoint's own decisions after a real-text prefill, at vanilla's batch and at the batch
   its realised CR fits; a checkpoint without a learned cache is refused in one line."""
