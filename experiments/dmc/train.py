@@ -26,7 +26,9 @@ def _model_and_tokenizer(cfg):
   from dmc_jax.config import DMCConfig
   from dmc_jax.presets import preset
   dmc = DMCConfig(decision_channel=cfg.dmc.decision_channel, window=cfg.dmc.window,
-                  temperature=cfg.dmc.temperature, offset=cfg.dmc.offset, decisions=cfg.dmc.decisions)
+                  temperature=cfg.dmc.temperature, offset=cfg.dmc.offset, decisions=cfg.dmc.decisions,
+                  method=cfg.dmc.get("method", "dmc"), dms_window=cfg.dmc.get("dms_window", 16),
+                  dms_scale=cfg.dmc.get("dms_scale", 100.0))
   source = checkpoint.Checkpoint(cfg.model.init_from) if cfg.model.init_from else None
   tok_dir = cfg.model.tokenizer_from or cfg.model.init_from
   if not tok_dir:
