@@ -161,7 +161,8 @@ def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> d
     params = source_params()
     if adapter_form:  # zero-initialised decision adapters: at step 0 the model is the source
       attn = params["params"]["layers"]["layer"]["attn"]
-      attn["decision_adapter"] = {"kernel": jnp.zeros((llama.n_layers, llama.d_model, llama.n_kv_heads, 2),
+      outs = 1 if dmc.method == "dms" else 2  # DMS's adapter gives one logit per KV head, DMC's two
+      attn["decision_adapter"] = {"kernel": jnp.zeros((llama.n_layers, llama.d_model, llama.n_kv_heads, outs),
                                                       jnp.float32)}
     return jax.jit(lambda p: initial_state(cfg, dmc, tx, p), out_shardings=shardings)(params)
 

@@ -215,3 +215,17 @@ def test_relaxed_forward_gradients_match_finite_differences(decisions):
     assert abs(analytic - numeric) <= 1e-4 * abs(numeric), (analytic, numeric)
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+def test_settings_are_validated_and_select_the_cache():
+  from dmc_jax.api import CacheChoice, resolve_cache
+  from dmc_jax.errors import ArgumentError, ConfigError
+  with pytest.raises(ConfigError, match="dmc.method"):
+    DMCConfig(method="evict")
+  with pytest.raises(ConfigError, match="dmc.dms_window"):
+    DMCConfig(method="dms", dms_window=0)
+  assert DMCConfig.from_dict(DMCConfig(method="dms", dms_window=8).to_dict()).dms_window == 8
+  assert resolve_cache("dms") == CacheChoice("dms") and resolve_cache("dmc", "dms") == CacheChoice("dms")
+  with pytest.raises(ArgumentError, match="learned ratio"):
+    resolve_cache("dms", "dms", cr=2)
+
