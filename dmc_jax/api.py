@@ -12,7 +12,7 @@
 The cache-selection contract (the CLI's `--cache NAME [--cr CR] [--dmc-force-cr CR]` mirrors it):
 * `cache=None` uses the checkpoint's own learned method (`compression.method`: "dmc" or "dms"), else "vanilla".
 * `cr` is the target ratio of an eviction policy ("streaming", "h2o", "tova") and required for one. A learned
-  cache ("dmc") compresses at the model's own ratio: passing `cr` with it is an error.
+  cache ("dmc", "dms") compresses at the model's own ratio: passing `cr` with it is an error.
 * Forced decisions (benchmarks) only through `dmc_force_cr=`: DMC merges with probability 1 - 1/CR whatever the
   model decides; it implies `cache="dmc"`.
 """
@@ -117,7 +117,7 @@ class Model:
 
   @property
   def method(self) -> str | None:
-    """The learned compression method of the weights ("dmc") or None; an adapter's method when one is applied."""
+    """The learned compression method of the weights ("dmc", "dms") or None; an adapter's method when applied."""
     return self.adapter.method if self.adapter is not None else self.checkpoint.method
 
   @property

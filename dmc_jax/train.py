@@ -209,7 +209,9 @@ def decision_rows_mask(params: Any, dmc: DMCConfig) -> Any:
       return jnp.ones(x.shape, bool)
     mask = jnp.zeros(x.shape, bool)
     ch = dmc.channel(x.shape[-1])
-    return mask.at[..., ch].set(True) if ch is not None and dmc_math.is_decision_kernel(path) else mask
+    # DMS reads its decisions from q alone (its k[ch] is an ordinary attention channel); DMC from q and k.
+    decides = dmc_math.is_decision_kernel(path) and (dmc.method == "dmc" or "q_proj" in names)
+    return mask.at[..., ch].set(True) if ch is not None and decides else mask
   return jax.tree_util.tree_map_with_path(mark, params)
 
 

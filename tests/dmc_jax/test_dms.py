@@ -85,8 +85,9 @@ def expected_evictions(alpha_LyxBxTxK, tokens_B, w):
 
 
 @pytest.mark.parametrize("cfg, window, rate", [
-    (MHA, 1, 0.6), (GQA, 4, 0.5), (GQA, 40, 0.7),
-    pytest.param(GQA.replace(n_layers=2), 4, 0.5, marks=pytest.mark.slow)], ids=["mha-w1", "gqa-w4", "gqa-w40", "gqa-w4-2layers"])
+    (MHA, 1, 0.6), (GQA, 4, 0.5), pytest.param(GQA, 40, 0.7, marks=pytest.mark.slow),
+    pytest.param(GQA.replace(n_layers=2), 4, 0.5, marks=pytest.mark.slow)],
+    ids=["mha-w1", "gqa-w4", "gqa-w40", "gqa-w4-2layers"])
 def test_forced_decisions_match(cfg, window, rate):
   dmc = DMCConfig(method="dms", dms_window=window)
   forced = forced_marks(cfg, rate)
@@ -106,7 +107,8 @@ def test_forced_decisions_match(cfg, window, rate):
 
 @pytest.mark.parametrize("decisions, cfg, window", [
     ("channel", GQA, 4), ("adapter", MHA, 1),
-    pytest.param("adapter", MHA.replace(n_layers=2), 1, marks=pytest.mark.slow)], ids=["channel", "adapter", "adapter-2layers"])
+    pytest.param("adapter", MHA.replace(n_layers=2), 1, marks=pytest.mark.slow)],
+    ids=["channel", "adapter", "adapter-2layers"])
 def test_model_decisions_match(decisions, cfg, window):
   """The model's own decisions (random weights: about half the logits 100·q[ch] − 5 are positive)."""
   dmc = DMCConfig(method="dms", dms_window=window, decisions=decisions)
@@ -176,7 +178,7 @@ def test_evicted_slots_are_reused_in_place():
     dms_cache.check(small)
 
 
-@pytest.mark.parametrize("decisions", ["channel", "adapter"])
+@pytest.mark.parametrize("decisions", [pytest.param("channel", marks=pytest.mark.slow), "adapter"])
 def test_relaxed_forward_gradients_match_finite_differences(decisions):
   """d(loss)/d(decision parameters) of the train-mode forward (logistic noise, sigmoid, the soft bias beyond the
   window), in float64. τ = 0.5 and offset 0 put the sigmoids in their sensitive range (at τ = 0.1 and offset 5 almost
