@@ -9,8 +9,8 @@ window (`pallas_kernels.dmc_attention`'s `window`); keys and values are the toke
 Decision logits, [B, L, K] float32, from one of two sources (`DMCConfig.decisions`):
 * "channel": dms_scale · q[ch] − offset of the first query head of each KV head's group; that channel of those
   heads is zeroed before and after RoPE (it no longer takes part in attention). Keys are untouched.
-* "adapter": dms_scale · x·W − offset, W [D, K, 1] zero-initialised on the attention input: at initialisation every
-  logit is −offset (keep), so the model is the original.
+* "adapter": dms_scale · x̂·W − offset, W [D, K, 1] zero-initialised, x̂ the attention input scaled to unit RMS:
+  at initialisation every logit is −offset (keep), so the model is the original.
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ def channel_logits(q_BxLxHxD: Array, n_kv_heads: int, dmc: DMCConfig) -> Array:
 
 
 def adapter_logits(x_BxLxD: Array, w_DxKx1: Array, dmc: DMCConfig) -> Array:
+  """The adapter reads x scaled to unit RMS. The attention input carries its RMSNorm's learned scale, which in
+  SmolLM2 is small (mean |scale| 0.03 in layer 0, 0.25 in layer 10): read as it is, a step of Adam (each weight
+  moves by about the LR) moved the logits so little that 36 steps left every decision at "keep". NVIDIA's adapter
+  has an RMSNorm of its own, initialised to scale 1; this is that norm at its initialisation, without parameters."""
   acc = jnp.promote_types(x_BxLxD.dtype, jnp.float32)
-  out = jnp.einsum("bld,dk->blk", x_BxLxD.astype(acc), w_DxKx1[..., 0].astype(acc))
+  x = x_BxLxD.astype(acc)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+  out = jnp.einsum("bld,dk->blk", x, w_DxKx1[..., 0].astype(acc))
   return out * dmc.dms_scale - dmc.offset
 
 

@@ -196,7 +196,7 @@ def test_relaxed_forward_gradients_match_finite_differences(decisions):
     rng = np.random.default_rng(0)
     ch = dmc.channel(cfg.head_dim)
     if decisions == "adapter":  # the decision parameters: the adapter, or q_proj's rows producing channel ch
-      kernel = jnp.asarray(rng.normal(0, 0.003, kernel.shape))
+      kernel = jnp.asarray(rng.normal(0, 3e-4, kernel.shape))  # 100·x̂·W of order 1 (x̂ has unit RMS)
       direction = rng.normal(size=kernel.shape)
     else:
       kernel = kernel.at[..., ch].multiply(0.05)  # logits 100·q[ch] of order 1
