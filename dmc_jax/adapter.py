@@ -1,15 +1,16 @@
 """Adapters: what a retrofit trained when it trained only part of the model, as a checkpoint kind of its own.
 
     ADAPTER/
-      adapter.json          format tag; `parts`; method ("dmc"); the DMC settings; the base's parameter digest and
-                            dtype; the sha256 of adapter.safetensors; provenance (command, tokens, date)
+      adapter.json          format tag; `parts`; method ("dmc" or "dms"); the DMC/DMS settings; the base's
+                            parameter digest and dtype; the sha256 of adapter.safetensors; provenance (command,
+                            tokens, date)
       adapter.safetensors   the trained tensors, keyed by parameter path (unscanned, '/'-joined)
 
 Parts (`train.trainable` → parts): `decisions` → decision_rows (channel form) or decision_adapter (adapter form);
 `decisions+norms` → that + norms; `lora` → the decisions + lora (rank, alpha, targets). Tensor names:
 
 * decision_rows     `<q_proj|k_proj path>/rows` [D, heads]: the kernel's slice at channel ch (replaces it)
-* decision_adapter  `layers_i/attn/decision_adapter/kernel` [D, K, 2] (added to the base)
+* decision_adapter  `layers_i/attn/decision_adapter/kernel` [D, K, 2] (DMS: [D, K, 1]; added to the base)
 * norms             `<norm path>/scale` (replaces it)
 * lora              `<projection path>/lora_a` [in, r], `/lora_b` [r, out]: kernel += (alpha / r) · A·B
 
@@ -201,15 +202,16 @@ class Adapter:
 
 
 def save(out: str, trainable: Mapping, spec: AdapterSpec, dmc: DMCConfig, *, n_layers: int | None,
-         base_digest: str, base_param_dtype: str | None, method: str = "dmc", tokens: int | None = None,
+         base_digest: str, base_param_dtype: str | None, method: str | None = None, tokens: int | None = None,
          extra: Mapping[str, Any] | None = None, force: bool = True) -> str:
   """Writes ADAPTER/ from a trainable tree (scanned when `n_layers` is given: unstacked to per-layer names)."""
   import jax
 
   from dmc_jax import checkpoint
   from dmc_jax.convert.tensors import LazyTensor, write_safetensors
-  if method not in METHODS:
-    raise CheckpointError(f"adapter method: expected one of {list(METHODS)}, got {method!r}")
+  method = dmc.method if method is None else method
+  if method not in METHODS or method != dmc.method:
+    raise CheckpointError(f"adapter method: expected dmc.method ({dmc.method!r}), got {method!r}")
   tree = jax.device_get(trainable)["params"]
   if n_layers is not None and "layers" in tree:
     tree = layout.unstack_layers(tree, n_layers)
@@ -241,11 +243,13 @@ def load(directory: str, verify: bool = True) -> Adapter:
     raise CheckpointError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                           f"expected {FORMAT!r}")
   method = meta.get("method")
-  if method != "dmc":
-    raise CheckpointError(f"{path}: method {method!r}: this version applies DMC adapters only")
+  if method not in METHODS:
+    raise CheckpointError(f"{path}: method {method!r}: this version applies {' and '.join(METHODS)} adapters")
   try:
     spec = AdapterSpec.from_parts_json(meta.get("parts"), path)
-    dmc = DMCConfig.from_dict(meta.get("dmc") or {}, where=f"{path}: dmc")
+    dmc = DMCConfig.from_dict({"method": method, **(meta.get("dmc") or {})}, where=f"{path}: dmc")
+    if dmc.method != method:
+      raise CheckpointError(f"{path}: method {method!r} but dmc.method {dmc.method!r}")
     base = meta["base"]
     digest = base["param_digest"]
   except (KeyError, TypeError) as e:

@@ -10,9 +10,9 @@
     model.perplexity(["The quick brown fox jumps over the lazy dog."], cache="tova", cr=3)
 
 The cache-selection contract (the CLI's `--cache NAME [--cr CR] [--dmc-force-cr CR]` mirrors it):
-* `cache=None` uses the checkpoint's own learned method (`compression.method`, e.g. "dmc"), else "vanilla".
+* `cache=None` uses the checkpoint's own learned method (`compression.method`: "dmc" or "dms"), else "vanilla".
 * `cr` is the target ratio of an eviction policy ("streaming", "h2o", "tova") and required for one. A learned
-  cache ("dmc") compresses at the model's own ratio: passing `cr` with it is an error.
+  cache ("dmc", "dms") compresses at the model's own ratio: passing `cr` with it is an error.
 * Forced decisions (benchmarks) only through `dmc_force_cr=`: DMC merges with probability 1 - 1/CR whatever the
   model decides; it implies `cache="dmc"`.
 """
@@ -33,7 +33,7 @@ from dmc_jax.errors import ArgumentError
 log = logging.getLogger(__name__)
 
 POLICIES = ("streaming", "h2o", "tova")
-LEARNED = ("dmc",)
+LEARNED = ("dmc", "dms")
 CACHES = ("vanilla",) + LEARNED + POLICIES
 _SCORE_BUCKET = 64  # scored rows are right-padded to a multiple of this (few compiled shapes)
 
@@ -117,7 +117,7 @@ class Model:
 
   @property
   def method(self) -> str | None:
-    """The learned compression method of the weights ("dmc") or None; an adapter's method when one is applied."""
+    """The learned compression method of the weights ("dmc", "dms") or None; an adapter's method when applied."""
     return self.adapter.method if self.adapter is not None else self.checkpoint.method
 
   @property
@@ -130,6 +130,15 @@ class Model:
     d = self.checkpoint.dmc
     return None if d is None else DMCConfig.from_dict(d, where=f"{self.checkpoint.directory}/checkpoint.json: "
                                                               "compression")
+
+  def learned_config(self, kind: str) -> DMCConfig | None:
+    """The settings for cache `kind` ("dmc" or "dms"): the weights' own, or None when they carry none. Weights
+    trained for the other method are refused: their decisions mean something else."""
+    dmc = self.dmc_config()
+    if dmc is not None and dmc.method != kind:
+      raise ArgumentError(f"cache={kind!r}: {self.checkpoint.directory} was retrofitted with {dmc.method!r}; use "
+                          f"cache={dmc.method!r}")
+    return dmc
 
   @property
   def eos_ids(self) -> list[int]:
@@ -150,22 +159,22 @@ class Model:
     if key in self._generators:
       return self._generators[key]
     from dmc_jax.generate import DMCOptions, Generator
-    if kv_budget_mb is not None and choice.kind != "dmc":
-      raise ArgumentError(f"kv_budget_mb: sizes the DMC cache's page pool; cache={choice.kind!r} has none")
+    if kv_budget_mb is not None and choice.kind not in LEARNED:
+      raise ArgumentError(f"kv_budget_mb: sizes the DMC/DMS cache's page pool; cache={choice.kind!r} has none")
     if not (isinstance(page_size, int) and page_size >= 1):
       raise ArgumentError(f"page_size: expected an integer >= 1, got {page_size!r}")
     if choice.kind in POLICIES:
       from dmc_jax.baselines.policies import Policy
       from dmc_jax.baselines.policy_generate import PolicyGenerator
       gen = PolicyGenerator(self.config, self.params, Policy(choice.kind, choice.cr))
-    elif choice.kind == "dmc":
+    elif choice.kind in LEARNED:
       from dmc_jax import cache as dmc_cache
-      dmc = self.dmc_config()
+      dmc = self.learned_config(choice.kind)
       if dmc is None:
-        dmc = DMCConfig()
+        dmc = DMCConfig(method=choice.kind)
         if choice.force_cr is None:
-          log.warning("%s was not retrofitted with DMC: its decisions come from an untrained channel",
-                      self.checkpoint.directory)
+          log.warning("%s was not retrofitted with %s: its decisions come from an untrained channel",
+                      self.checkpoint.directory, choice.kind.upper())
       pages = None
       if kv_budget_mb is not None:
         if not (isinstance(kv_budget_mb, (int, float)) and math.isfinite(kv_budget_mb) and kv_budget_mb > 0):
@@ -245,10 +254,11 @@ class Model:
                                                        stack=jnp.stack)}
       params = self._stacked
       scanned = self.config.replace(scan_layers=True)
-      if choice.kind == "dmc":
-        dmc = self.dmc_config()
+      if choice.kind in LEARNED:
+        dmc = self.learned_config(choice.kind)
         if dmc is None:
-          raise ArgumentError(f"cache='dmc': {self.checkpoint.directory} has no DMC settings (not retrofitted)")
+          raise ArgumentError(f"cache={choice.kind!r}: {self.checkpoint.directory} has no {choice.kind.upper()} "
+                              "settings (not retrofitted)")
         model = Llama(scanned, dmc, "eval")
         forward = lambda p, t: model.apply(p, t)[0]
       else:

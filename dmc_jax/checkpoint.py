@@ -41,7 +41,7 @@ from dmc_jax.tokenizer import check as tokenizer_check
 FORMAT = "dmc-jax-checkpoint/2"
 FORMAT_V1 = "dmc-jax-checkpoint/1"
 CHECKPOINT_JSON = "checkpoint.json"
-METHODS = ("dmc",)  # learned compression methods a checkpoint can carry (`compression.method`)
+METHODS = ("dmc", "dms")  # learned compression methods a checkpoint can carry (`compression.method`)
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 
@@ -72,7 +72,7 @@ def write(out: str, converted: Converted, *, dtype: str = "auto", force: bool = 
           on_progress: Callable[[int, int], None] | None = None) -> str:
   """Writes a converted model as a checkpoint directory; returns its absolute path.
 
-  `dmc`: DMC settings (a DMCConfig dict) stored as `compression = {"method": "dmc", **dmc}`.
+  `dmc`: DMC/DMS settings (a DMCConfig dict) stored as `compression = {"method": dmc["method"] or "dmc", **dmc}`.
   `on_progress(bytes_written, total_bytes)` is called after each tensor (a command line draws its bar from it).
   """
   tensors = _cast_all(converted.tensors, dtype)
@@ -85,7 +85,7 @@ def write(out: str, converted: Converted, *, dtype: str = "auto", force: bool = 
   cfg = cfg.replace(param_dtype=param_dtype, scan_layers=False, remat_policy="none", attention_impl=None)
   compression = None
   if dmc:
-    compression = {"method": "dmc", **{k: v for k, v in dict(dmc).items() if k != "method"}}
+    compression = {"method": dict(dmc).get("method", "dmc"), **{k: v for k, v in dict(dmc).items() if k != "method"}}
   total = sum(t.nbytes for t in tensors)
   if converted.tokenizer:  # loaded and checked against the vocabulary now, not when generate first needs it
     where = converted.source.get("tokenizer_file") or converted.source.get("path") or out
@@ -210,15 +210,16 @@ class Checkpoint:
 
   @property
   def method(self) -> str | None:
-    """The learned compression method the weights were trained for ("dmc"), or None for a vanilla model."""
+    """The learned compression method the weights were trained for ("dmc" or "dms"), or None for a vanilla model."""
     return self.compression["method"] if self.compression else None
 
   @property
   def dmc(self) -> dict | None:
-    """DMC settings (DMCConfig fields) when this is a DMC checkpoint."""
-    if self.method != "dmc":
+    """The learned method's settings (DMCConfig fields) when there is one; `method` among them only for DMS (DMC
+    is DMCConfig's default, and DMC checkpoints name only their settings)."""
+    if self.method not in METHODS:
       return None
-    return {k: v for k, v in self.compression.items() if k != "method"}
+    return {k: v for k, v in self.compression.items() if k != "method" or v != "dmc"}
 
   @property
   def chat_template(self) -> str | None:
@@ -281,7 +282,8 @@ class Checkpoint:
     expected = layout.our_shapes(self.config)
     if (self.dmc or {}).get("decisions") == "adapter":  # a merged adapter-form DMC model: its decision adapters
       c = self.config
-      expected.update({f"layers_{i}/attn/decision_adapter/kernel": (c.d_model, c.n_kv_heads, 2)
+      outs = 1 if self.method == "dms" else 2  # DMS's adapter gives one logit per KV head, DMC's two
+      expected.update({f"layers_{i}/attn/decision_adapter/kernel": (c.d_model, c.n_kv_heads, outs)
                        for i in range(c.n_layers)})
     for name, shape in expected.items():
       if name not in tensors:

@@ -380,8 +380,19 @@ class DMCConfig:
   # "channel": a = k[ch] - c, omega from q[ch] (NVIDIA's form; ch is lost to attention). "adapter": a zero-initialised
   # linear map per layer from the attention input to (a + c, omega - c) per KV head; all channels stay attention's.
   decisions: str = "channel"
+  # "dmc" merges (above); "dms" evicts with a delay (docs/dmc.md §10): a token stays visible for `dms_window` steps
+  # after it arrives, then only if the decision at the next position did not mark it. DMS reads offset, temperature
+  # and decisions from the fields above; its decision logit is dms_scale · (q[ch] or the adapter's output) − offset.
+  method: str = "dmc"
+  # w: 16 because the CR of a row is bounded by about L / w and this project's rows hold 256–1,024 tokens (§10).
+  dms_window: int = 16
+  dms_scale: float = 100.0
 
   def __post_init__(self):
+    if self.method not in ("dmc", "dms"):
+      raise ConfigError(f"dmc.method: expected 'dmc' or 'dms', got {self.method!r}")
+    if not isinstance(self.dms_window, int) or isinstance(self.dms_window, bool) or self.dms_window < 1:
+      raise ConfigError(f"dmc.dms_window: expected a positive integer, got {self.dms_window!r}")
     if self.decisions not in ("channel", "adapter"):
       raise ConfigError(f"dmc.decisions: expected 'channel' or 'adapter', got {self.decisions!r}")
     if self.decision_channel not in ("last", "first"):

@@ -18,7 +18,7 @@ import numpy as np
 
 from dmc_jax import cache as dmc_cache
 from dmc_jax.config import DMCConfig, LlamaConfig
-from dmc_jax.model.llama import Llama, cache_bytes, init_cache
+from dmc_jax.model.llama import Llama, cache_bytes, cache_lib, init_cache
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,8 @@ class Generator:
   def _new_cache(self, batch: int, max_len: int):
     if self.dmc is None:
       return init_cache(self.cfg, batch, max_len, self.cache_dtype)
-    return dmc_cache.init_cache(self.cfg, self.dmc.dmc, batch, max_len, self.dmc.page_size, self.dmc.pool_pages,
-                                self.cache_dtype)
+    return cache_lib(self.dmc.dmc).init_cache(self.cfg, self.dmc.dmc, batch, max_len, self.dmc.page_size,
+                                              self.dmc.pool_pages, self.cache_dtype)
 
   @jax.named_scope("prefill")
   def _prefill_fn(self, params, tokens_BxP, cache, lengths_B, key, sampling: Sampling):
@@ -220,14 +220,16 @@ class Generator:
     if self.dmc is None:
       return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, cache_bytes(cache),
                               self._compile_seconds)
-    dmc_cache.check(cache)
-    memory = dmc_cache.memory_bytes(cache)
+    lib = cache_lib(self.dmc.dmc)
+    lib.check(cache)
+    memory = lib.memory_bytes(cache)
     itemsize = jnp.dtype(self.cache_dtype).itemsize
-    stats = {"cr": dmc_cache.realised_cr(cache), "memory": memory,
-             "vanilla_bytes": int(np.asarray(cache.positions).sum()) * self.cfg.kv_bytes_per_token(itemsize),
-             # Sequence length above which DMC holds less than vanilla (at CR 2 and 4, this page size and window).
-             "crossover_tokens": {cr: dmc_cache.crossover_tokens(self.cfg, self.dmc.dmc, self.dmc.page_size,
-                                                                 self.cache_dtype, cr) for cr in (2, 4)}}
+    stats = {"method": self.dmc.dmc.method, "cr": lib.realised_cr(cache), "memory": memory,
+             "vanilla_bytes": int(np.asarray(cache.positions).sum()) * self.cfg.kv_bytes_per_token(itemsize)}
+    if self.dmc.dmc.method == "dmc":
+      # Sequence length above which DMC holds less than vanilla (at CR 2 and 4, this page size and window).
+      stats["crossover_tokens"] = {cr: dmc_cache.crossover_tokens(self.cfg, self.dmc.dmc, self.dmc.page_size,
+                                                                  self.cache_dtype, cr) for cr in (2, 4)}
     return GenerationResult(out, lengths.tolist(), prefill_s, decode_s, steps, memory["total"],
                             self._compile_seconds, stats)
 

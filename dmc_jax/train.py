@@ -209,7 +209,9 @@ def decision_rows_mask(params: Any, dmc: DMCConfig) -> Any:
       return jnp.ones(x.shape, bool)
     mask = jnp.zeros(x.shape, bool)
     ch = dmc.channel(x.shape[-1])
-    return mask.at[..., ch].set(True) if ch is not None and dmc_math.is_decision_kernel(path) else mask
+    # DMS reads its decisions from q alone (its k[ch] is an ordinary attention channel); DMC from q and k.
+    decides = dmc_math.is_decision_kernel(path) and (dmc.method == "dmc" or "q_proj" in names)
+    return mask.at[..., ch].set(True) if ch is not None and decides else mask
   return jax.tree_util.tree_map_with_path(mark, params)
 
 
@@ -259,6 +261,9 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
     raise ValueError(f"train.mode: expected 'dmc' or 'vanilla', got {mode!r}")
   if dmc.decisions == "adapter" and stage1_steps and mode == "dmc":
     raise ValueError("train.stage1_steps: must be 0 with dmc.decisions='adapter' (no channel to fade out)")
+  if dmc.method == "dms" and stage1_steps and mode == "dmc":
+    # DMS starts from the pre-trained channel (its logit 100·q[ch] − 5 keeps almost every token): no fade, no surgery.
+    raise ValueError("train.stage1_steps: must be 0 with dmc.method='dms' (DMS has no stage 1)")
   stage1_loss, later_loss = vanilla_loss(cfg, dmc, loss), dmc_loss(cfg, dmc, loss)
   zero = jnp.zeros((), jnp.float32)
 
@@ -299,7 +304,7 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
     if (adapter_spec is not None or loss.distill) and frozen is None:
       raise ValueError("the state has no 'frozen' parameters (trainable subsets and distillation need them; "
                        "build the state with init_state)")
-    if mode == "dmc" and dmc.decisions == "channel":
+    if mode == "dmc" and dmc.decisions == "channel" and dmc.method == "dmc":
       # The surgery also clears the rows' Adam moments: they hold stage-1 statistics of a different objective,
       # and a second moment built from stage-1 LM gradients would damp the (much smaller) post-surgery decision
       # gradients for tens of steps (β2 = 0.95).

@@ -6,6 +6,9 @@
 * train / eval — parallel over the sequence with relaxed (Gumbel-sigmoid) or hard noiseless decisions, windowed
   partial accumulation of k and v, and the additive per-key mask (docs/dmc.md §5).
 * decode — one token per sequence against the paged compressed cache (`dmc_jax.cache`).
+
+With `dmc.method = "dms"` the same modes run DMS (`dmc_jax.dms`): plain keys and values, the per-key bias only
+beyond the window, and the DMS cache (`dmc_jax.dms_cache`) in decode.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import jax.numpy as jnp
 
 from dmc_jax import cache as dmc_cache
 from dmc_jax import dmc as dmc_math
+from dmc_jax import dms as dms_math
+from dmc_jax import dms_cache
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model import rope
 from dmc_jax.model.modes import DMCDecode, Mode, Parallel, VanillaCache
@@ -114,7 +119,9 @@ class Attention(nn.Module):
     self.o_proj = Kernel((c.n_heads, c.head_dim, c.d_model), ("q_heads", "kv", "embed"), pd)
     if self.dmc is not None and self.dmc.decisions == "adapter" and self.dmc_mode != "off":
       # Zero-initialised: at init every token appends and the model is the original (dmc_jax.dmc).
-      self.decision_adapter = Kernel((c.d_model, c.n_kv_heads, 2), ("embed", "kv_heads", None), pd,
+      # DMC's adapter gives (a, ω) per KV head, DMS's only the eviction logit.
+      outs = 1 if self.dmc.method == "dms" else 2
+      self.decision_adapter = Kernel((c.d_model, c.n_kv_heads, outs), ("embed", "kv_heads", None), pd,
                                      init=nn.initializers.zeros)
 
   @property
@@ -150,6 +157,8 @@ class Attention(nn.Module):
     if self.dmc_mode != "off":
       if ctx.mode is not Mode.PARALLEL:
         raise ValueError(f"DMC attention runs in parallel mode here, got {ctx.mode}; decode with `decode`")
+      if self.dmc.method == "dms":
+        return self._dms_parallel(x_BxLxD, q, k, v, ctx, forced_alpha_BxLxK)
       return self._dmc_parallel(x_BxLxD, q, k, v, ctx, forced_alpha_BxLxK)
     cos, sin, fade = ctx.cos, ctx.sin, ctx.fade
     if fade is not None:
@@ -194,6 +203,44 @@ class Attention(nn.Module):
                         "wv": omega[..., None] * v.astype(jnp.float32), "k_slot": k_rot, "v_slot": v_acc}
     return self._output(out), None, aux
 
+  def _dms_logits(self, x_BxLxD: Array, q: Array) -> Array:
+    """DMS eviction logits [B, L, K]: the adapter on the attention input, or the repurposed query channel."""
+    if self.dmc.decisions == "adapter":
+      return dms_math.adapter_logits(x_BxLxD, self.decision_adapter(), self.dmc)
+    return dms_math.channel_logits(q, self.cfg.n_kv_heads, self.dmc)
+
+  def _dms_rope(self, q: Array, k: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
+    """RoPE, with the decision channel of the deciding query heads zeroed before and after it."""
+    kv, ch = self.cfg.n_kv_heads, self.ch
+    q = dms_math.zero_decision_channel(q, kv, ch)
+    q = dms_math.zero_decision_channel(rope.apply_rope(q, cos, sin), kv, ch)
+    return q, rope.apply_rope(k, cos, sin)
+
+  def _dms_parallel(self, x, q, k, v, ctx, forced_alpha):
+    """DMS over whole sequences: α_t marks token t − 1; key j gets log(1 − α̃_{j+1}) only from queries more than
+    w positions later (docs/dmc.md §10)."""
+    dmc = self.dmc
+    a = self._dms_logits(x, q)
+    q, k = self._dms_rope(q, k, ctx.cos, ctx.sin)
+    starts = ctx.starts
+    if forced_alpha is not None:
+      alpha = jnp.where(starts[..., None], 0.0, forced_alpha.astype(jnp.float32))
+      bias, alpha_st = dmc_math.key_bias_hard(alpha), alpha
+    elif self.dmc_mode == "train":
+      z = dmc_math.relaxed_logits(a, dmc_math.logistic_noise(self.make_rng("dmc"), a.shape), dmc.temperature)
+      alpha = jnp.where(starts[..., None], 0.0, jax.nn.sigmoid(z))
+      bias, alpha_st = dmc_math.key_bias_relaxed(z, starts), dmc_math.straight_through(alpha)
+    else:
+      alpha = jnp.where(starts[..., None], 0.0, (a > 0).astype(jnp.float32))
+      bias, alpha_st = dmc_math.key_bias_hard(alpha), alpha
+    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+    impl = _backend.for_op(self.cfg.attention_impl, DMC_ATTENTION_IMPLS)
+    out = dmc_attention(q, k, v, bias, ctx.segment_ids, implementation=impl, window=dmc.dms_window)
+    aux = {"alpha": alpha_st}
+    if ctx.collect_prefill:
+      aux["prefill"] = {"alpha": alpha, "k_slot": k, "v_slot": v}
+    return self._output(out), None, aux
+
   @jax.named_scope("attention")
   def decode(self, x_Bx1xD: Array, ctx: DMCDecode, pool: dict, state: dict, layer,
              forced_alpha_BxK: Array | None = None):
@@ -201,16 +248,24 @@ class Attention(nn.Module):
     which layer `layer`'s is read and updated (see dmc_jax.cache.decode_layer). Returns (out, pool, state)."""
     ch = self.ch
     q, k, v = self._project(x_Bx1xD)
-    a, omega = self._decide(x_Bx1xD, q, k)
-    q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)
-    # Decode never sees a sequence's first token (the prompt has at least one), so no start rule is needed.
-    alpha = (a[:, 0] > 0).astype(jnp.float32) if forced_alpha_BxK is None else forced_alpha_BxK
     cos, sin = ctx.cos, ctx.sin
-    with jax.named_scope("dmc_update"):  # the merge/append of this token's key and value
-      pool, state = dmc_cache.decode_layer(pool, state, layer=layer, positions_B=ctx.positions, k_BxKxD=k[:, 0],
-                                           v_BxKxD=v[:, 0], alpha_BxK=alpha, omega_BxK=omega[:, 0],
-                                           cos_BxD=cos[:, 0], sin_BxD=sin[:, 0], ch=ch)
-    q = dmc_math.scale_channel(rope.apply_rope(q, cos, sin), ch, 0)
+    if self.dmc.method == "dms":
+      a = self._dms_logits(x_Bx1xD, q)
+      q, k = self._dms_rope(q, k, cos, sin)
+      alpha = (a[:, 0] > 0).astype(jnp.float32) if forced_alpha_BxK is None else forced_alpha_BxK
+      with jax.named_scope("dms_update"):  # mark the previous token; overwrite the oldest pending slot or append
+        pool, state = dms_cache.decode_layer(pool, state, layer=layer, positions_B=ctx.positions, k_BxKxD=k[:, 0],
+                                             v_BxKxD=v[:, 0], alpha_BxK=alpha)
+    else:
+      a, omega = self._decide(x_Bx1xD, q, k)
+      q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)
+      # Decode never sees a sequence's first token (the prompt has at least one), so no start rule is needed.
+      alpha = (a[:, 0] > 0).astype(jnp.float32) if forced_alpha_BxK is None else forced_alpha_BxK
+      with jax.named_scope("dmc_update"):  # the merge/append of this token's key and value
+        pool, state = dmc_cache.decode_layer(pool, state, layer=layer, positions_B=ctx.positions, k_BxKxD=k[:, 0],
+                                             v_BxKxD=v[:, 0], alpha_BxK=alpha, omega_BxK=omega[:, 0],
+                                             cos_BxD=cos[:, 0], sin_BxD=sin[:, 0], ch=ch)
+      q = dmc_math.scale_channel(rope.apply_rope(q, cos, sin), ch, 0)
     b, _, h, d = q.shape
     kv = self.cfg.n_kv_heads
     table, lengths = state["block_table"][layer], state["lengths"][layer]

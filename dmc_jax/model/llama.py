@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from dmc_jax import cache as dmc_cache
 from dmc_jax import dmc as dmc_math
+from dmc_jax import dms_cache
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.model import modes, rope
 from dmc_jax.model.attention import Attention, Kernel, constrain
@@ -43,6 +44,12 @@ _REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def cache_lib(dmc: DMCConfig):
+  """The compressed cache's module for a method: `dmc_jax.cache` (DMC) or `dmc_jax.dms_cache` (DMS); both offer
+  init_cache, prefill_layer, decode_layer, pool_of, layers_of, check, realised_cr and memory_bytes."""
+  return dms_cache if dmc.method == "dms" else dmc_cache
 
 
 class RMSNorm(nn.Module):
@@ -115,7 +122,8 @@ class DecoderLayer(nn.Module):
     h = self.attn_norm(x)
     if ctx.mode is modes.Mode.DMC_PREFILL:
       attn_out, _, aux = self.attn(h, ctx.parallel, None, layer_xs.get("forced_alpha"))
-      pool, state = dmc_cache.prefill_layer(carry["pool"], layer_xs["state"], aux.pop("prefill"), ctx.lengths)
+      pool, state = cache_lib(self.dmc).prefill_layer(carry["pool"], layer_xs["state"], aux.pop("prefill"),
+                                                      ctx.lengths)
       ys = {"state": state, "aux": aux}
     elif ctx.mode is modes.Mode.DMC_DECODE:
       attn_out, pool, state = self.attn.decode(h, ctx, carry["pool"], carry["state"], layer_xs["layer"],
@@ -267,7 +275,8 @@ class Llama(nn.Module):
   def _dmc_cache_pass(self, x, ctx: modes.DMCPrefill | modes.DMCDecode, cache, forced_alpha):
     """The layer loop against the compressed cache, the pool threaded through: a prefill fills each layer's
     slice (xs/ys); a decode step carries the whole state (updated in place, layer by layer)."""
-    pool, states = dmc_cache.pool_of(cache), dmc_cache.layers_of(cache)
+    lib = cache_lib(self.dmc)
+    pool, states = lib.pool_of(cache), lib.layers_of(cache)
     if ctx.mode is modes.Mode.DMC_DECODE:
       layer = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
       carry, ys = self._run_layers({"x": x, "pool": pool, "state": states}, ctx,

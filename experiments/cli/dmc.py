@@ -86,7 +86,7 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
   from dmc_jax.api import CACHES
   g = p.add_argument_group("KV cache (default: the checkpoint's own learned method, else vanilla)")
   g.add_argument("--cache", choices=CACHES, default=None,
-                 help="vanilla; dmc (the paged compressed cache, the checkpoint's DMC settings); or an eviction "
+                 help="vanilla; dmc or dms (the paged compressed cache, the checkpoint's settings); or an eviction "
                  "policy (streaming, h2o, tova: a compact cache of ceil(T / CR) + 1 slots per layer and KV head)")
   g.add_argument("--cr", type=cli.float_range(1.0), default=None, help="an eviction policy's target compression ratio")
   g.add_argument("--dmc-force-cr", type=cli.float_range(1.0), default=None,
@@ -187,8 +187,9 @@ def _report_dmc(options, stats) -> None:
   forced = "" if rate is None else f", decisions forced (merge rate {rate:.3f})"
   print(f"[dmc] settings: {options.dmc.to_dict()}, page size {options.page_size}, pool "
         f"{mem['pool'] / 2**20:.2f} MiB{forced}", file=sys.stderr)
+  state, what = (mem["ring"], "pending ring") if "ring" in mem else (mem["merge_state"], "merge state")  # DMS, DMC
   print(f"[dmc] realised CR {cr['overall']:.2f}; cache in use {mem['total'] / 2**20:.2f} MiB "
-        f"(pages {mem['pages'] / 2**20:.2f} + merge state {mem['merge_state'] / 2**20:.2f} + tables "
+        f"(pages {mem['pages'] / 2**20:.2f} + {what} {state / 2**20:.2f} + tables "
         f"{mem['tables'] / 2**20:.2f}) vs vanilla {stats['vanilla_bytes'] / 2**20:.2f} MiB "
         f"= {mem['total'] / max(stats['vanilla_bytes'], 1):.2f}x", file=sys.stderr)
   if "crossover_tokens" in stats:

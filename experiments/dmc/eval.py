@@ -35,9 +35,9 @@ def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
   p.add_argument("--adapter", default=None,
                  help="adapter directory applied to the checkpoint (implies --dmc unless --cache vanilla)")
-  p.add_argument("--cache", action="append", default=[], choices=("vanilla", "dmc", "streaming", "h2o", "tova"),
-                 help="evaluate with this cache beside vanilla (dmc: the checkpoint's settings, hard α; an eviction "
-                 "policy at every --cr); repeat")
+  p.add_argument("--cache", action="append", default=[], choices=("vanilla", "dmc", "dms", "streaming", "h2o", "tova"),
+                 help="evaluate with this cache beside vanilla (dmc/dms: the checkpoint's settings, hard α; an "
+                 "eviction policy at every --cr); repeat")
   p.add_argument("--dmc", action="store_true", help="alias of --cache dmc")
   p.add_argument("--policy", action="append", default=[], help="alias of --cache POLICY; repeat")
   p.add_argument("--cr", action="append", type=cli.float_range(1.0), default=[],
@@ -132,13 +132,23 @@ def scorers(cfg, params, args, dmc_settings):
   if args.dmc:
     model = Llama(scanned, dmc_settings, "eval")
 
+    w = dmc_settings.dms_window
+
     @jax.jit
     def dmc(p, b):
       logits, aux = model.apply(p, b["tokens"], segment_ids_BxL=b["segment_ids"])
+      seg = b["segment_ids"]
+      if dmc_settings.method == "dms":
+        # Entries at the end of each document: its tokens less the evicted ones — α_t marks token t − 1, gone once
+        # token t + w of the same document arrived (docs/dmc.md §10).
+        later = jnp.concatenate([seg[:, w:], jnp.zeros_like(seg[:, :w])], axis=1)[:, :seg.shape[1]]
+        gone = aux["alpha"] * ((later == seg) & (seg > 0))[None, :, :, None]
+        kept = jnp.sum(seg > 0) * aux["alpha"].shape[0] * aux["alpha"].shape[-1] - jnp.sum(gone)
+        return _nll(logits, b["targets"], b["loss_mask"]), kept
       # Slots at the end of each document = its appends (α = 0, the first token included), per layer and head.
-      appends = jnp.sum((1.0 - aux["alpha"]) * (b["segment_ids"] > 0)[None, :, :, None])
+      appends = jnp.sum((1.0 - aux["alpha"]) * (seg > 0)[None, :, :, None])
       return _nll(logits, b["targets"], b["loss_mask"]), appends
-    out.append(("dmc", "DMC", None, functools.partial(dmc, sparams)))
+    out.append((dmc_settings.method, dmc_settings.method.upper(), None, functools.partial(dmc, sparams)))
 
   epar = evict_model.stack_params(cfg, params)
   for name in args.policy:
@@ -156,8 +166,9 @@ def scorers(cfg, params, args, dmc_settings):
 def _fold_cache_aliases(args) -> None:
   """--cache NAME (the project-wide flag) into the --dmc / --policy lists this module works with."""
   for name in getattr(args, "cache", None) or []:
-    if name == "dmc":
+    if name in ("dmc", "dms"):
       args.dmc = True
+      args.learned = name
     elif name != "vanilla" and name not in args.policy:
       args.policy.append(name)
 
@@ -190,6 +201,10 @@ def evaluate(args) -> dict:
     if not ckpt.dmc:
       raise ConfigError(f"--dmc: {ckpt.directory}/checkpoint.json has no DMC settings (not a DMC checkpoint)")
     dmc_settings = DMCConfig.from_dict(ckpt.dmc, where=f"{ckpt.directory}/checkpoint.json: compression")
+  wanted = getattr(args, "learned", None)
+  if dmc_settings is not None and wanted is not None and dmc_settings.method != wanted:
+    raise ConfigError(f"--cache {wanted}: the weights were retrofitted with {dmc_settings.method}; use --cache "
+                      f"{dmc_settings.method}")
   cfg = ckpt.config.replace(dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none")
   params = ckpt.load_params() if applied is None else applied.apply(ckpt.load_params())
   params = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float32), params))

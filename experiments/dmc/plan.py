@@ -105,7 +105,9 @@ def model_config(cfg, n_layers: int | None = None):
   llama = llama.replace(param_dtype="float32", dtype=cfg.model.dtype, scan_layers=True,
                         remat_policy=cfg.model.remat, n_layers=n_layers or llama.n_layers)
   dmc = DMCConfig(decision_channel=cfg.dmc.decision_channel, window=cfg.dmc.window,
-                  temperature=cfg.dmc.temperature, offset=cfg.dmc.offset)
+                  temperature=cfg.dmc.temperature, offset=cfg.dmc.offset, decisions=cfg.dmc.decisions,
+                  method=cfg.dmc.get("method", "dmc"), dms_window=cfg.dmc.get("dms_window", 16),
+                  dms_scale=cfg.dmc.get("dms_scale", 100.0))
   return llama, dmc
 
 

@@ -26,7 +26,9 @@ def _model_and_tokenizer(cfg):
   from dmc_jax.config import DMCConfig
   from dmc_jax.presets import preset
   dmc = DMCConfig(decision_channel=cfg.dmc.decision_channel, window=cfg.dmc.window,
-                  temperature=cfg.dmc.temperature, offset=cfg.dmc.offset, decisions=cfg.dmc.decisions)
+                  temperature=cfg.dmc.temperature, offset=cfg.dmc.offset, decisions=cfg.dmc.decisions,
+                  method=cfg.dmc.get("method", "dmc"), dms_window=cfg.dmc.get("dms_window", 16),
+                  dms_scale=cfg.dmc.get("dms_scale", 100.0))
   source = checkpoint.Checkpoint(cfg.model.init_from) if cfg.model.init_from else None
   tok_dir = cfg.model.tokenizer_from or cfg.model.init_from
   if not tok_dir:
@@ -159,7 +161,8 @@ def train(cfg, break_lock: bool = False, allow_config_change: bool = False) -> d
     params = source_params()
     if adapter_form:  # zero-initialised decision adapters: at step 0 the model is the source
       attn = params["params"]["layers"]["layer"]["attn"]
-      attn["decision_adapter"] = {"kernel": jnp.zeros((llama.n_layers, llama.d_model, llama.n_kv_heads, 2),
+      outs = 1 if dmc.method == "dms" else 2  # DMS's adapter gives one logit per KV head, DMC's two
+      attn["decision_adapter"] = {"kernel": jnp.zeros((llama.n_layers, llama.d_model, llama.n_kv_heads, outs),
                                                       jnp.float32)}
     return jax.jit(lambda p: initial_state(cfg, dmc, tx, p), out_shardings=shardings)(params)
 

@@ -1,10 +1,11 @@
 """Fused causal flash attention with DMC's per-key bias, as Pallas kernels (Triton lowering; interpret anywhere).
 
-logits_ij = ⟨q_i, k_j⟩·scale + bias_j for j < i, + 0 on the diagonal, masked for j > i and across segments — the
-semantics of `reference.py`, without ever forming an L×L tensor in memory: the bias is read as a vector per key
-block. Forward: grid (query block, batch, query head), online softmax, saves the log-sum-exp. Backward (custom
-VJP): one kernel per (batch, query head, block) computes dK, dV and d(bias) for key block j (looping over the query
-blocks at or after it) and dQ for query block j (looping over the key blocks up to it). d(bias)_j = Σ_{i>j} dlogits_ij.
+logits_ij = ⟨q_i, k_j⟩·scale + bias_j for i − j > window (0 for DMC: every j < i), + 0 nearer the diagonal,
+masked for j > i and across segments — the semantics of `reference.py`, without ever forming an L×L tensor in
+memory: the bias is read as a vector per key block. Forward: grid (query block, batch, query head), online
+softmax, saves the log-sum-exp. Backward (custom VJP): one kernel per (batch, query head, block) computes dK, dV
+and d(bias) for key block j (looping over the query blocks at or after it) and dQ for query block j (looping over
+the key blocks up to it). d(bias)_j = Σ_{i−j>window} dlogits_ij.
 With GQA (G query heads per KV head) dK, dV and d(bias) are produced per query head and summed over the group.
 """
 
@@ -34,16 +35,16 @@ class Blocks:
   num_stages: int = 2
 
 
-def _logits(q, k, bias_k, seg_q, seg_k, span_q, span_k, scale):
-  """Biased, masked logits of one (query block, key block) tile, float32."""
+def _logits(q, k, bias_k, seg_q, seg_k, span_q, span_k, scale, window):
+  """Biased, masked logits of one (query block, key block) tile, float32; the bias applies where i − j > window."""
   s = plgpu.dot(q, k.T) * scale
-  below = span_q[:, None] > span_k[None, :]
+  below = span_q[:, None] - span_k[None, :] > window
   s = s + jnp.where(below, bias_k[None, :], 0.0)
   allowed = (span_q[:, None] >= span_k[None, :]) & (seg_q[:, None] == seg_k[None, :])
   return jnp.where(allowed, s, MASK_VALUE), below
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, bias_ref, seg_ref, o_ref, lse_ref, *, scale, block_q, block_k):
+def _fwd_kernel(q_ref, k_ref, v_ref, bias_ref, seg_ref, o_ref, lse_ref, *, scale, window, block_q, block_k):
   i = pl.program_id(0)
   q = q_ref[...]
   span_q = i * block_q + jnp.arange(block_q)
@@ -53,7 +54,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, bias_ref, seg_ref, o_ref, lse_ref, *, scale
     o_prev, m_prev, l_prev = carry
     ks = pl.ds(j * block_k, block_k)
     s, _ = _logits(q, k_ref[ks, :], bias_ref[ks], seg_q, seg_ref[ks], span_q, j * block_k + jnp.arange(block_k),
-                   scale)
+                   scale, window)
     m_next = jnp.maximum(m_prev, s.max(axis=-1))
     correction = jnp.exp(m_prev - m_next)
     p = jnp.exp(s - m_next[:, None])
@@ -71,7 +72,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, bias_ref, seg_ref, o_ref, lse_ref, *, scale
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, bias_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, db_ref,
-                *, scale, block):
+                *, scale, window, block):
   j = pl.program_id(2)
   n_blocks = q_ref.shape[0] // block
   cur = pl.ds(j * block, block)
@@ -84,7 +85,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, bias_ref, seg_ref, do_ref, lse_ref, delta_r
     dk, dv, db = carry
     qs = pl.ds(i * block, block)
     q, do = q_ref[qs, :], do_ref[qs, :]
-    s, below = _logits(q, k, bias_k, seg_ref[qs], seg_k, i * block + jnp.arange(block), span, scale)
+    s, below = _logits(q, k, bias_k, seg_ref[qs], seg_k, i * block + jnp.arange(block), span, scale, window)
     p = jnp.exp(s - lse_ref[qs][:, None])
     dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
     ds = p * (plgpu.dot(do, v.T) - delta_ref[qs][:, None])  # d logits
@@ -105,7 +106,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, bias_ref, seg_ref, do_ref, lse_ref, delta_r
   def dq_body(i, dq):
     ks = pl.ds(i * block, block)
     k, v = k_ref[ks, :], v_ref[ks, :]
-    s, _ = _logits(q, k, bias_ref[ks], seg_q, seg_ref[ks], span, i * block + jnp.arange(block), scale)
+    s, _ = _logits(q, k, bias_ref[ks], seg_q, seg_ref[ks], span, i * block + jnp.arange(block), scale, window)
     p = jnp.exp(s - lse[:, None])
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
     return dq + plgpu.dot((ds * scale).astype(k.dtype), k)
@@ -141,7 +142,7 @@ def _pad_len(x, lp, axis=1):
   return jnp.pad(x, pad)
 
 
-def _forward(q, k, v, bias, seg, scale, blocks: Blocks, interpret):
+def _forward(q, k, v, bias, seg, scale, window, blocks: Blocks, interpret):
   b, l, h, d = q.shape
   g = h // k.shape[2]
   bq, bk, _, lp = _fit(blocks, l)
@@ -150,7 +151,7 @@ def _forward(q, k, v, bias, seg, scale, blocks: Blocks, interpret):
   bias_BxKxL = _pad_len(jnp.moveaxis(bias.astype(jnp.float32), 1, 2), lp, axis=2)
   segp = _pad_len(seg, lp)
   o, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, scale=scale, block_q=bq, block_k=bk),
+      functools.partial(_fwd_kernel, scale=scale, window=window, block_q=bq, block_k=bk),
       grid=(lp // bq, b, h),
       in_specs=[
           pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
@@ -169,7 +170,7 @@ def _forward(q, k, v, bias, seg, scale, blocks: Blocks, interpret):
   return o[:, :l], lse
 
 
-def _backward(q, k, v, bias, seg, o, lse, do, scale, blocks: Blocks, interpret):
+def _backward(q, k, v, bias, seg, o, lse, do, scale, window, blocks: Blocks, interpret):
   b, l, h, d = q.shape
   kv = k.shape[2]
   g = h // kv
@@ -184,7 +185,7 @@ def _backward(q, k, v, bias, seg, o, lse, do, scale, blocks: Blocks, interpret):
   group = lambda bi, hi, j: (bi, 0, hi // g, 0)
   blk = lambda bi, hi, j: (bi, j, hi, 0)
   dq, dk, dv, db = pl.pallas_call(
-      functools.partial(_bwd_kernel, scale=scale, block=bb),
+      functools.partial(_bwd_kernel, scale=scale, window=window, block=bb),
       grid=(b, h, lp // bb),
       in_specs=[
           pl.BlockSpec((None, lp, None, d), row),  # q
@@ -210,19 +211,19 @@ def _backward(q, k, v, bias, seg, o, lse, do, scale, blocks: Blocks, interpret):
   return dq[:, :l], dk, dv, db
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, bias, seg, scale, blocks, interpret):
-  return _forward(q, k, v, bias, seg, scale, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, bias, seg, scale, window, blocks, interpret):
+  return _forward(q, k, v, bias, seg, scale, window, blocks, interpret)[0]
 
 
-def _attention_fwd(q, k, v, bias, seg, scale, blocks, interpret):
-  o, lse = _forward(q, k, v, bias, seg, scale, blocks, interpret)
+def _attention_fwd(q, k, v, bias, seg, scale, window, blocks, interpret):
+  o, lse = _forward(q, k, v, bias, seg, scale, window, blocks, interpret)
   return o, (q, k, v, bias, seg, o, lse)
 
 
-def _attention_bwd(scale, blocks, interpret, res, do):
+def _attention_bwd(scale, window, blocks, interpret, res, do):
   q, k, v, bias, seg, o, lse = res
-  dq, dk, dv, db = _backward(q, k, v, bias, seg, o, lse, do, scale, blocks, interpret)
+  dq, dk, dv, db = _backward(q, k, v, bias, seg, o, lse, do, scale, window, blocks, interpret)
   return dq, dk, dv, db, None
 
 
@@ -230,10 +231,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def dmc_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, segment_ids_BxL=None, scale=None, *,
-                  blocks: Blocks = Blocks(), interpret: bool = False):
-  """Differentiable in q, k, v and the bias (not the segment ids). Returns [B, L, H, D] in q's dtype."""
+                  window: int = 0, blocks: Blocks = Blocks(), interpret: bool = False):
+  """Differentiable in q, k, v and the bias (not the segment ids). Returns [B, L, H, D] in q's dtype.
+  `window`: the bias applies to key j of query i only where i − j > window (0: DMC; DMS's w: docs/dmc.md §10)."""
   _check(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, blocks)
   b, l, _, d = q_BxLxHxD.shape
   scale = float(d ** -0.5 if scale is None else scale)
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
-  return _attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, seg, scale, blocks, interpret)
+  return _attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, key_bias_BxLxK, seg, scale, int(window), blocks, interpret)

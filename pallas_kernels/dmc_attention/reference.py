@@ -1,7 +1,8 @@
 """Causal attention with DMC's additive mask — the jnp reference (XLA fallback and the fused kernel's oracle).
 
-logits_ij = ⟨q_i, k_j⟩·scale + bias_j for j < i (bias_j = log(1 − α̃_{j+1}), one value per key and KV head),
-+ 0 on the diagonal (a query always sees its own, current state), −∞ for j > i and across segments.
+logits_ij = ⟨q_i, k_j⟩·scale + bias_j for i − j > window (bias_j = log(1 − α̃_{j+1}), one value per key and KV
+head), + 0 nearer the diagonal, −∞ for j > i and across segments. DMC: window 0 (a query always sees its own,
+current state); DMS: window w (a token stays visible for w steps, whatever its decision; docs/dmc.md §10).
 The bias is a vector per key: no dense L×L bias tensor is an input (this reference still forms L×L logits).
 """
 
@@ -14,7 +15,7 @@ NEG_INF = -1e30
 
 
 def dmc_attention(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array, key_bias_BxLxK: jax.Array,
-                  segment_ids_BxL: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+                  segment_ids_BxL: jax.Array | None = None, scale: float | None = None, window: int = 0) -> jax.Array:
   b, l, h, d = q_BxLxHxD.shape
   kv = k_BxLxKxD.shape[2]
   scale = d ** -0.5 if scale is None else scale
@@ -23,9 +24,10 @@ def dmc_attention(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Arr
   logits = jnp.einsum("blkgd,bskd->bkgls", q, k_BxLxKxD, preferred_element_type=acc) * scale
   idx = jnp.arange(l)
   below = idx[:, None] > idx[None, :]
+  beyond = idx[:, None] - idx[None, :] > window
   diagonal = idx[:, None] == idx[None, :]
   bias_BxKxS = jnp.moveaxis(key_bias_BxLxK.astype(acc), 1, 2)
-  logits = logits + jnp.where(below, bias_BxKxS[:, :, None, None, :], 0.0)
+  logits = logits + jnp.where(beyond, bias_BxKxS[:, :, None, None, :], 0.0)
   allowed = below | diagonal
   if segment_ids_BxL is not None:
     same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]

@@ -31,8 +31,9 @@ def make_case(b=1, l=37, h=4, kv=2, d=16, dtype=jnp.float32, seed=0, bias="relax
   return q, k, v, key_bias, seg, dtype
 
 
-def oracle(q, k, v, key_bias, seg):
-  """Query by query in float64: keys j < i get the bias, the diagonal none, later keys and other documents none."""
+def oracle(q, k, v, key_bias, seg, window=0):
+  """Query by query in float64: keys j < i − window get the bias, nearer ones none, later keys and other documents
+  none (window 0: DMC; DMS's w otherwise)."""
   b, l, h, d = q.shape
   g = h // k.shape[2]
   out = np.zeros_like(q)
@@ -41,7 +42,7 @@ def oracle(q, k, v, key_bias, seg):
       kh = hi // g
       for i in range(l):
         js = [j for j in range(i + 1) if seg is None or seg[bi, j] == seg[bi, i]]
-        logits = np.array([q[bi, i, hi] @ k[bi, j, kh] / np.sqrt(d) + (key_bias[bi, j, kh] if j < i else 0.0)
+        logits = np.array([q[bi, i, hi] @ k[bi, j, kh] / np.sqrt(d) + (key_bias[bi, j, kh] if i - j > window else 0.0)
                            for j in js])
         w = np.exp(logits - logits.max())
         out[bi, i, hi] = (w / w.sum()) @ v[bi, js, kh]
@@ -54,10 +55,11 @@ def inputs(case):
           None if seg is None else jnp.asarray(seg))
 
 
-def attention_fn(implementation, seg):
+def attention_fn(implementation, seg, window=0):
   if implementation == "pallas":  # small tiles so that the short test sequences span several of them
-    return lambda q, k, v, b: gpu.dmc_attention(q, k, v, b, seg, blocks=SMALL, interpret=_backend.interpret())
-  return lambda q, k, v, b: api.dmc_attention(q, k, v, b, seg, implementation=implementation)
+    return lambda q, k, v, b: gpu.dmc_attention(q, k, v, b, seg, window=window, blocks=SMALL,
+                                                interpret=_backend.interpret())
+  return lambda q, k, v, b: api.dmc_attention(q, k, v, b, seg, implementation=implementation, window=window)
 
 
 def rounded64(case):
@@ -94,6 +96,24 @@ def test_gradients_match_reference(implementation, case_name):
   for name, got, want in zip(("dq", "dk", "dv", "dbias"), vjp(do), ref_vjp(do)):
     assert got.shape == want.shape and got.dtype == want.dtype, name
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("implementation", IMPLS)
+@pytest.mark.parametrize("window", [1, 20])
+def test_windowed_bias_matches_oracle_and_reference(implementation, window):
+  """DMS's mask: the bias only beyond the window (20 spans a tile boundary of the 16-wide test tiles)."""
+  case = make_case(l=37, bias="relaxed", seed=5, segments=window == 1)  # documents shorter than 20: no pairs
+  args, seg = inputs(case)
+  fn = attention_fn(implementation, seg, window)
+  out, vjp = jax.vjp(fn, *args)
+  np.testing.assert_allclose(np.asarray(out), oracle(*rounded64(case), window=window), atol=2e-5, rtol=2e-5)
+  ref_out, ref_vjp = jax.vjp(lambda q, k, v, b: reference.dmc_attention(q, k, v, b, seg, window=window), *args)
+  do = jnp.asarray(np.random.default_rng(7).standard_normal(out.shape), out.dtype)
+  grads = vjp(do)
+  for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_vjp(do)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5, err_msg=name)
+  # Keys within the window of every query that sees them get no bias gradient: the last `window` keys.
+  assert np.all(np.asarray(grads[3])[:, -window:] == 0) and np.any(np.asarray(grads[3]) != 0)
 
 
 def test_bias_gradient_is_not_trivial():

@@ -23,6 +23,9 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.dmc.temperature = 0.1  # Gumbel-sigmoid tau
   cfg.dmc.offset = 5.0  # c in a = k[ch] - c
   cfg.dmc.decisions = "channel"  # channel (repurposed q/k channel ch) | adapter (zero-initialised decision adapter)
+  cfg.dmc.method = "dmc"  # dmc (merge) | dms (delayed eviction, docs/dmc.md §10)
+  cfg.dmc.dms_window = 16  # DMS: w, steps a token stays visible whatever its decision (CR ≲ seq_len / w)
+  cfg.dmc.dms_scale = 100.0  # DMS: decision logit = scale · (q[ch] or adapter output) − offset
 
   cfg.train = config_dict.ConfigDict()
   cfg.train.mode = "dmc"  # dmc | vanilla (the continued-training baseline: same LR, data and tokens, no DMC)
@@ -82,6 +85,10 @@ def _ranges():
       "dmc.window": Range(1, integer=True, optional=True),
       "dmc.temperature": pos,
       "dmc.offset": Range(),
+      "dmc.decisions": OneOf("channel", "adapter"),
+      "dmc.method": OneOf("dmc", "dms"),
+      "dmc.dms_window": pos_int,
+      "dmc.dms_scale": pos,
       "train.mode": OneOf("dmc", "vanilla"),
       "train.target_cr": Range(1.0),
       "train.steps": pos_int,
@@ -118,7 +125,7 @@ RANGES = _ranges()  # every field's allowed values, checked by `dmc-jax train` a
 SMOLLM2_CKPT = ".work/ckpt/smollm2-135m-instruct"  # where `make demo-dmc` converts the bundled GGUF
 SIZES = ("tiny", "cpu", "toy")
 # Small-budget retrofit recipes (docs/dmc.md, "adapter form and distillation"); each also as RECIPE_<size>.
-RECIPES = ("distill_adapter", "distill_lora", "distill_all")
+RECIPES = ("distill_dms_adapter", "distill_adapter", "distill_lora", "distill_all")  # longest prefix first
 VARIANTS = (None,) + SIZES + RECIPES + tuple(f"{r}_{s}" for r in RECIPES for s in SIZES)
 
 
@@ -165,8 +172,16 @@ def retrofit_recipe(cfg, recipe: str):
   distill_lora     the same plus rank-8 LoRA on the attention projections
   distill_all      the channel form, everything trains, cross entropy + KL to the original (the teacher keeps
                    the original decision rows the stage-1 surgery takes from the student)
+  distill_dms_adapter  distill_adapter for DMS (docs/dmc.md §10): eviction decisions from a zero-initialised
+                   adapter, only it trains, KL to the original
   """
   t = cfg.train
+  if recipe == "distill_dms_adapter":
+    cfg.dmc.method = "dms"
+    retrofit_recipe(cfg, "distill_adapter")
+    # The DMS logit is dms_scale (100) · x·W − offset: the LR that moves it by O(1) a step is 1/100 of DMC's.
+    t.decision_lr = min(t.decision_lr, 3e-3) / cfg.dmc.dms_scale
+    return cfg
   if recipe in ("distill_adapter", "distill_lora"):
     cfg.dmc.decisions = "adapter"
     t.trainable = "decisions" if recipe == "distill_adapter" else "lora"
