@@ -9,9 +9,11 @@ disconnects mid-stream cancels its request. Errors are OpenAI's error JSON with 
 Chat prompts are rendered from the checkpoint's chat template with jinja2 the way transformers'
 `apply_chat_template` does (a sandboxed environment, trim_blocks and lstrip_blocks, `raise_exception`,
 `add_generation_prompt=True`) and encoded without adding special tokens (the template writes them).
+
+No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (`Request`, imported inside
+`create_app` so that the module imports without the extra) as objects.
 """
 
-from __future__ import annotations
 
 import asyncio
 import json
