@@ -129,7 +129,7 @@ class Engine:
     self.ttft = Histogram(TTFT_BUCKETS)
     self.tpot = Histogram(TPOT_BUCKETS)
     self.trace: list[dict] | None = [] if trace else None
-    self._prefill_tokens_since_step = 0
+    self._prefills_since_step: list[int] = []  # context lengths prefilled since the last decode step (trace)
     self._tokens_seen = 0  # tokens in the cache, summed over running requests (realised CR)
 
   # -- submission (any thread) ---------------------------------------------------------------------------------
@@ -228,9 +228,10 @@ class Engine:
     self._tokens[:] = tokens
     if self.trace is not None:
       self.trace.append({"t": t2, "step_s": t2 - t1, "active": len(active), "slots": self.kv.max_batch,
-                         "pages": pages, "prefill_tokens": self._prefill_tokens_since_step,
-                         "waiting": len(self._waiting), "kv_tokens": self._tokens_seen})
-    self._prefill_tokens_since_step = 0
+                         "pages": pages, "prefill_lengths": self._prefills_since_step,
+                         "waiting": len(self._waiting), "kv_tokens": self._tokens_seen,
+                         "kv_slots": self.slots_in_use})
+    self._prefills_since_step = []
     self._release(finished)
     self.host_seconds += time.perf_counter() - t0 - compiled
     return True
@@ -312,7 +313,7 @@ class Engine:
       spent += now - t0
       self.pages_in_use = pages
       self.prompt_tokens += len(req.prompt) if not req.tokens else 0
-      self._prefill_tokens_since_step += len(context)
+      self._prefills_since_step.append(len(context))
       self._tokens_seen += len(context)
       req._slot, req._order = slot, next(self._order)
       self._slots[slot] = req

@@ -196,13 +196,14 @@ class PagedKV:
     return bool(cache.overflow)
 
 
-def paged_kv(model, cache: str | None = None, *, dmc_force_cr: float | None = None, max_batch: int = 8,
-             kv_budget_mb: float | None = None, page_size: int = 32, max_len: int | None = None) -> PagedKV:
+def paged_kv(model, cache: str | None = None, *, cr: float | None = None, dmc_force_cr: float | None = None,
+             max_batch: int = 8, kv_budget_mb: float | None = None, page_size: int = 32,
+             max_len: int | None = None) -> PagedKV:
   """The serving cache for a loaded `dmc_jax.api.Model`: `cache` as the API's contract ("vanilla", "dmc"; None:
   the checkpoint's own method), a pool of `kv_budget_mb` MiB (default: every slot at max_len uncompressed, so it
   cannot run out), rows of up to `max_len` tokens (default the model's positions)."""
   from dmc_jax.api import POLICIES
-  choice = model.resolve_cache(cache, None, dmc_force_cr)
+  choice = model.resolve_cache(cache, cr, dmc_force_cr)
   if choice.kind in POLICIES:
     raise ArgumentError(f"cache={choice.kind!r}: the serving engine runs 'vanilla' and 'dmc'; eviction policies "
                         f"are not ported to the paged engine yet (use them through generate without max_batch)")

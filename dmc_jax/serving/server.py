@@ -303,8 +303,17 @@ def _token_text(tokenizer, token_id: Any) -> str:
 def serve(model, engine, model_name: str, host: str, port: int, chat_template: str | None = None,
           drain_seconds: float = 30.0) -> int:
   """Runs the server until SIGINT/SIGTERM; in-flight requests get up to `drain_seconds` to finish. Returns 0."""
+  import signal
+
   import uvicorn
   app = create_app(model, engine, model_name, chat_template, drain_seconds)
   config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_seconds)
-  uvicorn.Server(config).run()
+  # uvicorn drains on SIGTERM and then raises the signal again under the handler that was there before it started
+  # (the default one kills the process: status -15). A drained SIGTERM is an orderly exit, so that handler is a
+  # no-op and run() returns.
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+  try:
+    uvicorn.Server(config).run()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   return 0

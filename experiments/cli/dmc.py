@@ -291,11 +291,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except OSError as e:
       raise ArgumentError(f"--chat-template: cannot read {args.chat_template}: {e.strerror}") from None
   model = dmc_jax.load(args.ckpt, adapter=args.adapter, dtype=args.dtype)
-  choice = cache_choice_arguments(args)
-  if choice["cr"] is not None:
-    raise ArgumentError("--cr: eviction policies are not ported to the serving engine yet; serve with --cache "
-                        "vanilla or dmc (--dmc-force-cr CR forces DMC's ratio)")
-  kv = paged_kv(model, choice["cache"], dmc_force_cr=choice["dmc_force_cr"], max_batch=args.max_batch,
+  kv = paged_kv(model, **cache_choice_arguments(args), max_batch=args.max_batch,
                 kv_budget_mb=args.kv_budget_mb, page_size=args.page_size, max_len=args.max_len)
   engine = Engine(kv, eos_ids=model.eos_ids)
   name = args.model_name or os.path.basename(os.path.abspath(args.ckpt))
