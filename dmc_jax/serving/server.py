@@ -18,6 +18,7 @@ No `from __future__ import annotations` here: FastAPI reads the handlers' annota
 import asyncio
 import json
 import math
+import random
 import time
 import uuid
 from typing import Any
@@ -139,7 +140,8 @@ def create_app(model, engine, model_name: str, chat_template: str | None = None,
     if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
       raise BadRequest("stop: expected a string or a list of up to 4 non-empty strings", "stop")
     seed = body.get("seed")
-    seed = 0 if seed is None else _number(body, "seed", 0, 0, 2**32 - 1, integer=True)
+    # Unseeded sampling draws a fresh seed (identical unseeded requests must not sample identical text).
+    seed = random.getrandbits(32) if seed is None else _number(body, "seed", 0, 0, 2**32 - 1, integer=True)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
       raise BadRequest("stream: expected true or false", "stream")
