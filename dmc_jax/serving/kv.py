@@ -18,6 +18,7 @@ of tokens it has sampled, so a request samples the same tokens whatever else run
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -124,7 +125,7 @@ class PagedKV:
     padded[0, :n] = tokens
     t, p, s, c = sampling
     out, cache = self._prefill(self.params, cache, padded, np.int32(n), np.int32(slot), np.float32(t),
-                               np.float32(p), np.uint32(s), np.int32(c))
+                               np.float32(p), np.uint32(s), np.int32(c), self._rate())
     out = np.asarray(out)
     return int(out[0]), int(out[1]), int(out[2]), int(out[3]), cache
 
@@ -132,7 +133,7 @@ class PagedKV:
     """One decode step of every active slot; returns (next tokens [B], boundary rows per slot [B], pages in use,
     slots in use (summed over rows), cache). A slot's boundary rows are those whose next append needs a new page:
     the most the next step takes."""
-    out, cache = self._step(self.params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B)
+    out, cache = self._step(self.params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B, self._rate())
     out = np.asarray(out)  # one transfer: tokens, boundary counts, pages and slots in use
     b = self.max_batch
     return out[:b], out[b:2 * b], int(out[2 * b]), int(out[2 * b + 1]), cache
@@ -145,22 +146,34 @@ class PagedKV:
   def bytes_in_use(self, pages_in_use: int) -> int:
     return pages_in_use * self.page_bytes
 
+  def with_forced_rate(self, rate: float) -> "PagedKV":
+    """This DMC cache at another forced merge rate, sharing the compiled functions (the rate is their argument,
+    so a benchmark over several CRs compiles once)."""
+    if self.kind != "dmc" or self.forced_merge_rate is None:
+      raise ValueError("with_forced_rate: only a DMC cache with forced decisions has a merge rate to change")
+    other = copy.copy(self)
+    other.forced_merge_rate = float(rate)
+    return other
+
   # -- compiled functions --------------------------------------------------------------------------------------
 
-  def _forced(self, positions_BxL):
+  def _rate(self):
+    return np.float32(self.forced_merge_rate or 0.0)
+
+  def _forced(self, positions_BxL, rate):
     if self.forced_merge_rate is None:
       return None
-    if self.forced_merge_rate == 0.0:
+    if self.kind == "vanilla":
       return jnp.zeros((self.cfg.n_layers,) + positions_BxL.shape + (self.cfg.n_kv_heads,), jnp.float32)
     return forced_merge_decisions(jax.random.key(_FORCED_KEY), positions_BxL, self.cfg.n_layers,
-                                  self.cfg.n_kv_heads, self.forced_merge_rate)
+                                  self.cfg.n_kv_heads, rate)
 
   def _boundary(self, lengths_LyxBxK, active_B):
     """Rows per slot whose next append opens a page."""
     at_edge = (jnp.mod(lengths_LyxBxK, self.page_size) == 0) & active_B[None, :, None]
     return jnp.sum(at_edge, axis=(0, 2), dtype=jnp.int32)
 
-  def _prefill_fn(self, params, cache, tokens_1xP, length, slot, temperature, top_p, seed, count):
+  def _prefill_fn(self, params, cache, tokens_1xP, length, slot, temperature, top_p, seed, count, rate):
     # A one-sequence cache sharing the big cache's pool: prefill takes its pages off the shared free stack.
     layer = {f: jnp.zeros(getattr(cache, f).shape[:1] + (1,) + getattr(cache, f).shape[2:], getattr(cache, f).dtype)
              for f in dmc_cache.LAYER_FIELDS}
@@ -168,7 +181,7 @@ class PagedKV:
     one = cache.replace(**layer, positions=jnp.zeros((1,), jnp.int32), active=jnp.ones((1,), bool))
     positions = jnp.arange(tokens_1xP.shape[1])[None, :]
     lengths = length[None]
-    logits, one, _ = self.model.apply(params, tokens_1xP, lengths, one, self._forced(positions),
+    logits, one, _ = self.model.apply(params, tokens_1xP, lengths, one, self._forced(positions, rate),
                                       method=Llama.prefill_dmc)
     # The new sequence's rows go into the slot; the pool (pages written, stack advanced) is the one-sequence one.
     new = {f: getattr(cache, f).at[:, slot].set(getattr(one, f)[:, 0]) for f in dmc_cache.LAYER_FIELDS}
@@ -180,8 +193,8 @@ class PagedKV:
     boundary = self._boundary(cache.lengths, cache.active)[slot]
     return jnp.stack([token[0], boundary, cache.next_free, jnp.sum(cache.lengths)]), cache
 
-  def _step_fn(self, params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B):
-    forced = self._forced(cache.positions[:, None])
+  def _step_fn(self, params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B, rate):
+    forced = self._forced(cache.positions[:, None], rate)
     logits, cache = self.model.apply(params, tokens_B[:, None], cache, None if forced is None else forced[:, :, 0],
                                      method=Llama.decode_dmc)
     # An inactive slot's position does not advance (decode_dmc advances every sequence's).

@@ -64,13 +64,9 @@ def roofline_seconds(cfg, trace, prefills, param_bytes: int, page_bytes: int, bw
   return total
 
 
-def run_method(cfg, params, label, kind, cr, prompts, outputs, pages: int, page_size: int):
-  from dmc_jax.config import DMCConfig
-  from dmc_jax.serving import Engine, PagedKV
-  n = len(prompts)
-  rate = None if cr is None else 1 - 1 / cr
-  kv = PagedKV(cfg, params, kind=kind, dmc=DMCConfig() if kind == "dmc" else None, forced_merge_rate=rate,
-               max_batch=n, max_len=len(prompts[0]) + max(outputs), page_size=page_size, num_pages=pages)
+def run_method(kv, label, cr, prompts, outputs):
+  from dmc_jax.serving import Engine
+  kind, pages = kv.kind, kv.num_pages
   warm = Engine(kv)  # compiles the prefill bucket, the step and the free outside the timed stream
   warm.submit(prompts[0], 2)
   warm.run_until_idle()
@@ -156,11 +152,17 @@ def run(args: argparse.Namespace) -> int:
   page_size = args.page_size
   pages = dmc_cache.pages_for_budget(cfg, int(args.serve_budget_mb * 2**20), page_size, dtype)
   bw, mm = copy_bandwidth(), matmul_rate()
-  methods = [("vanilla (paged)", "vanilla", None)] + [
-      (f"dmc CR {c:g} (forced)", "dmc", c) for c in (float(x) for x in args.serve_crs.split(",") if x)]
+  from dmc_jax.config import DMCConfig
+  from dmc_jax.serving import PagedKV
+  shape = dict(max_batch=len(prompts), max_len=args.serve_prompt + out_hi, page_size=page_size, num_pages=pages)
+  crs = [float(x) for x in args.serve_crs.split(",") if x]
+  methods = [("vanilla (paged)", PagedKV(cfg, params, kind="vanilla", **shape), None)]
+  if crs:  # one DMC cache: the forced rate is an argument of its compiled functions, so the CRs compile once
+    dmc_kv = PagedKV(cfg, params, kind="dmc", dmc=DMCConfig(), forced_merge_rate=1 - 1 / crs[0], **shape)
+    methods += [(f"dmc CR {c:g} (forced)", dmc_kv.with_forced_rate(1 - 1 / c), c) for c in crs]
   results = []
-  for label, kind, cr in methods:
-    r = run_method(cfg, params, label, kind, cr, prompts, outputs, pages, page_size)
+  for label, kv, cr in methods:
+    r = run_method(kv, label, cr, prompts, outputs)
     r["roofline_s"] = roofline_seconds(cfg, r["_trace"], r["_prefills"], param_bytes, r["page_bytes"], bw, mm)
     results.append(r)
     print(f"[bench --serve] {label}: {r['tokens_per_s']:.1f} tokens/s, peak {r['peak_running']} running, "
