@@ -166,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     r["roofline_s"] = roofline_seconds(cfg, r["_trace"], r["_prefills"], param_bytes, r["page_bytes"], bw, mm)
     results.append(r)
     print(f"[bench --serve] {label}: {r['tokens_per_s']:.1f} tokens/s, peak {r['peak_running']} running, "
-          f"{r['preemptions']} preemptions, {r['wall_s']:.0f} s", flush=True)
+          f"{r['preemptions']} preemptions, {r['wall_s']:.0f} s, roofline {r['roofline_s']:.1f} s", flush=True)
+    print("[bench --serve] " + json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
   base = results[0]
   for r in results:
     r["ratio_vs_vanilla"] = r["tokens_per_s"] / base["tokens_per_s"]
