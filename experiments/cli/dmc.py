@@ -268,7 +268,7 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
   p.add_argument("--page-size", type=cli.positive_int, default=32, help="slots per cache page")
   p.add_argument("--max-batch", type=cli.positive_int, default=8, help="decode slots (requests running at once)")
   p.add_argument("--max-len", type=cli.positive_int, default=None,
-                 help="tokens per sequence, prompt + output (default: the model's max_position_embeddings)")
+                 help="tokens per sequence, prompt + output (default: 2048, or the model's positions if fewer)")
   p.add_argument("--host", default="127.0.0.1")
   p.add_argument("--port", type=cli.positive_int, default=8000)
   p.add_argument("--chat-template", default=None, help="a jinja2 chat template file (overrides the checkpoint's)")
@@ -292,7 +292,8 @@ def _run_serve(args: argparse.Namespace) -> int:
       raise ArgumentError(f"--chat-template: cannot read {args.chat_template}: {e.strerror}") from None
   model = dmc_jax.load(args.ckpt, adapter=args.adapter, dtype=args.dtype)
   kv = paged_kv(model, **cache_choice_arguments(args), max_batch=args.max_batch,
-                kv_budget_mb=args.kv_budget_mb, page_size=args.page_size, max_len=args.max_len)
+                kv_budget_mb=args.kv_budget_mb, page_size=args.page_size,
+                max_len=args.max_len or min(2048, model.config.max_position_embeddings))
   engine = Engine(kv, eos_ids=model.eos_ids)
   name = args.model_name or os.path.basename(os.path.abspath(args.ckpt))
   log.info("serving %s (%s cache, %d slots, %d pages of %d = %.1f MiB) on http://%s:%d", name, kv.kind,
