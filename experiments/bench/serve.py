@@ -67,9 +67,16 @@ def roofline_seconds(cfg, trace, prefills, param_bytes: int, page_bytes: int, bw
 def run_method(kv, label, cr, prompts, outputs):
   from dmc_jax.serving import Engine
   kind, pages = kv.kind, kv.num_pages
-  warm = Engine(kv)  # compiles the prefill bucket, the step and the free outside the timed stream
-  warm.submit(prompts[0], 2)
-  warm.run_until_idle()
+  from dmc_jax.serving.kv import prompt_bucket
+  # Compile outside the timed stream: the step, the free, and every prefill bucket a context can reach (a
+  # preempted request recomputes its prompt plus what it generated: longer contexts, larger buckets).
+  warm = Engine(kv)
+  longest = len(prompts[0]) + max(outputs) - 1
+  buckets = sorted({prompt_bucket(n) for n in range(len(prompts[0]), longest + 1)})
+  for b in buckets:
+    n = min(b, longest)
+    warm.submit((prompts[0] * (n // len(prompts[0]) + 1))[:n], 1 if n == longest else 2)
+    warm.run_until_idle()
   engine = Engine(kv, trace=True)
   t0 = time.perf_counter()
   reqs = [engine.submit(p, m, ignore_eos=True) for p, m in zip(prompts, outputs)]
