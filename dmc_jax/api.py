@@ -192,10 +192,13 @@ class Model:
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, cache: str | None = None,
                cr: float | None = None, dmc_force_cr: float | None = None, kv_budget_mb: float | None = None,
                page_size: int = 32, stop_at_eos: bool = True, add_special_tokens: bool = True,
-               on_step=None) -> Completion:
+               on_step=None, max_batch: int | None = None) -> Completion:
     """Generates a continuation of every prompt (one batch) and returns texts, ids and statistics.
 
-    on_step(s): called after decode step s (`Generator.generate`'s hook; the CLI's --profile uses it)."""
+    on_step(s): called after decode step s (`Generator.generate`'s hook; the CLI's --profile uses it).
+    max_batch: stream the prompts through the continuous-batching engine (`dmc_jax.serving`) with this many
+    decode slots over a pool of `kv_budget_mb` (vanilla or dmc cache; prompt i samples with seed + i): a finished
+    sequence's slot and pages go to the next prompt at once. Without it, one fixed batch as before."""
     from dmc_jax.generate import Sampling
     prompts = _prompt_list(prompts)
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
@@ -217,12 +220,42 @@ class Model:
     if longest + max_new_tokens > self.config.max_position_embeddings:
       raise ArgumentError(f"max_new_tokens: {longest} prompt + {max_new_tokens} new tokens exceed the model's "
                           f"{self.config.max_position_embeddings} positions")
+    if max_batch is not None:
+      return self._complete_streamed(ids, max_new_tokens, sampling, seed, choice, kv_budget_mb, page_size,
+                                     max_batch, stop_at_eos)
     gen = self.generator(choice, page_size=page_size, kv_budget_mb=kv_budget_mb)
     eos = self.eos_ids
     result = gen.generate(ids, max_new_tokens, sampling, seed=seed, eos_ids=eos, stop_at_eos=stop_at_eos,
                           on_step=on_step)
     new = [[t for t in toks if t not in eos] for toks in result.tokens]
     return Completion([self.tokenizer.decode(t) for t in new], new, ids, choice, result, gen)
+
+  def _complete_streamed(self, ids, max_new_tokens, sampling, seed, choice, kv_budget_mb, page_size, max_batch,
+                         stop_at_eos) -> Completion:
+    """`complete` through the serving engine (offline continuous batching)."""
+    from dmc_jax.serving import Engine, paged_kv
+    if not (isinstance(max_batch, int) and max_batch >= 1):
+      raise ArgumentError(f"max_batch: expected an integer >= 1, got {max_batch!r}")
+    if sampling.top_k:
+      raise ArgumentError("top_k: the serving engine samples with temperature and top_p only")
+    # Rows sized for the longest request (rounded up to a power of two, so calls share compiled functions).
+    max_len = 1 << (max(len(i) for i in ids) + max_new_tokens - 1).bit_length()
+    key = ("engine", choice, page_size, kv_budget_mb, max_batch, max_len)
+    if key not in self._generators:
+      self._generators[key] = paged_kv(self, choice.kind, cr=choice.cr, dmc_force_cr=choice.force_cr,
+                                       max_batch=max_batch,
+                                       kv_budget_mb=kv_budget_mb, page_size=page_size, max_len=max_len)
+    kv = self._generators[key]
+    eos = self.eos_ids
+    engine = Engine(kv, eos_ids=eos if stop_at_eos else ())
+    reqs = [engine.submit(p, max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                          seed=(seed + i) % 2**32) for i, p in enumerate(ids)]
+    engine.run_until_idle()
+    new = [[t for t in r.tokens if t not in eos] for r in reqs]
+    stats = {"decode_steps": engine.decode_steps, "preemptions": engine.preemptions,
+             "tokens_generated": engine.tokens_generated, "pool_pages": kv.num_pages,
+             "finish_reasons": [r.finish_reason for r in reqs]}
+    return Completion([self.tokenizer.decode(t) for t in new], new, ids, choice, stats, kv)
 
   def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, **kwargs) -> list[str]:
     """The continuations (text after each prompt) as a list; keyword arguments as `complete`."""

@@ -3,7 +3,11 @@
 Every row — one (layer, sequence, KV head) — is its own single-head sequence with its own number of slots (cache
 length = number of runs of merged tokens). Slots live in fixed-size pages of one pool shared by all layers (so
 memory flows to the layers and heads that compress less); `block_table[row, i]` is the pool page holding slots
-i·S .. i·S+S−1. Pages are taken from the pool by a bump allocator on the device: no host round trip per step.
+i·S .. i·S+S−1. Pages are taken from the pool on the device (no host round trip per step) off a free stack:
+`free_list[next_free:]` are the free page ids, so taking n pages reads the next n entries and advances
+`next_free`, and `free_rows` gives a finished sequence's pages back by writing their ids just below `next_free`
+and lowering it (a fixed-batch generation never frees, and then the stack is the identity: a bump allocator).
+`active` masks sequences out of a decode step (a serving slot with no request: it neither writes nor allocates).
 A full pool sets the sticky `overflow` flag and drops the write; `check` turns the flag into an error (the
 generator calls it after every generation), so exhaustion is never silent.
 
@@ -40,7 +44,8 @@ class DMCCache:
   v_pages: Array
   block_table: Array  # [Ly, B, K, M] int32 page ids (−1: none)
   lengths: Array  # [Ly, B, K] int32 slots in use
-  next_free: Array  # [] int32, bump allocator over the pool
+  next_free: Array  # [] int32 pages in use: free_list[next_free:] are free
+  free_list: Array  # [P] int32 free stack of page ids (the identity until rows are freed)
   overflow: Array  # [] bool, sticky: a page was needed and the pool was empty
   sum_k: Array  # [Ly, B, K, D] float32 merge state of the current run
   sum_v: Array
@@ -50,6 +55,7 @@ class DMCCache:
   ring_v: Array
   ring_w: Array  # [Ly, B, K, W]
   positions: Array  # [B] int32 tokens seen per sequence (= position of the next token)
+  active: Array  # [B] bool, sequences a decode step updates
   page_size: int = flax.struct.field(pytree_node=False)
   window: int | None = flax.struct.field(pytree_node=False)
 
@@ -81,20 +87,27 @@ def init_cache(cfg: LlamaConfig, dmc: DMCConfig, batch: int, max_len: int, page_
   return DMCCache(
       k_pages=jnp.zeros((num_pages, page_size, d), dtype), v_pages=jnp.zeros((num_pages, page_size, d), dtype),
       block_table=jnp.full(rows + (max_pages,), -1, jnp.int32), lengths=jnp.zeros(rows, jnp.int32),
-      next_free=jnp.zeros((), jnp.int32), overflow=jnp.zeros((), bool),
+      next_free=jnp.zeros((), jnp.int32), free_list=jnp.arange(num_pages, dtype=jnp.int32),
+      overflow=jnp.zeros((), bool),
       sum_k=jnp.zeros(rows + (d,), jnp.float32), sum_v=jnp.zeros(rows + (d,), jnp.float32),
       sum_w=jnp.zeros(rows, jnp.float32), run=jnp.zeros(rows, jnp.int32),
       ring_k=jnp.zeros(rows + (w, d), jnp.float32), ring_v=jnp.zeros(rows + (w, d), jnp.float32),
       ring_w=jnp.zeros(rows + (w,), jnp.float32), positions=jnp.zeros((batch,), jnp.int32),
-      page_size=page_size, window=dmc.window)
+      active=jnp.ones((batch,), bool), page_size=page_size, window=dmc.window)
 
 
 def _allocate(next_free: Array, num_pages: int, need: Array) -> tuple[Array, Array, Array]:
-  """Bump-allocates `need[i]` pages per row (flattened); returns (first page id per row, next_free, overflow)."""
+  """Takes `need[i]` pages per row (flattened) off the free stack; returns (each row's first index into the free
+  list — its pages are free_list[first .. first + need − 1] —, next_free, overflow)."""
   flat = need.reshape(-1)
   start = next_free + jnp.cumsum(flat) - flat
   new_next = next_free + jnp.sum(flat)
   return start.reshape(need.shape), new_next, new_next > num_pages
+
+
+def _page_ids(free_list: Array, index: Array) -> Array:
+  """The page ids at free-stack positions `index` (clipped: callers mask entries past the pool)."""
+  return free_list[jnp.clip(index, 0, free_list.shape[0] - 1)]
 
 
 def _write_slots(pages: Array, block_table: Array, rows_slots: Array, values: Array, write: Array) -> Array:
@@ -145,14 +158,15 @@ def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: 
   first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
   overflow = overflow | jnp.any(need > m)  # a prompt longer than the cache was sized for
   page_i = jnp.arange(m)
-  block_table = jnp.where(page_i < need[..., None], first[..., None] + page_i, -1).astype(jnp.int32)
+  block_table = jnp.where(page_i < need[..., None], _page_ids(pool["free_list"], first[..., None] + page_i),
+                          -1).astype(jnp.int32)
   block_table = jnp.where(overflow, -1, block_table)  # never point past the pool
 
   # Slots: the state at the last token of each run (one scatter per pool; other tokens are dropped).
   bt = jnp.broadcast_to(block_table[:, None], (b, l, kv, m))
-  new_pool = {"k_pages": _write_slots(pool["k_pages"], bt, run_id, states["k_slot"], is_end),
-              "v_pages": _write_slots(pool["v_pages"], bt, run_id, states["v_slot"], is_end),
-              "next_free": next_free, "overflow": pool["overflow"] | overflow}
+  new_pool = dict(pool, k_pages=_write_slots(pool["k_pages"], bt, run_id, states["k_slot"], is_end),
+                  v_pages=_write_slots(pool["v_pages"], bt, run_id, states["v_slot"], is_end),
+                  next_free=next_free, overflow=pool["overflow"] | overflow)
 
   # Merge state at each prompt's last token, and the run length there.
   last = jnp.maximum(lengths_B - 1, 0)
@@ -180,7 +194,7 @@ def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: 
 
 # The cache splits into the pool every layer shares and one slice per layer; a decode step threads the pool
 # through the layers (unrolled, or as the carry of a scan over layers) and updates each layer's slice.
-POOL_FIELDS = ("k_pages", "v_pages", "next_free", "overflow")
+POOL_FIELDS = ("k_pages", "v_pages", "next_free", "free_list", "overflow", "active")
 LAYER_FIELDS = ("block_table", "lengths", "sum_k", "sum_v", "sum_w", "run", "ring_k", "ring_v", "ring_w")
 
 
@@ -221,6 +235,7 @@ def decode_layer(pool: dict, state: dict, *, layer, positions_B: Array, k_BxKxD:
   cur, state = jax.lax.optimization_barrier((cur, state))
   # A sequence's first token always appends (decode normally starts after a prefill, but need not).
   alpha_i = (alpha_BxK > 0.5).astype(jnp.int32) * (t[:, None] > 0)
+  live = jnp.broadcast_to(pool["active"][:, None], (b, kv))  # rows of sequences this step updates
   alpha = alpha_i.astype(jnp.float32)
   run = alpha_i * cur["run"] + 1
   wk = omega_BxK[..., None] * k_BxKxD.astype(jnp.float32)
@@ -236,8 +251,10 @@ def decode_layer(pool: dict, state: dict, *, layer, positions_B: Array, k_BxKxD:
     sum_k = sum_k - drop[..., None] * cur["ring_k"]
     sum_v = sum_v - drop[..., None] * cur["ring_v"]
     sum_w = sum_w - drop * cur["ring_w"]
-    put = lambda buf, value: buf.at[ring_at].set(value, indices_are_sorted=True, unique_indices=True)
-    new.update(ring_k=put(state["ring_k"], wk), ring_v=put(state["ring_v"], wv), ring_w=put(state["ring_w"], omega_BxK))
+    def put(f, value):  # an inactive row keeps its entry
+      keep = jnp.where(live.reshape(live.shape + (1,) * (value.ndim - 2)), value, cur[f])
+      return state[f].at[ring_at].set(keep, indices_are_sorted=True, unique_indices=True)
+    new.update(ring_k=put("ring_k", wk), ring_v=put("ring_v", wv), ring_w=put("ring_w", omega_BxK))
 
   k_cand = sum_k / sum_w[..., None]
   k_cand = rope.apply_rope(k_cand[:, None], cos_BxD[:, None], sin_BxD[:, None])[:, 0]
@@ -249,24 +266,47 @@ def decode_layer(pool: dict, state: dict, *, layer, positions_B: Array, k_BxKxD:
   slot = length - alpha_i  # merge: overwrite the last slot; append: the next one
   table = cur["block_table"]
   m = table.shape[-1]
-  beyond = (alpha_i == 0) & (length >= m * page_size)  # the row's block table is full: nowhere to append
-  need = ((1 - alpha_i) * (jnp.mod(length, page_size) == 0) * ~beyond).astype(jnp.int32)
+  beyond = live & (alpha_i == 0) & (length >= m * page_size)  # the row's block table is full: nowhere to append
+  need = ((1 - alpha_i) * (jnp.mod(length, page_size) == 0) * ~beyond * live).astype(jnp.int32)
   num_pages = pool["k_pages"].shape[0]
   first, next_free, overflow = _allocate(pool["next_free"], num_pages, need)
   overflow = overflow | jnp.any(beyond)
   at_page_i = jnp.arange(m) == (length // page_size)[..., None]
-  table = jnp.where(at_page_i & ((need > 0) & ~overflow)[..., None], first[..., None], table)
-  write = ~(overflow & (need > 0)) & ~beyond
-  new_pool = {"k_pages": _write_slots(pool["k_pages"], table, slot, k_cand, write),
-              "v_pages": _write_slots(pool["v_pages"], table, slot, v_cand, write),
-              "next_free": next_free, "overflow": pool["overflow"] | overflow}
+  table = jnp.where(at_page_i & ((need > 0) & ~overflow)[..., None], _page_ids(pool["free_list"], first)[..., None],
+                    table)
+  write = ~(overflow & (need > 0)) & ~beyond & live
+  new_pool = dict(pool, k_pages=_write_slots(pool["k_pages"], table, slot, k_cand, write),
+                  v_pages=_write_slots(pool["v_pages"], table, slot, v_cand, write),
+                  next_free=next_free, overflow=pool["overflow"] | overflow)
   for f, value in dict(block_table=table, lengths=length + 1 - alpha_i, sum_k=sum_k, sum_v=sum_v, sum_w=sum_w,
                        run=run).items():
+    value = jnp.where(live.reshape(live.shape + (1,) * (value.ndim - 2)), value, cur[f])
     new[f] = jax.lax.dynamic_update_index_in_dim(state[f], value.astype(state[f].dtype), layer, 0)
   return new_pool, new
 
 
 # -- bookkeeping ----------------------------------------------------------------------------------------------
+
+
+def free_rows(cache: DMCCache, free_B: Array) -> DMCCache:
+  """Gives the pages of sequences `free_B` ([B] bool) back to the free stack and empties their rows (no pages,
+  no slots, inactive). Their page ids are written just below `next_free`, which drops by their count: the stack
+  below `next_free` holds no meaning (pages in use are found through the block tables), so nothing is lost."""
+  table = cache.block_table  # [Ly, B, K, M]
+  freed = (table >= 0) & free_B[None, :, None, None]
+  flat, ok = table.reshape(-1), freed.reshape(-1)
+  n = jnp.sum(ok, dtype=jnp.int32)
+  # The freed ids packed to the front (a stable order: the k-th freed page in row-major order goes to k).
+  rank = jnp.cumsum(ok) - 1
+  base = cache.next_free - n
+  # Entries not freed go past the stack, each to its own index (dropped), so every index is distinct.
+  dest = jnp.where(ok, base + rank, cache.free_list.shape[0] + jnp.arange(flat.size, dtype=jnp.int32))
+  free_list = cache.free_list.at[dest].set(flat, mode="drop", unique_indices=True)
+  rows = free_B[None, :, None]
+  return cache.replace(
+      free_list=free_list, next_free=base,
+      block_table=jnp.where(free_B[None, :, None, None], -1, table),
+      lengths=jnp.where(rows, 0, cache.lengths), active=cache.active & ~free_B)
 
 
 def check(cache: DMCCache) -> None:
@@ -296,7 +336,7 @@ def memory_bytes(cache: DMCCache) -> dict[str, int]:
   per_page = cache.k_pages[0].nbytes + cache.v_pages[0].nbytes
   state = sum(x.nbytes for x in (cache.sum_k, cache.sum_v, cache.sum_w, cache.run, cache.ring_k, cache.ring_v,
                                  cache.ring_w))
-  tables = cache.block_table.nbytes + cache.lengths.nbytes + cache.positions.nbytes
+  tables = cache.block_table.nbytes + cache.lengths.nbytes + cache.positions.nbytes + cache.free_list.nbytes
   return {"pages": pages_used * per_page, "merge_state": state, "tables": tables,
           "total": pages_used * per_page + state + tables, "pool": cache.num_pages * per_page}
 

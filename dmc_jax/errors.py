@@ -32,3 +32,7 @@ class CachePoolExhausted(UserError):
 
 class ArgumentError(UserError):
   """An argument of the Python API or the command line is out of range."""
+
+
+class RequestRejected(UserError):
+  """A serving request that can never be served (its prompt and output cannot fit the cache); names the limit."""

@@ -617,9 +617,14 @@ def configure(p: argparse.ArgumentParser) -> None:
   # No --profile-steps: each timed section already runs after its own compile and warm-up, so the whole run is
   # traced; its TraceAnnotations (bench/decode/..., bench/kernel/..., bench/train/...) name the sections.
   profiling.add_profile_arguments(p, steps=False)
+  from experiments.bench import serve
+  serve.configure(p)
 
 
 def run(args: argparse.Namespace) -> int:
+  if getattr(args, "serve", False):
+    from experiments.bench import serve
+    return serve.run(args)
   import jax
 
   from experiments.bench.common import copy_bandwidth, matmul_rate

@@ -257,6 +257,51 @@ def _run_bench(args: argparse.Namespace) -> int:
   return bench_dmc.run(args)
 
 
+# -- serve --------------------------------------------------------------------------------------------------
+
+
+def _configure_serve(p: argparse.ArgumentParser) -> None:
+  p.add_argument("ckpt", help="dmc-jax checkpoint directory")
+  p.add_argument("--adapter", default=None, help="adapter directory to apply (its method becomes the default cache)")
+  add_cache_arguments(p)
+  p.add_argument("--kv-budget-mb", type=cli.positive_float, default=None,
+                 help="KV page pool size in MiB (default: every slot at the model's full length, uncompressed)")
+  p.add_argument("--page-size", type=cli.positive_int, default=32, help="slots per cache page")
+  p.add_argument("--max-batch", type=cli.positive_int, default=8, help="decode slots (requests running at once)")
+  p.add_argument("--max-len", type=cli.positive_int, default=None,
+                 help="tokens per sequence, prompt + output (default: 2048, or the model's positions if fewer)")
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=cli.positive_int, default=8000)
+  p.add_argument("--chat-template", default=None, help="a jinja2 chat template file (overrides the checkpoint's)")
+  p.add_argument("--model-name", default=None, help="the model id clients name (default: the directory's name)")
+  p.add_argument("--drain-seconds", type=cli.positive_float, default=30.0,
+                 help="on SIGTERM, how long in-flight requests may run before they are cancelled")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default float32)")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+  import dmc_jax
+  from dmc_jax.errors import ArgumentError
+  from dmc_jax.serving import Engine, paged_kv
+  from dmc_jax.serving.server import serve
+  template = None
+  if args.chat_template is not None:
+    try:
+      with open(args.chat_template, encoding="utf-8") as f:
+        template = f.read()
+    except OSError as e:
+      raise ArgumentError(f"--chat-template: cannot read {args.chat_template}: {e.strerror}") from None
+  model = dmc_jax.load(args.ckpt, adapter=args.adapter, dtype=args.dtype)
+  kv = paged_kv(model, **cache_choice_arguments(args), max_batch=args.max_batch,
+                kv_budget_mb=args.kv_budget_mb, page_size=args.page_size,
+                max_len=args.max_len or min(2048, model.config.max_position_embeddings))
+  engine = Engine(kv, eos_ids=model.eos_ids)
+  name = args.model_name or os.path.basename(os.path.abspath(args.ckpt))
+  log.info("serving %s (%s cache, %d slots, %d pages of %d = %.1f MiB) on http://%s:%d", name, kv.kind,
+           kv.max_batch, kv.num_pages, kv.page_size, kv.bytes_in_use(kv.num_pages) / 2**20, args.host, args.port)
+  return serve(model, engine, name, args.host, args.port, template, args.drain_seconds)
+
+
 def _configure_plan(p: argparse.ArgumentParser) -> None:
   cli.add_config_argument(p)
   p.add_argument("--devices", type=cli.positive_int, default=None,
@@ -347,6 +392,8 @@ COMMANDS = [
                 _configure_train, _run_train, takes_config_overrides=True),
     cli.Command("bench", "DMC vs vanilla decode tokens/s at equal KV memory, decode-kernel bandwidth, train step time",
                 _configure_bench, _run_bench),
+    cli.Command("serve", "an OpenAI-compatible server: continuous batching over the paged vanilla or DMC cache",
+                _configure_serve, _run_serve, requires=("serve",)),
     cli.Command("plan", "AOT-compile an experiment's train step on fake CPU devices; per-device memory vs analytic",
                 _configure_plan, _run_plan, takes_config_overrides=True),
     cli.Command("eval", "held-out perplexity and realised CR: vanilla beside DMC and eviction policies, same tokens",

@@ -70,7 +70,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 
 # Optional extras (pyproject.toml) and the modules that tell whether each is installed.
-EXTRAS = {"sdc": ("cv2", "skvideo", "dm_pix", "skimage"), "eval": ("lm_eval",)}
+EXTRAS = {"sdc": ("cv2", "skvideo", "dm_pix", "skimage"), "eval": ("lm_eval",),
+          "serve": ("fastapi", "uvicorn", "jinja2")}
 
 
 def missing_extra(extras: Sequence[str]) -> str | None:
