@@ -20,7 +20,7 @@ Motion parameterisation (`motion`):
   g < 0 they sharpen (centre tap above one), which counters the blur of bilinear resampling. The gate is a
   smooth function on purpose: a clipped gate with a straight-through gradient was pushed ever further below 0
   (towards sharpening it could not deliver), and that unanswered push grew the features until training
-  diverged (activations ×3000 in 50 steps; docs/_notes_sdc.md).
+  diverged (activations ×3000 in 50 steps; docs/results.md, "SDC-Net with residual motion").
 
 Normalisation of inputs (as NVIDIA's release): images minus the per-sample channel mean over the input frames,
 divided by 255; flows (f - mean) / (3 std) with the reference statistics. Inputs are edge-padded to a multiple

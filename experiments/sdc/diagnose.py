@@ -1,4 +1,4 @@
-"""Why a trained SDC-Net moves pixels or not: measurements behind docs/_notes_sdc.md (issue 24).
+"""Why a trained SDC-Net moves pixels or not: the measurements behind docs/results.md ("SDC-Net with residual motion").
 
 * `flow_stats`: magnitude histograms of the backward flows the model sees — stored training windows, synthetic
   camera-motion windows (as the training pipeline makes them), and each held-out clip.
