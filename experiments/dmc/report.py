@@ -4,7 +4,8 @@ per method) from `dmc-jax eval` results. Refuses results measured on different h
 Every compressed row is compared with a reference row by a paired block bootstrap of the mean NLL difference
 (blocks of 128 consecutive scored tokens, resampled together for both rows, 10,000 resamples, 95% percentile
 interval): by default the reference is the vanilla row of the same `dmc-jax eval` file (the same weights without
-compression), `--pair LABEL=REFERENCE` names another (a distillation-only method against the original model).
+compression), `--pair LABEL=REFERENCE` names another (a distillation-only method against the original model, or
+a learned method against a policy: `LABEL@CR` names one CR of a policy's rows).
 """
 
 from __future__ import annotations
@@ -70,12 +71,20 @@ def paired_bootstrap(row: dict, ref: dict, resamples: int = 10_000, seed: int = 
 def compare(rows: list[dict], pairs: dict[str, str] | None = None) -> None:
   """Adds `vs_reference` (paired_bootstrap) to every row that is not its own reference."""
   pairs = pairs or {}
-  by_label = {r["label"]: r for r in rows}
+  by_label: dict[str, list[dict]] = {}
+  for r in rows:  # a policy's label repeats over its CRs: "LABEL@CR" names one of them
+    by_label.setdefault(r["label"], []).append(r)
+    if r["cr_target"] is not None:
+      by_label.setdefault(f"{r['label']}@{r['cr_target']:g}", []).append(r)
   for name in list(pairs) + list(pairs.values()):
     if name not in by_label:
       raise ConfigError(f"--pair: no row labelled {name!r} (labels: {', '.join(sorted(by_label))})")
+    if len(by_label[name]) > 1 and name in pairs.values():
+      raise ConfigError(f"--pair: {name!r} names {len(by_label[name])} rows; add @CR (e.g. {name}@2)")
   for r in rows:
-    ref = by_label.get(pairs.get(r["label"], r["reference"]))
+    name = pairs.get(f"{r['label']}@{r['cr_target']:g}" if r["cr_target"] is not None else None,
+                     pairs.get(r["label"], r["reference"]))
+    ref = by_label.get(name, [None])[0]
     if ref is not None and ref is not r:
       r["vs_reference"] = paired_bootstrap(r, ref)
 

@@ -98,6 +98,11 @@ def test_report_table_plot_and_refusals(tiny, result, capsys):
   assert re.search(r"^\| tiny \| — \|[^\n]*\| GQA \| [+-]\d", open(d / "r3" / "report.md").read(), re.M)
   assert cli_dmc.main(["report", str(d / "a.json"), "--out", str(d / "r4"), "--pair", "nope=GQA"]) == 2
   assert "no row labelled 'nope'" in capsys.readouterr().err
+  # A policy's label covers its CRs: a reference must name one (LABEL@CR).
+  assert cli_dmc.main(["report", str(d / "a.json"), "--out", str(d / "r5"), "--pair", "tiny=TOVA"]) == 2
+  assert "names 2 rows; add @CR" in capsys.readouterr().err
+  assert cli_dmc.main(["report", str(d / "a.json"), "--out", str(d / "r5"), "--pair", "tiny=TOVA@2"]) == 0
+  assert re.search(r"^\| tiny \| — \|[^\n]*\| TOVA \| [+-]\d", open(d / "r5" / "report.md").read(), re.M)
   assert os.path.getsize(d / "report" / "ppl_vs_cr.png") > 5000
   other = json.load(open(b))
   other["tokens_sha256"] = "0" * 16
