@@ -114,7 +114,7 @@ def plot(rows: list[dict], path: str) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  fig, ax = plt.subplots(figsize=(10, 4.6))
   lines: dict[str, list[dict]] = {}
   for r in rows:
     lines.setdefault(r["label"], []).append(r)
@@ -140,7 +140,7 @@ def plot(rows: list[dict], path: str) -> str:
   if max(ppl) > 5 * min(ppl):  # one collapsed method would flatten every other line
     ax.set_yscale("log")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: it hid points
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
