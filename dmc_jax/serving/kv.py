@@ -102,8 +102,9 @@ class PagedKV:
     self.rows_per_sequence = cfg.n_layers * cfg.n_kv_heads
     self.page_bytes = dmc_cache.page_bytes(cfg, page_size, self.cache_dtype)
     self.model = Llama(cfg, dmc, "eval")
-    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-    self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+    # Names of their own: a profile maps XLA modules to scopes by name (jit__step_fn is the Generator's).
+    self._prefill = jax.jit(self._serve_prefill, donate_argnums=(1,))
+    self._step = jax.jit(self._serve_step, donate_argnums=(1,))
     self._free = jax.jit(dmc_cache.free_rows, donate_argnums=(0,))
 
   # -- the interface -------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class PagedKV:
     at_edge = (jnp.mod(lengths_LyxBxK, self.page_size) == 0) & active_B[None, :, None]
     return jnp.sum(at_edge, axis=(0, 2), dtype=jnp.int32)
 
-  def _prefill_fn(self, params, cache, tokens_1xP, length, slot, temperature, top_p, seed, count, rate):
+  def _serve_prefill(self, params, cache, tokens_1xP, length, slot, temperature, top_p, seed, count, rate):
     # A one-sequence cache sharing the big cache's pool: prefill takes its pages off the shared free stack.
     layer = {f: jnp.zeros(getattr(cache, f).shape[:1] + (1,) + getattr(cache, f).shape[2:], getattr(cache, f).dtype)
              for f in dmc_cache.LAYER_FIELDS}
@@ -193,7 +194,7 @@ class PagedKV:
     boundary = self._boundary(cache.lengths, cache.active)[slot]
     return jnp.stack([token[0], boundary, cache.next_free, jnp.sum(cache.lengths)]), cache
 
-  def _step_fn(self, params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B, rate):
+  def _serve_step(self, params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B, rate):
     forced = self._forced(cache.positions[:, None], rate)
     logits, cache = self.model.apply(params, tokens_B[:, None], cache, None if forced is None else forced[:, :, 0],
                                      method=Llama.decode_dmc)

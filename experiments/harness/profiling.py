@@ -227,7 +227,10 @@ def _sub(buf: bytes, field: int):
 
 
 def hlo_scopes(xplane_path: str) -> dict[str, dict[str, str]]:
-  """module name → {HLO instruction name → its op_name (the named-scope path)} from an .xplane.pb."""
+  """module name → {HLO instruction name → its op_name (the named-scope path)} from an .xplane.pb.
+
+  The plane holds every module the process compiled; two jitted functions of one name (jit__step_fn) would share
+  an entry, so the library's compiled functions have distinct names."""
   with open(xplane_path, "rb") as f:
     space = f.read()
   modules: dict[str, dict[str, str]] = {}
