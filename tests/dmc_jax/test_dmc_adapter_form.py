@@ -40,6 +40,7 @@ def adapter_params(cfg, seed=0):
   return base
 
 
+@pytest.mark.slow  # 32 s in the fresh-clone run: full and adapter-form models compiled side by side
 def test_adapter_at_init_is_the_original_model():
   cfg = GQA
   params, tokens = adapter_params(cfg), _tokens()
@@ -61,6 +62,7 @@ def test_forced_adapter_form_parallel_equals_prefill_plus_decode():
   assert 1.5 < dmc_cache.realised_cr(cache)["overall"] < 4.5
 
 
+@pytest.mark.slow  # 27 s in the fresh-clone run: prefill and decode compiles
 def test_adapter_decisions_parallel_equals_prefill_plus_decode():
   """Unforced: the adapter's decision column fitted (least squares, layer by layer) so that a ≈ N(0, 1)."""
   cfg = GQA

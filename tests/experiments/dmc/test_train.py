@@ -56,6 +56,7 @@ def test_init_from_flag_must_name_a_checkpoint(tmp_path, capsys):
   assert "--init-from" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 26 s in the fresh-clone run: a whole training run
 def test_vanilla_continued_training_from_a_converted_checkpoint(tmp_path, smollm2_ckpt):
   cfg_model = preset("smollm2-tiny").replace(tie_embeddings=False)
   tensors = random_hf_model(cfg_model, seed=4)
