@@ -172,21 +172,24 @@ class Attention(nn.Module):
       return self._output(attend(q, cache["k"], cache["v"], ctx.mask, kv_layout="bksd")), cache, None
     return self._output(attend(q, k, v, ctx.mask)), None, None
 
+  def _alphas(self, a: Array, starts: Array, forced_alpha: Array | None):
+    """(α, key bias, α for the aux) from decision logits: forced, relaxed with noise (train) or hard (eval); α ≡ 0
+    where a document starts. DMC and DMS share it (what α marks differs, not how it is drawn)."""
+    if forced_alpha is not None:
+      alpha = jnp.where(starts[..., None], 0.0, forced_alpha.astype(jnp.float32))
+      return alpha, dmc_math.key_bias_hard(alpha), alpha
+    if self.dmc_mode == "train":
+      z = dmc_math.relaxed_logits(a, dmc_math.logistic_noise(self.make_rng("dmc"), a.shape), self.dmc.temperature)
+      alpha = jnp.where(starts[..., None], 0.0, jax.nn.sigmoid(z))
+      return alpha, dmc_math.key_bias_relaxed(z, starts), dmc_math.straight_through(alpha)
+    alpha = jnp.where(starts[..., None], 0.0, (a > 0).astype(jnp.float32))
+    return alpha, dmc_math.key_bias_hard(alpha), alpha
+
   def _dmc_parallel(self, x, q, k, v, ctx, forced_alpha):
     dmc, ch = self.dmc, self.ch
     a, omega = self._decide(x, q, k)
     q, k = dmc_math.scale_channel(q, ch, 0), dmc_math.scale_channel(k, ch, 0)
-    starts = ctx.starts
-    if forced_alpha is not None:
-      alpha = jnp.where(starts[..., None], 0.0, forced_alpha.astype(jnp.float32))
-      bias, alpha_st = dmc_math.key_bias_hard(alpha), alpha
-    elif self.dmc_mode == "train":
-      z = dmc_math.relaxed_logits(a, dmc_math.logistic_noise(self.make_rng("dmc"), a.shape), dmc.temperature)
-      alpha = jnp.where(starts[..., None], 0.0, jax.nn.sigmoid(z))
-      bias, alpha_st = dmc_math.key_bias_relaxed(z, starts), dmc_math.straight_through(alpha)
-    else:
-      alpha = jnp.where(starts[..., None], 0.0, (a > 0).astype(jnp.float32))
-      bias, alpha_st = dmc_math.key_bias_hard(alpha), alpha
+    alpha, bias, alpha_st = self._alphas(a, ctx.starts, forced_alpha)
     num_k, num_v, den = dmc_math.accumulate(k, v, alpha, omega, dmc.window)
     dt = q.dtype
     k_acc = (num_k / den[..., None]).astype(dt)
@@ -222,17 +225,7 @@ class Attention(nn.Module):
     dmc = self.dmc
     a = self._dms_logits(x, q)
     q, k = self._dms_rope(q, k, ctx.cos, ctx.sin)
-    starts = ctx.starts
-    if forced_alpha is not None:
-      alpha = jnp.where(starts[..., None], 0.0, forced_alpha.astype(jnp.float32))
-      bias, alpha_st = dmc_math.key_bias_hard(alpha), alpha
-    elif self.dmc_mode == "train":
-      z = dmc_math.relaxed_logits(a, dmc_math.logistic_noise(self.make_rng("dmc"), a.shape), dmc.temperature)
-      alpha = jnp.where(starts[..., None], 0.0, jax.nn.sigmoid(z))
-      bias, alpha_st = dmc_math.key_bias_relaxed(z, starts), dmc_math.straight_through(alpha)
-    else:
-      alpha = jnp.where(starts[..., None], 0.0, (a > 0).astype(jnp.float32))
-      bias, alpha_st = dmc_math.key_bias_hard(alpha), alpha
+    alpha, bias, alpha_st = self._alphas(a, ctx.starts, forced_alpha)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     impl = _backend.for_op(self.cfg.attention_impl, DMC_ATTENTION_IMPLS)
     out = dmc_attention(q, k, v, bias, ctx.segment_ids, implementation=impl, window=dmc.dms_window)
