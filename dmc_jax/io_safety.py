@@ -113,6 +113,20 @@ def output_lock(out: str) -> Iterator[None]:
     os.close(fd)
 
 
+@contextlib.contextmanager
+def waiting_lock(path: str) -> Iterator[None]:
+  """A blocking exclusive `flock` on `path` (created, never removed: unlinking a lock file others wait on would
+  let a third process lock a new inode beside them). For work that a second process should wait for and then
+  reuse, such as preparing a shared dataset, rather than be refused."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)
+
+
 def remove_stale_siblings(out: str) -> list[str]:
   """Removes `.NAME.tmp-*` siblings left by a killed writer (called under the output's lock, so their writer is
   gone). Only directories holding our marker are deleted; others are reported and kept. A `.NAME.old-*` (the

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from dmc_jax import io_safety
 from dmc_jax.errors import DataError
 from dmc_jax.tokenizer import Tokenizer
 
@@ -287,6 +288,13 @@ def prepare(src: TextSource, data_dir: str | None = None):
   name = _settings_name(src)
   tfds.disable_progress_bar()
   cls = _builder_class()
+  # Two runs started together would both prepare, and the second's rename onto the first's output fails: the
+  # second waits for the first and then finds the dataset prepared.
+  with io_safety.waiting_lock(os.path.join(data_dir, f".{name}.prepare.lock")):
+    return _prepare_locked(cls, src, name, data_dir)
+
+
+def _prepare_locked(cls, src: TextSource, name: str, data_dir: str):
   with _quiet_tfds():
     builder = cls(source=src, name=name, held_out=None, data_dir=data_dir, file_format="array_record")
     prepared = builder.is_prepared()

@@ -203,3 +203,22 @@ def test_preparing_local_text_says_one_line_of_ours(tmp_path, capfd, caplog):
       "(once)"), msgs
   for noise in ("Downloading and preparing", "custom data configuration", "dataset_info.json", "Dataset text"):
     assert noise not in out + err + "".join(msgs)
+
+
+def test_two_processes_preparing_one_source_both_succeed(tmp_path):
+  """Two runs started together (as two retrofit runs were) share one prepared dataset: the second waits on the
+  first's lock instead of failing on TFDS's rename onto the first's output."""
+  import subprocess
+  import sys
+  (tmp_path / "docs").mkdir()
+  for i in range(40):
+    (tmp_path / "docs" / f"{i}.txt").write_text(f"Document number {i}. " * 50)
+  code = ("import sys; from dmc_jax import text_data as td; "
+          "s = td.open_splits(td.TextSource(kind='files', paths=(sys.argv[1],)), sys.argv[2]); "
+          "print(len(s['train']) + len(s['validation']))")
+  args = [sys.executable, "-c", code, str(tmp_path / "docs"), str(tmp_path / "tfds")]
+  procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert out.split()[-1] == "40"
