@@ -36,13 +36,20 @@ def decision_and_importance(q_BxLxHxD: Array, k_BxLxKxD: Array, dmc: DMCConfig) 
   return a_BxLxK, omega_BxLxK
 
 
+def unit_rms(x: Array) -> Array:
+  """x scaled to unit root-mean-square over its last axis (an RMSNorm at its initialisation, no parameters)."""
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
 def adapter_decision_and_importance(x_BxLxD: Array, w_DxKx2: Array, dmc: DMCConfig) -> tuple[Array, Array]:
   """The adapter form: (a, ω), float32 [B, L, K], from the attention input through a per-layer linear map.
 
-  a = x·W[:, :, 0] − c and ω = σ(x·W[:, :, 1] + c) + ε: with W = 0 (its initialisation) every decision is
-  "append" (a = −c) and every weight equal, so the model computes exactly the original attention."""
+  a = x̂·W[:, :, 0] − c and ω = σ(x̂·W[:, :, 1] + c) + ε, x̂ = x at unit RMS: with W = 0 (its initialisation)
+  every decision is "append" (a = −c) and every weight equal, so the model computes exactly the original
+  attention. x̂ rather than x for the reason the DMS adapter gives (dms.adapter_logits): SmolLM2's small
+  attention-norm scales left the first five layers at CR ≈ 1 after 100 steps of the raw-input adapter."""
   acc = jnp.promote_types(x_BxLxD.dtype, jnp.float32)
-  logits_BxLxKx2 = jnp.einsum("bld,dkt->blkt", x_BxLxD.astype(acc), w_DxKx2.astype(acc))
+  logits_BxLxKx2 = jnp.einsum("bld,dkt->blkt", unit_rms(x_BxLxD.astype(acc)), w_DxKx2.astype(acc))
   return logits_BxLxKx2[..., 0] - dmc.offset, jax.nn.sigmoid(logits_BxLxKx2[..., 1] + dmc.offset) + dmc.epsilon
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dmc_jax import dmc as dmc_math
 from dmc_jax.config import DMCConfig
 
 Array = jax.Array
@@ -36,9 +37,7 @@ def adapter_logits(x_BxLxD: Array, w_DxKx1: Array, dmc: DMCConfig) -> Array:
   moves by about the LR) moved the logits so little that 36 steps left every decision at "keep". NVIDIA's adapter
   has an RMSNorm of its own, initialised to scale 1; this is that norm at its initialisation, without parameters."""
   acc = jnp.promote_types(x_BxLxD.dtype, jnp.float32)
-  x = x_BxLxD.astype(acc)
-  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-  out = jnp.einsum("bld,dk->blk", x, w_DxKx1[..., 0].astype(acc))
+  out = jnp.einsum("bld,dk->blk", dmc_math.unit_rms(x_BxLxD.astype(acc)), w_DxKx1[..., 0].astype(acc))
   return out * dmc.dms_scale - dmc.offset
 
 
