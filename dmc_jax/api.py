@@ -13,8 +13,8 @@ The cache-selection contract (the CLI's `--cache NAME [--cr CR] [--dmc-force-cr 
 * `cache=None` uses the checkpoint's own learned method (`compression.method`: "dmc" or "dms"), else "vanilla".
 * `cr` is the target ratio of an eviction policy ("streaming", "h2o", "tova") and required for one. A learned
   cache ("dmc", "dms") compresses at the model's own ratio: passing `cr` with it is an error.
-* Forced decisions (benchmarks) only through `dmc_force_cr=`: DMC merges with probability 1 - 1/CR whatever the
-  model decides; it implies `cache="dmc"`.
+* Forced decisions (benchmarks) only through `dmc_force_cr=`: DMC merges (DMS evicts) with probability 1 - 1/CR
+  whatever the model decides; with `cache=None` it implies the checkpoint's learned method, else "dmc".
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ def resolve_cache(method: str | None, cache: str | None = None, cr: float | None
                   dmc_force_cr: float | None = None) -> CacheChoice:
   """Applies the cache-selection contract (module docstring) for a checkpoint whose learned method is `method`."""
   if cache is None:
-    cache = "dmc" if dmc_force_cr is not None else (method or "vanilla")
+    cache = (method if method in LEARNED else "dmc") if dmc_force_cr is not None else (method or "vanilla")
   if cache not in CACHES:
     raise ArgumentError(f"cache: unknown {cache!r}; expected one of {list(CACHES)}")
   if dmc_force_cr is not None:
-    if cache != "dmc":
-      raise ArgumentError(f"dmc_force_cr: forces DMC decisions; it cannot be used with cache={cache!r}")
+    if cache not in LEARNED:
+      raise ArgumentError(f"dmc_force_cr: forces DMC or DMS decisions; it cannot be used with cache={cache!r}")
     if not (isinstance(dmc_force_cr, (int, float)) and math.isfinite(dmc_force_cr) and dmc_force_cr >= 1):
       raise ArgumentError(f"dmc_force_cr: expected a finite ratio >= 1, got {dmc_force_cr!r}")
   if cache in POLICIES:

@@ -1,8 +1,9 @@
 """The DMS KV cache (docs/dmc.md §10): DMC's paged pool, filled by delayed eviction instead of merging.
 
 Every row — one (layer, sequence, KV head) — holds the keys (RoPE applied) and values of the tokens it still
-sees, in slots of fixed-size pages of the pool every layer shares (`dmc_jax.cache`'s bump allocator, block tables
-and sticky `overflow` flag, so exhaustion raises `CachePoolExhausted` exactly as DMC's does). Per row a ring of
+sees, in slots of fixed-size pages of the pool every layer shares (`dmc_jax.cache`'s free stack of pages, block
+tables and sticky `overflow` flag, so exhaustion raises `CachePoolExhausted` exactly as DMC's does, and
+`dmc_jax.cache.free_rows` frees a sequence's pages alike). Per row a ring of
 w + 1 pending entries (slot, evict), indexed by position mod (w + 1), remembers the last w + 1 tokens: when token t
 arrives, the decision at t marks entry t − 1, and entry t mod (w + 1) — token t − w − 1, the oldest, now leaving
 the window — decides where t goes: if it was marked its slot is overwritten in place by t, otherwise t is
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmc_jax.cache import _allocate, _write_slots
+from dmc_jax.cache import _allocate, _page_ids, _write_slots
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.errors import CachePoolExhausted
 
@@ -39,8 +40,10 @@ class DMSCache:
   v_pages: Array
   block_table: Array  # [Ly, B, K, M] int32 page ids (−1: none)
   lengths: Array  # [Ly, B, K] int32 slots in use (= tokens seen − evictions)
-  next_free: Array  # [] int32, bump allocator over the pool
+  next_free: Array  # [] int32 pages in use: free_list[next_free:] are free (dmc_jax.cache's free stack)
+  free_list: Array  # [P] int32 free stack of page ids (the identity until rows are freed)
   overflow: Array  # [] bool, sticky: a page was needed and the pool was empty
+  active: Array  # [B] bool sequences a decode step updates (a serving engine's free slots are inactive)
   ring_slot: Array  # [Ly, B, K, w+1] int32 slot of pending token p at index p mod (w+1)
   ring_evict: Array  # [Ly, B, K, w+1] int32 1 when pending token p was marked (by the decision at p+1)
   evictions: Array  # [Ly, B, K] int32 tokens evicted so far
@@ -67,7 +70,8 @@ def init_cache(cfg: LlamaConfig, dmc: DMCConfig, batch: int, max_len: int, page_
   return DMSCache(
       k_pages=jnp.zeros((num_pages, page_size, d), dtype), v_pages=jnp.zeros((num_pages, page_size, d), dtype),
       block_table=jnp.full(rows + (max_pages,), -1, jnp.int32), lengths=jnp.zeros(rows, jnp.int32),
-      next_free=jnp.zeros((), jnp.int32), overflow=jnp.zeros((), bool),
+      next_free=jnp.zeros((), jnp.int32), free_list=jnp.arange(num_pages, dtype=jnp.int32),
+      overflow=jnp.zeros((), bool), active=jnp.ones((batch,), bool),
       ring_slot=jnp.zeros(rows + (w1,), jnp.int32), ring_evict=jnp.zeros(rows + (w1,), jnp.int32),
       evictions=jnp.zeros(rows, jnp.int32), positions=jnp.zeros((batch,), jnp.int32),
       page_size=page_size, window=dmc.dms_window)
@@ -107,12 +111,13 @@ def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: 
   first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
   overflow = overflow | jnp.any(need > m)  # a prompt longer than the cache was sized for
   page_i = jnp.arange(m)
-  block_table = jnp.where(page_i < need[..., None], first[..., None] + page_i, -1).astype(jnp.int32)
+  block_table = jnp.where(page_i < need[..., None], _page_ids(pool["free_list"], first[..., None] + page_i),
+                          -1).astype(jnp.int32)
   block_table = jnp.where(overflow, -1, block_table)  # never point past the pool
   bt = jnp.broadcast_to(block_table[:, None], (b, l, kv, m))
-  new_pool = {"k_pages": _write_slots(pool["k_pages"], bt, slot, states["k_slot"], survives),
-              "v_pages": _write_slots(pool["v_pages"], bt, slot, states["v_slot"], survives),
-              "next_free": next_free, "overflow": pool["overflow"] | overflow}
+  new_pool = dict(pool, k_pages=_write_slots(pool["k_pages"], bt, slot, states["k_slot"], survives),
+                  v_pages=_write_slots(pool["v_pages"], bt, slot, states["v_slot"], survives),
+                  next_free=next_free, overflow=pool["overflow"] | overflow)
 
   # Ring entry j: the pending token p ≡ j (mod w+1) among the last w + 1 (none before the start: evict 0).
   last = lengths_B - 1
@@ -132,7 +137,7 @@ def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: 
 # -- decode ---------------------------------------------------------------------------------------------------
 
 
-POOL_FIELDS = ("k_pages", "v_pages", "next_free", "overflow")
+POOL_FIELDS = ("k_pages", "v_pages", "next_free", "free_list", "overflow", "active")
 LAYER_FIELDS = ("block_table", "lengths", "ring_slot", "ring_evict", "evictions")
 
 
@@ -158,27 +163,34 @@ def decode_layer(pool: dict, state: dict, *, layer, positions_B: Array, k_BxKxD:
   prev = rows + (jnp.mod(t - 1, w1)[:, None],)  # token t − 1, marked by this step's decision
   cur = {f: jax.lax.dynamic_index_in_dim(state[f], layer, 0, keepdims=False)
          for f in ("block_table", "lengths", "evictions")}
-  cur.update(old_slot=state["ring_slot"][old], old_evict=state["ring_evict"][old])
+  cur.update(old_slot=state["ring_slot"][old], old_evict=state["ring_evict"][old],
+             prev_evict=state["ring_evict"][prev])
   cur, state = jax.lax.optimization_barrier((cur, state))  # every read before any write (see dmc_jax.cache)
-  evict = (cur["old_evict"] > 0) & (t[:, None] > w1 - 1)
+  live = jnp.broadcast_to(pool["active"][:, None], (b, kv))  # rows of sequences this step updates
+  evict = (cur["old_evict"] > 0) & (t[:, None] > w1 - 1) & live
+  append = ~evict & live
   length, table = cur["lengths"], cur["block_table"]
   m = table.shape[-1]
   slot = jnp.where(evict, cur["old_slot"], length)
-  beyond = ~evict & (length >= m * page_size)  # the row's block table is full: nowhere to append
-  need = (~evict & (jnp.mod(length, page_size) == 0) & ~beyond).astype(jnp.int32)
+  beyond = append & (length >= m * page_size)  # the row's block table is full: nowhere to append
+  need = (append & (jnp.mod(length, page_size) == 0) & ~beyond).astype(jnp.int32)
   first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
   overflow = overflow | jnp.any(beyond)
   at_page_i = jnp.arange(m) == (length // page_size)[..., None]
-  table = jnp.where(at_page_i & ((need > 0) & ~overflow)[..., None], first[..., None], table)
-  write = ~(overflow & (need > 0)) & ~beyond
-  new_pool = {"k_pages": _write_slots(pool["k_pages"], table, slot, k_BxKxD, write),
-              "v_pages": _write_slots(pool["v_pages"], table, slot, v_BxKxD, write),
-              "next_free": next_free, "overflow": pool["overflow"] | overflow}
+  table = jnp.where(at_page_i & ((need > 0) & ~overflow)[..., None], _page_ids(pool["free_list"], first)[..., None],
+                    table)
+  write = ~(overflow & (need > 0)) & ~beyond & live
+  new_pool = dict(pool, k_pages=_write_slots(pool["k_pages"], table, slot, k_BxKxD, write),
+                  v_pages=_write_slots(pool["v_pages"], table, slot, v_BxKxD, write),
+                  next_free=next_free, overflow=pool["overflow"] | overflow)
   mark = ((alpha_BxK > 0.5) & (t[:, None] > 0)).astype(jnp.int32)
-  # prev ≠ old (w ≥ 1): the two entries are distinct, and the new token's entry starts unmarked.
-  ring_evict = state["ring_evict"].at[prev].set(mark).at[old].set(0)
-  new = dict(state, ring_evict=ring_evict, ring_slot=state["ring_slot"].at[old].set(slot.astype(jnp.int32)))
-  for f, value in dict(block_table=table, lengths=length + (~evict).astype(jnp.int32),
+  # prev ≠ old (w ≥ 1): the two entries are distinct, and the new token's entry starts unmarked. An inactive
+  # row keeps its entries.
+  ring_evict = state["ring_evict"].at[prev].set(jnp.where(live, mark, cur["prev_evict"])).at[old].set(
+      jnp.where(live, 0, cur["old_evict"]))
+  ring_slot = state["ring_slot"].at[old].set(jnp.where(live, slot, cur["old_slot"]).astype(jnp.int32))
+  new = dict(state, ring_evict=ring_evict, ring_slot=ring_slot)
+  for f, value in dict(block_table=table, lengths=length + append.astype(jnp.int32),
                        evictions=cur["evictions"] + evict.astype(jnp.int32)).items():
     new[f] = jax.lax.dynamic_update_index_in_dim(state[f], value.astype(state[f].dtype), layer, 0)
   return new_pool, new
@@ -213,6 +225,6 @@ def memory_bytes(cache: DMSCache) -> dict[str, int]:
   pages_used = int(min(int(cache.next_free), cache.num_pages))
   per_page = cache.k_pages[0].nbytes + cache.v_pages[0].nbytes
   ring = cache.ring_slot.nbytes + cache.ring_evict.nbytes + cache.evictions.nbytes
-  tables = cache.block_table.nbytes + cache.lengths.nbytes + cache.positions.nbytes
+  tables = cache.block_table.nbytes + cache.lengths.nbytes + cache.positions.nbytes + cache.free_list.nbytes
   return {"pages": pages_used * per_page, "ring": ring, "tables": tables,
           "total": pages_used * per_page + ring + tables, "pool": cache.num_pages * per_page}

@@ -31,7 +31,7 @@ from dmc_jax import cache as dmc_cache
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.errors import ArgumentError
 from dmc_jax.generate import _FORCED_KEY, forced_merge_decisions
-from dmc_jax.model.llama import Llama
+from dmc_jax.model.llama import Llama, cache_lib
 
 _MIN_BUCKET = 16  # prompt lengths are padded to a power of two at least this long (few prefill shapes compile)
 
@@ -75,13 +75,14 @@ def _with_zero_adapter(cfg: LlamaConfig, dmc: DMCConfig, params: Any) -> Any:
 
 class PagedKV:
   """A paged cache of `max_batch` slots over a pool of `num_pages` pages of `page_size` slots, with compiled
-  prefill-into-a-slot, step and free. `kind` is "vanilla" or "dmc"."""
+  prefill-into-a-slot, step and free. `kind` is "vanilla", "dmc" or "dms" (DMS: the forced rate is the eviction
+  rate, 1 − 1/CR, as DMC's merge rate is)."""
 
   def __init__(self, cfg: LlamaConfig, params: Any, *, kind: str, dmc: DMCConfig | None = None,
                forced_merge_rate: float | None = None, max_batch: int, max_len: int, page_size: int,
                num_pages: int, cache_dtype: str | None = None):
-    if kind not in ("vanilla", "dmc"):
-      raise ArgumentError(f"cache: the serving engine runs 'vanilla' or 'dmc', got {kind!r}")
+    if kind not in ("vanilla", "dmc", "dms"):
+      raise ArgumentError(f"cache: the serving engine runs 'vanilla', 'dmc' or 'dms', got {kind!r}")
     for name, v in (("max_batch", max_batch), ("max_len", max_len), ("page_size", page_size),
                     ("num_pages", num_pages)):
       if not (isinstance(v, int) and v >= 1):
@@ -92,8 +93,9 @@ class PagedKV:
       dmc = DMCConfig(decisions="adapter", window=None)
       params = _with_zero_adapter(cfg, dmc, params)
       forced_merge_rate = 0.0
-    elif dmc is None:
-      raise ArgumentError("cache='dmc' needs DMC settings (a retrofitted checkpoint, an adapter, or forced CR)")
+    elif dmc is None or (dmc.method == "dms") != (kind == "dms"):
+      raise ArgumentError(f"cache={kind!r} needs {kind.upper()} settings (a retrofitted checkpoint, an adapter, or "
+                          f"forced CR)")
     self.kind, self.cfg, self.dmc, self.params = kind, cfg, dmc, params
     self.forced_merge_rate = forced_merge_rate
     self.max_batch, self.page_size, self.num_pages = max_batch, page_size, num_pages
@@ -102,6 +104,7 @@ class PagedKV:
     self.rows_per_sequence = cfg.n_layers * cfg.n_kv_heads
     self.page_bytes = dmc_cache.page_bytes(cfg, page_size, self.cache_dtype)
     self.model = Llama(cfg, dmc, "eval")
+    self.lib = cache_lib(dmc)
     # Names of their own: a profile maps XLA modules to scopes by name (jit__step_fn is the Generator's).
     self._prefill = jax.jit(self._serve_prefill, donate_argnums=(1,))
     self._step = jax.jit(self._serve_step, donate_argnums=(1,))
@@ -109,8 +112,8 @@ class PagedKV:
 
   # -- the interface -------------------------------------------------------------------------------------------
 
-  def init(self) -> dmc_cache.DMCCache:
-    c = dmc_cache.init_cache(self.cfg, self.dmc, self.max_batch, self.max_len, self.page_size, self.num_pages,
+  def init(self):
+    c = self.lib.init_cache(self.cfg, self.dmc, self.max_batch, self.max_len, self.page_size, self.num_pages,
                              self.cache_dtype)
     return c.replace(active=jnp.zeros_like(c.active))
 
@@ -139,7 +142,7 @@ class PagedKV:
     b = self.max_batch
     return out[:b], out[b:2 * b], int(out[2 * b]), int(out[2 * b + 1]), cache
 
-  def free(self, cache, slots) -> dmc_cache.DMCCache:
+  def free(self, cache, slots):
     mask = np.zeros(self.max_batch, bool)
     mask[list(slots)] = True
     return self._free(cache, mask)
@@ -150,8 +153,8 @@ class PagedKV:
   def with_forced_rate(self, rate: float) -> "PagedKV":
     """This DMC cache at another forced merge rate, sharing the compiled functions (the rate is their argument,
     so a benchmark over several CRs compiles once)."""
-    if self.kind != "dmc" or self.forced_merge_rate is None:
-      raise ValueError("with_forced_rate: only a DMC cache with forced decisions has a merge rate to change")
+    if self.kind == "vanilla" or self.forced_merge_rate is None:
+      raise ValueError("with_forced_rate: only a DMC or DMS cache with forced decisions has a rate to change")
     other = copy.copy(self)
     other.forced_merge_rate = float(rate)
     return other
@@ -177,7 +180,7 @@ class PagedKV:
   def _serve_prefill(self, params, cache, tokens_1xP, length, slot, temperature, top_p, seed, count, rate):
     # A one-sequence cache sharing the big cache's pool: prefill takes its pages off the shared free stack.
     layer = {f: jnp.zeros(getattr(cache, f).shape[:1] + (1,) + getattr(cache, f).shape[2:], getattr(cache, f).dtype)
-             for f in dmc_cache.LAYER_FIELDS}
+             for f in self.lib.LAYER_FIELDS}
     layer["block_table"] = jnp.full_like(layer["block_table"], -1)
     one = cache.replace(**layer, positions=jnp.zeros((1,), jnp.int32), active=jnp.ones((1,), bool))
     positions = jnp.arange(tokens_1xP.shape[1])[None, :]
@@ -185,7 +188,7 @@ class PagedKV:
     logits, one, _ = self.model.apply(params, tokens_1xP, lengths, one, self._forced(positions, rate),
                                       method=Llama.prefill_dmc)
     # The new sequence's rows go into the slot; the pool (pages written, stack advanced) is the one-sequence one.
-    new = {f: getattr(cache, f).at[:, slot].set(getattr(one, f)[:, 0]) for f in dmc_cache.LAYER_FIELDS}
+    new = {f: getattr(cache, f).at[:, slot].set(getattr(one, f)[:, 0]) for f in self.lib.LAYER_FIELDS}
     pool = {f: getattr(one, f) for f in ("k_pages", "v_pages", "next_free", "free_list", "overflow")}
     cache = cache.replace(**new, **pool, positions=cache.positions.at[slot].set(length),
                           active=cache.active.at[slot].set(True))
@@ -213,19 +216,19 @@ class PagedKV:
 def paged_kv(model, cache: str | None = None, *, cr: float | None = None, dmc_force_cr: float | None = None,
              max_batch: int = 8, kv_budget_mb: float | None = None, page_size: int = 32,
              max_len: int | None = None) -> PagedKV:
-  """The serving cache for a loaded `dmc_jax.api.Model`: `cache` as the API's contract ("vanilla", "dmc"; None:
+  """The serving cache for a loaded `dmc_jax.api.Model`: `cache` as the API's contract ("vanilla", "dmc", "dms"; None:
   the checkpoint's own method), a pool of `kv_budget_mb` MiB (default: every slot at max_len uncompressed, so it
   cannot run out), rows of up to `max_len` tokens (default the model's positions)."""
-  from dmc_jax.api import POLICIES
+  from dmc_jax.api import LEARNED, POLICIES
   choice = model.resolve_cache(cache, cr, dmc_force_cr)
   if choice.kind in POLICIES:
-    raise ArgumentError(f"cache={choice.kind!r}: the serving engine runs 'vanilla' and 'dmc'; eviction policies "
+    raise ArgumentError(f"cache={choice.kind!r}: the serving engine runs 'vanilla', 'dmc' and 'dms'; eviction policies "
                         f"are not ported to the paged engine yet (use them through generate without max_batch)")
   cfg = model.config
   max_len = max_len or cfg.max_position_embeddings
   dmc = None
-  if choice.kind == "dmc":
-    dmc = model.dmc_config() or DMCConfig()
+  if choice.kind in LEARNED:
+    dmc = model.learned_config(choice.kind) or DMCConfig(method=choice.kind)
   rows = cfg.n_layers * cfg.n_kv_heads
   if kv_budget_mb is None:
     num_pages = max_batch * rows * -(-max_len // page_size)

@@ -203,19 +203,24 @@ def time_decode(gen, cache, batch: int, context: int, steps: int):
 
 
 def _dmc_check(cfg, dmc, cache, held: str):
-  """A DMC row's (kv bytes held, realised CR, slots attended, K/V + merge-state bytes read); the pool must not have
-  overflowed. `held`: "pool" (the whole pool a plan sized to the budget) or "pages" (the pages in use)."""
+  """A DMC or DMS row's (kv bytes held, realised CR, slots attended, K/V + per-row state bytes read); the pool must
+  not have overflowed. `held`: "pool" (the whole pool a plan sized to the budget) or "pages" (the pages in use)."""
   import jax.numpy as jnp
 
-  from dmc_jax import cache as dmc_cache
-  dmc_cache.check(cache)
-  mem = dmc_cache.memory_bytes(cache)
+  from dmc_jax.model.llama import cache_lib
+  lib = cache_lib(dmc)
+  lib.check(cache)
+  mem = lib.memory_bytes(cache)
   lengths = np.asarray(cache.lengths)
-  realised = float(np.asarray(cache.positions).sum() * cfg.n_layers * cfg.n_kv_heads / lengths.sum())
   slots = int(lengths.sum())  # at the end; the timed steps saw ≈ this (CR > 1 grows slowly)
-  row_state = 4 * (2 * cfg.head_dim + 2 + (dmc.window or 0) * (2 * cfg.head_dim + 1))
+  if dmc.method == "dms":
+    realised = lib.realised_cr(cache)["overall"]
+    state, row_state = mem["ring"], 4 * 3  # a step reads two ring entries and the eviction count per row
+  else:
+    realised = float(np.asarray(cache.positions).sum() * cfg.n_layers * cfg.n_kv_heads / slots)
+    state, row_state = mem["merge_state"], 4 * (2 * cfg.head_dim + 2 + (dmc.window or 0) * (2 * cfg.head_dim + 1))
   itemsize = jnp.dtype(cache.k_pages.dtype).itemsize
-  return (mem[held] + mem["merge_state"] + mem["tables"], realised, slots,
+  return (mem[held] + state + mem["tables"], realised, slots,
           slots * 2 * cfg.head_dim * itemsize + lengths.size * row_state)
 
 
@@ -368,7 +373,8 @@ def corpus_windows(model, batch: int, context: int) -> np.ndarray:
 def ckpt_decode(path: str, *, adapter: str | None, cache: str | None, budget: int, context: int, steps: int,
                 dtype: str, page_size: int, attention_impl, repeats: int = 1, copy_bw: float | None = None,
                 matmul_flops: float | None = None, verify: bool = True) -> list[dict]:
-  """A checkpoint's own DMC decisions on real text: rows "vanilla" (its weights, the vanilla cache) and "dmc ckpt",
+  """A checkpoint's own DMC (or DMS) decisions on real text: rows "vanilla" (its weights, the vanilla cache) and
+  "dmc ckpt" ("dms ckpt"),
   at vanilla's equal-memory batch (`group` "same_batch") and at the batch its realised CR fits in `budget`
   (`group` "decode"), the same keys as `decode_equal_memory`'s rows.
 
@@ -383,22 +389,23 @@ def ckpt_decode(path: str, *, adapter: str | None, cache: str | None, budget: in
   import jax.numpy as jnp
 
   import dmc_jax
-  from dmc_jax import cache as dmc_cache
+  from dmc_jax.api import LEARNED
   from dmc_jax.config import DMCConfig
   from dmc_jax.errors import ArgumentError
   from dmc_jax.generate import prefill_dmc
-  from dmc_jax.model.llama import init_cache
+  from dmc_jax.model.llama import cache_lib, init_cache
   model = dmc_jax.load(path, adapter=adapter, dtype=dtype, verify=verify, attention_impl=attention_impl)
   choice = model.resolve_cache(cache)
-  if choice.kind != "dmc":
-    raise ArgumentError(f"--ckpt: {path} decodes with the {choice.kind!r} cache, which has no learned DMC "
-                        "decisions; give a DMC checkpoint, an --adapter, or --cache dmc")
+  if choice.kind not in LEARNED:
+    raise ArgumentError(f"--ckpt: {path} decodes with the {choice.kind!r} cache, which has no learned DMC/DMS "
+                        "decisions; give a retrofitted checkpoint, an --adapter, or --cache dmc|dms")
   cfg, tokens_end = model.config, context + steps + 1
   if tokens_end > cfg.max_position_embeddings:
     raise ArgumentError(f"--context: {context} + {steps + 1} decode tokens exceed the checkpoint's "
                         f"{cfg.max_position_embeddings} positions")
   gen = model.generator(choice, page_size=page_size)  # the model's own decisions, a worst-case pool
   dmc = gen.dmc.dmc
+  lib, label = cache_lib(dmc), f"{dmc.method} ckpt"
   name = os.path.basename(os.path.normpath(path))
   if adapter:
     name += "+" + os.path.basename(os.path.normpath(adapter))
@@ -406,16 +413,16 @@ def ckpt_decode(path: str, *, adapter: str | None, cache: str | None, budget: in
   prefill = jax.jit(lambda p, t, n, c: prefill_dmc(gen.model, p, t, n, c)[1], donate_argnums=(3,))
 
   def prefilled(batch):
-    c = dmc_cache.init_cache(cfg, dmc, batch, tokens_end, page_size, None, gen.cache_dtype)
+    c = lib.init_cache(cfg, dmc, batch, tokens_end, page_size, None, gen.cache_dtype)
     tokens = jnp.asarray(corpus_windows(model, batch, context))
     with jax.profiler.TraceAnnotation(f"bench/ckpt/{name}/prefill"):
       c = prefill(model.params, tokens, jnp.full((batch,), context, jnp.int32), c)
-    dmc_cache.check(c)
+    lib.check(c)
     return c
 
   def dmc_case(group, batch, filled):
     # The step donates its cache: every repetition decodes a copy of the one prefill.
-    return _Case(group, Plan("dmc ckpt", 0.0, batch, 0), gen, lambda: jax.tree.map(jnp.copy, filled),
+    return _Case(group, Plan(label, 0.0, batch, 0), gen, lambda: jax.tree.map(jnp.copy, filled),
                  functools.partial(_dmc_check, cfg, dmc, held="pages"))
 
   vanilla_plan = plan(cfg, DMCConfig(), budget, context, steps + 1, 0, page_size)

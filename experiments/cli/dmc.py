@@ -90,8 +90,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
                  "policy (streaming, h2o, tova: a compact cache of ceil(T / CR) + 1 slots per layer and KV head)")
   g.add_argument("--cr", type=cli.float_range(1.0), default=None, help="an eviction policy's target compression ratio")
   g.add_argument("--dmc-force-cr", type=cli.float_range(1.0), default=None,
-                 help="force DMC decisions to merge with probability 1 - 1/CR (benchmarks; ignores the model); "
-                 "implies --cache dmc")
+                 help="force the learned cache's decisions: DMC merges (DMS evicts) with probability 1 - 1/CR "
+                 "(benchmarks; ignores the model); without --cache, the checkpoint's method, else dmc")
   g.add_argument("--dmc", action="store_true", help="alias of --cache dmc")
   g.add_argument("--policy", default=None, help="alias of --cache POLICY (streaming, h2o, tova)")
   g.add_argument("--policy-cr", type=cli.float_range(1.0), default=None, help="alias of --cr (default 2 with --policy)")

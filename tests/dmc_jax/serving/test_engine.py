@@ -32,9 +32,13 @@ def prompts():
   return [rng.integers(1, CFG.vocab_size, n).tolist() for n in (3, 8, 5, 7, 2, 6)]
 
 
+# DMS with a window of 2, so that forced evictions take effect within these 16-token rows.
+LEARNED = {"dmc": DMCConfig(), "dms": DMCConfig(method="dms", dms_window=2)}
+
+
 def alone(params, kind, prompts):
   """Greedy tokens of each prompt generated alone by the fixed-batch Generator."""
-  dmc = None if kind == "vanilla" else DMCOptions(DMCConfig(), page_size=PAGE, forced_merge_rate=RATE)
+  dmc = None if kind == "vanilla" else DMCOptions(LEARNED[kind], page_size=PAGE, forced_merge_rate=RATE)
   gen = Generator(CFG, params, dmc=dmc)
   return [gen.generate([p], MAX_NEW, stop_at_eos=False).tokens[0] for p in prompts]
 
@@ -44,11 +48,22 @@ def alone(params, kind, prompts):
 POOL = 36
 
 
-@pytest.mark.parametrize("kind", ["vanilla", "dmc"])
-def test_stream_equals_alone_with_preemption_and_frees_every_page(params, prompts, kind):
-  kv = PagedKV(CFG, params, kind=kind, dmc=DMCConfig() if kind == "dmc" else None,
-               forced_merge_rate=RATE if kind == "dmc" else None, max_batch=3, max_len=16, page_size=PAGE,
-               num_pages=POOL)
+@pytest.fixture(scope="module")
+def paged(params):
+  """One PagedKV per cache kind, shared by the tests (each compiles its prefill and step once)."""
+  made = {}
+  def get(kind):
+    if kind not in made:
+      made[kind] = PagedKV(CFG, params, kind=kind, dmc=LEARNED.get(kind),
+                           forced_merge_rate=None if kind == "vanilla" else RATE, max_batch=3, max_len=16,
+                           page_size=PAGE, num_pages=POOL)
+    return made[kind]
+  return get
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "dmc", "dms"])
+def test_stream_equals_alone_with_preemption_and_frees_every_page(params, prompts, kind, paged):
+  kv = paged(kind)
   engine = Engine(kv, trace=True)
   reqs = [engine.submit(p, MAX_NEW) for p in prompts]
   engine.run_until_idle()
@@ -63,6 +78,9 @@ def test_stream_equals_alone_with_preemption_and_frees_every_page(params, prompt
   assert not kv.overflowed(engine.cache)
   assert int(np.asarray(engine.cache.lengths).sum()) == 0 and not np.asarray(engine.cache.active).any()
   assert max(t["pages"] for t in engine.trace) <= POOL
+  # The forced decisions compress (DMS: an eviction frees a slot for the token w + 1 later).
+  full = max(t["kv_tokens"] * kv.rows_per_sequence / t["kv_slots"] for t in engine.trace if t["kv_slots"])
+  assert full == 1.0 if kind == "vanilla" else full > 1.3
   taken = sum(kv.prefill_pages(len(p) + MAX_NEW - 1) for p in prompts)
   if kind == "vanilla":
     assert taken > POOL
@@ -98,3 +116,37 @@ def test_admission_refuses_what_can_never_fit_and_sampling_is_per_request(params
   engine.cancel(d)
   engine.step()
   assert d.finish_reason == "cancelled" and engine.pages_in_use == 0 and d.done.is_set()
+
+
+def _row_slots(cache, layer: int, slot: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+  """A row's keys and values in slot order, read through its block table."""
+  n = int(cache.lengths[layer, slot, head])
+  pages = np.asarray(cache.block_table[layer, slot, head])[:-(-n // PAGE)]
+  k, v = (np.asarray(x)[pages].reshape(-1, x.shape[-1])[:n] for x in (cache.k_pages, cache.v_pages))
+  return k, v
+
+
+@pytest.mark.parametrize("kind", ["dmc", "dms"])
+def test_a_live_row_equals_the_state_its_tokens_build(prompts, kind, paged):
+  """Mid-stream, among concurrent requests and on recycled pages, every row of a running request holds what a
+  fresh cache builds from the same tokens (its prompt and the outputs fed back so far) in one prefill."""
+  kv = paged(kind)
+  engine = Engine(kv)
+  engine.submit(prompts[5], MAX_NEW)
+  engine.run_until_idle()  # its pages go back to the stack in another order than the identity
+  reqs = [engine.submit(prompts[i], MAX_NEW) for i in (1, 3, 0)]
+  for _ in range(5):
+    engine.step()
+  live = [r for r in reqs if r in engine._slots]
+  assert len(live) >= 2
+  for req in live:
+    slot = engine._slots.index(req)
+    seq = list(req.prompt) + req.tokens[:-1]  # the last output is not in the cache until the next step
+    assert int(engine.cache.positions[slot]) == len(seq)
+    *_, alone = kv.prefill(kv.init(), seq, 0, (0.0, 1.0, 0, 0))
+    np.testing.assert_array_equal(np.asarray(engine.cache.lengths[:, slot]), np.asarray(alone.lengths[:, 0]))
+    for layer in range(CFG.n_layers):
+      for head in range(CFG.n_kv_heads):
+        for got, want in zip(_row_slots(engine.cache, layer, slot, head), _row_slots(alone, layer, 0, head)):
+          np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert int(np.asarray(alone.lengths).sum()) < CFG.n_layers * CFG.n_kv_heads * len(seq)  # it compressed

@@ -79,10 +79,28 @@ def merging_checkpoint(tiny_checkpoint, tmp_path_factory):
                           dmc=DMCConfig(window=4).to_dict())
 
 
-@pytest.mark.slow  # 162 s on the loaded 2 cores: the prefill and decode compiles of four cases
-def test_ckpt_rows_decode_a_checkpoints_own_decisions(merging_checkpoint, tiny_checkpoint, monkeypatch):
-  """`bench --ckpt`: the checkpoint's own decisions after a real-text prefill, at vanilla's batch and at the batch
-  its realised CR fits; a checkpoint without a learned cache is refused in one line."""
+@pytest.fixture(scope="module")
+def evicting_checkpoint(tiny_checkpoint, tmp_path_factory):
+  """tiny_checkpoint with DMS settings (window 4); its decision channel (100 · q[-1] − 5 of each group's first
+  query head) scaled so that about half the tokens are marked for eviction."""
+  from helpers import write_checkpoint
+
+  from dmc_jax.checkpoint import Checkpoint
+  from dmc_jax.config import DMCConfig
+  ckpt = Checkpoint(tiny_checkpoint)
+  params = jax.tree.map(np.array, ckpt.load_params())
+  for i in range(ckpt.config.n_layers):
+    params["params"][f"layers_{i}"]["attn"]["q_proj"]["kernel"][:, :, -1] *= 10
+  return write_checkpoint(tmp_path_factory.mktemp("bench") / "dms", ckpt.config, params, tiny_checkpoint,
+                          dmc=DMCConfig(method="dms", dms_window=4).to_dict())
+
+
+@pytest.mark.slow  # 162 s (each method) on the loaded 2 cores: the prefill and decode compiles of four cases
+@pytest.mark.parametrize("method", ["dmc", "dms"])
+def test_ckpt_rows_decode_a_checkpoints_own_decisions(method, request, tiny_checkpoint, monkeypatch):
+  """`bench --ckpt`: the checkpoint's own decisions (DMC merges or DMS evictions) after a real-text prefill, at
+  vanilla's batch and at the batch its realised CR fits; a checkpoint without a learned cache is refused in one
+  line."""
   import argparse
   import inspect
   import json as json_module
@@ -93,16 +111,17 @@ def test_ckpt_rows_decode_a_checkpoints_own_decisions(merging_checkpoint, tiny_c
   docs = tuple((m.__name__, inspect.getdoc(m)) for m in (argparse, inspect, json_module, text_data))
   monkeypatch.setattr(text_data, "stdlib_documents", lambda: docs)
   budget, context, steps = 2**17, 64, 2
-  rows = bench_dmc.ckpt_decode(merging_checkpoint, adapter=None, cache=None, budget=budget, context=context,
+  learned = request.getfixturevalue("merging_checkpoint" if method == "dmc" else "evicting_checkpoint")
+  rows = bench_dmc.ckpt_decode(learned, adapter=None, cache=None, budget=budget, context=context,
                                steps=steps, dtype="float32", page_size=8, attention_impl=None, repeats=2,
                                copy_bw=2e10, matmul_flops=1e11)
   by = {(r["group"], r["method"]): r for r in rows}
-  assert list(by) == [("same_batch", "vanilla"), ("same_batch", "dmc ckpt"), ("decode", "vanilla"),
-                      ("decode", "dmc ckpt")]
-  vanilla, same, fitted = by["decode", "vanilla"], by["same_batch", "dmc ckpt"], by["decode", "dmc ckpt"]
+  label = f"{method} ckpt"
+  assert list(by) == [("same_batch", "vanilla"), ("same_batch", label), ("decode", "vanilla"), ("decode", label)]
+  vanilla, same, fitted = by["decode", "vanilla"], by["same_batch", label], by["decode", label]
   assert 0 < vanilla["kv_bytes"] <= budget and vanilla["ratio_vs_vanilla"] == 1
   assert same["batch"] == vanilla["batch"] and same["context"] == context
-  # Its decisions merge some tokens: fewer slots than tokens, so less K/V read and attended than vanilla.
+  # Its decisions merge or evict some tokens: fewer slots than tokens, so less K/V read and attended than vanilla.
   assert same["realised_cr"] > 1 and same["flops"] < by["same_batch", "vanilla"]["flops"]
   # The fitted batch fills the budget: it fits, and two more sequences of its size would not.
   per_seq = fitted["kv_bytes"] / fitted["batch"]
@@ -112,7 +131,7 @@ def test_ckpt_rows_decode_a_checkpoints_own_decisions(merging_checkpoint, tiny_c
     assert r["repeats"] == 2 and r["ms_per_step"] > 0 and r["ms_spread"] >= 0
     assert r["bytes_read"] > 0 and r["flops"] > 0
     assert r["roofline_ms"] > 0 and r["roofline_fraction"] == r["roofline_ms"] / r["ms_per_step"]
-  with pytest.raises(ArgumentError, match="no learned DMC decisions"):
+  with pytest.raises(ArgumentError, match="no learned DMC/DMS decisions"):
     bench_dmc.ckpt_decode(tiny_checkpoint, adapter=None, cache=None, budget=budget, context=context, steps=steps,
                           dtype="float32", page_size=8, attention_impl=None)
 
