@@ -13,6 +13,8 @@ from dmc_jax.api import CacheChoice, resolve_cache
     (None, {}, CacheChoice("vanilla")),
     ("dmc", {}, CacheChoice("dmc")),
     (None, {"dmc_force_cr": 4}, CacheChoice("dmc", force_cr=4.0)),
+    ("dms", {"dmc_force_cr": 4}, CacheChoice("dms", force_cr=4.0)),  # forced evictions
+    (None, {"cache": "dms", "dmc_force_cr": 2}, CacheChoice("dms", force_cr=2.0)),
     ("dmc", {"cache": "vanilla"}, CacheChoice("vanilla")),
     (None, {"cache": "h2o", "cr": 3}, CacheChoice("h2o", cr=3.0)),
 ])
