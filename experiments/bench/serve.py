@@ -1,5 +1,5 @@
 """`dmc-jax bench --serve`: a fixed request stream through the continuous-batching engine, vanilla (paged) beside
-DMC at forced CRs, every method on the same KV budget, page size and requests.
+DMC (and, with --serve-dms-crs, DMS) at forced CRs, every method on the same KV budget, page size and requests.
 
 The workload (issue 18): `--serve-requests` (32) requests, all submitted at once, prompts of `--serve-prompt` (512)
 tokens cut from distinct documents of the stdlib corpus (`dmc_jax.text_data.stdlib_documents`), output lengths
@@ -37,6 +37,8 @@ def configure(p: argparse.ArgumentParser) -> None:
   g.add_argument("--serve-prompt", type=int, default=512, help="prompt tokens per request")
   g.add_argument("--serve-output", default="512-1536", help="output lengths: uniform LO-HI (fixed seed)")
   g.add_argument("--serve-crs", default="2,4,8", help="forced DMC compression ratios")
+  g.add_argument("--serve-dms-crs", default="", help="forced DMS compression ratios (eviction rate 1 - 1/CR, "
+                 "window dmc.dms_window), e.g. 2,4,8; none by default")
   g.add_argument("--serve-png", default="serve_stream.png", help="pages and running requests over time")
 
 
@@ -167,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
   if crs:  # one DMC cache: the forced rate is an argument of its compiled functions, so the CRs compile once
     dmc_kv = PagedKV(cfg, params, kind="dmc", dmc=DMCConfig(), forced_merge_rate=1 - 1 / crs[0], **shape)
     methods += [(f"dmc CR {c:g} (forced)", dmc_kv.with_forced_rate(1 - 1 / c), c) for c in crs]
+  dms_crs = [float(x) for x in args.serve_dms_crs.split(",") if x]
+  if dms_crs:
+    dms_kv = PagedKV(cfg, params, kind="dms", dmc=DMCConfig(method="dms"), forced_merge_rate=1 - 1 / dms_crs[0],
+                     **shape)
+    methods += [(f"dms CR {c:g} (forced)", dms_kv.with_forced_rate(1 - 1 / c), c) for c in dms_crs]
   results = []
   for label, kv, cr in methods:
     r = run_method(kv, label, cr, prompts, outputs)
