@@ -183,22 +183,24 @@ def _report_dmc(options, stats) -> None:
   import numpy as np
   cr, mem = stats["cr"], stats["memory"]
   fmt = lambda xs: " ".join(f"{x:.2f}" for x in np.ravel(xs))
-  rate = options.forced_merge_rate
-  forced = "" if rate is None else f", decisions forced (merge rate {rate:.3f})"
-  print(f"[dmc] settings: {options.dmc.to_dict()}, page size {options.page_size}, pool "
+  rate, method = options.forced_merge_rate, options.dmc.method
+  tag = f"[{method}]"
+  verb = "eviction" if method == "dms" else "merge"
+  forced = "" if rate is None else f", decisions forced ({verb} rate {rate:.3f})"
+  print(f"{tag} settings: {options.dmc.to_dict()}, page size {options.page_size}, pool "
         f"{mem['pool'] / 2**20:.2f} MiB{forced}", file=sys.stderr)
   state, what = (mem["ring"], "pending ring") if "ring" in mem else (mem["merge_state"], "merge state")  # DMS, DMC
-  print(f"[dmc] realised CR {cr['overall']:.2f}; cache in use {mem['total'] / 2**20:.2f} MiB "
+  print(f"{tag} realised CR {cr['overall']:.2f}; cache in use {mem['total'] / 2**20:.2f} MiB "
         f"(pages {mem['pages'] / 2**20:.2f} + {what} {state / 2**20:.2f} + tables "
         f"{mem['tables'] / 2**20:.2f}) vs vanilla {stats['vanilla_bytes'] / 2**20:.2f} MiB "
         f"= {mem['total'] / max(stats['vanilla_bytes'], 1):.2f}x", file=sys.stderr)
   if "crossover_tokens" in stats:
     cross = ", ".join(f"{n} tokens at CR {cr:g}" for cr, n in stats["crossover_tokens"].items())
-    print(f"[dmc] DMC holds less than vanilla from {cross} (fixed merge state and whole pages below)",
+    print(f"{tag} {method.upper()} holds less than vanilla from {cross} (fixed per-row state and whole pages below)",
           file=sys.stderr)
-  print(f"[dmc] CR per layer: {fmt(cr['per_layer'])}", file=sys.stderr)
+  print(f"{tag} CR per layer: {fmt(cr['per_layer'])}", file=sys.stderr)
   for layer, heads in enumerate(cr["per_head"]):
-    print(f"[dmc] CR layer {layer:2d} per KV head: {fmt(heads)}", file=sys.stderr)
+    print(f"{tag} CR layer {layer:2d} per KV head: {fmt(heads)}", file=sys.stderr)
 
 
 # -- config -------------------------------------------------------------------------------------------------
