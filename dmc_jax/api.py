@@ -197,7 +197,7 @@ class Model:
 
     on_step(s): called after decode step s (`Generator.generate`'s hook; the CLI's --profile uses it).
     max_batch: stream the prompts through the continuous-batching engine (`dmc_jax.serving`) with this many
-    decode slots over a pool of `kv_budget_mb` (vanilla or dmc cache; prompt i samples with seed + i): a finished
+    decode slots over a pool of `kv_budget_mb` (any cache; prompt i samples with seed + i): a finished
     sequence's slot and pages go to the next prompt at once. Without it, one fixed batch as before."""
     from dmc_jax.generate import Sampling
     prompts = _prompt_list(prompts)

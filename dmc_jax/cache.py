@@ -129,6 +129,27 @@ def _write_slots(pages: Array, block_table: Array, rows_slots: Array, values: Ar
   return pages.at[page, rows_slots % s].set(values.astype(pages.dtype), mode="drop", unique_indices=True)
 
 
+def write_rows(pool: dict, table: Array, length: Array, slot: Array, appends: Array, live: Array, k: Array,
+               v: Array) -> tuple[dict, Array]:
+  """One decode step's pool update for one layer (DMC and DMS alike): every `live` row writes k, v ([B, K, D]) at
+  its `slot`; a row that `appends` at a page edge first takes a page off the free stack into its block table. A
+  row whose table is full, or that finds the pool empty, drops its write and raises the sticky overflow flag.
+  Returns (pool, block table)."""
+  page_size = pool["k_pages"].shape[1]
+  m = table.shape[-1]
+  beyond = appends & (length >= m * page_size)  # the row's block table is full: nowhere to append
+  need = (appends & (jnp.mod(length, page_size) == 0) & ~beyond).astype(jnp.int32)
+  first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
+  overflow = overflow | jnp.any(beyond)
+  at_page_i = jnp.arange(m) == (length // page_size)[..., None]
+  table = jnp.where(at_page_i & ((need > 0) & ~overflow)[..., None], _page_ids(pool["free_list"], first)[..., None],
+                    table)
+  write = ~(overflow & (need > 0)) & ~beyond & live
+  return dict(pool, k_pages=_write_slots(pool["k_pages"], table, slot, k, write),
+              v_pages=_write_slots(pool["v_pages"], table, slot, v, write),
+              next_free=next_free, overflow=pool["overflow"] | overflow), table
+
+
 # -- prefill --------------------------------------------------------------------------------------------------
 
 
@@ -219,7 +240,6 @@ def decode_layer(pool: dict, state: dict, *, layer, positions_B: Array, k_BxKxD:
   new token's position t. Page size and window are read off the shapes (static under jit). Returns the updated
   (pool, state).
   """
-  page_size = pool["k_pages"].shape[1]
   w = state["ring_w"].shape[-1]
   b, kv = alpha_BxK.shape
   t = positions_B
@@ -264,20 +284,7 @@ def decode_layer(pool: dict, state: dict, *, layer, positions_B: Array, k_BxKxD:
 
   length = cur["lengths"]
   slot = length - alpha_i  # merge: overwrite the last slot; append: the next one
-  table = cur["block_table"]
-  m = table.shape[-1]
-  beyond = live & (alpha_i == 0) & (length >= m * page_size)  # the row's block table is full: nowhere to append
-  need = ((1 - alpha_i) * (jnp.mod(length, page_size) == 0) * ~beyond * live).astype(jnp.int32)
-  num_pages = pool["k_pages"].shape[0]
-  first, next_free, overflow = _allocate(pool["next_free"], num_pages, need)
-  overflow = overflow | jnp.any(beyond)
-  at_page_i = jnp.arange(m) == (length // page_size)[..., None]
-  table = jnp.where(at_page_i & ((need > 0) & ~overflow)[..., None], _page_ids(pool["free_list"], first)[..., None],
-                    table)
-  write = ~(overflow & (need > 0)) & ~beyond & live
-  new_pool = dict(pool, k_pages=_write_slots(pool["k_pages"], table, slot, k_cand, write),
-                  v_pages=_write_slots(pool["v_pages"], table, slot, v_cand, write),
-                  next_free=next_free, overflow=pool["overflow"] | overflow)
+  new_pool, table = write_rows(pool, cur["block_table"], length, slot, live & (alpha_i == 0), live, k_cand, v_cand)
   for f, value in dict(block_table=table, lengths=length + 1 - alpha_i, sum_k=sum_k, sum_v=sum_v, sum_w=sum_w,
                        run=run).items():
     value = jnp.where(live.reshape(live.shape + (1,) * (value.ndim - 2)), value, cur[f])

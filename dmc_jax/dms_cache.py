@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmc_jax.cache import _allocate, _page_ids, _write_slots
+from dmc_jax.cache import _allocate, _page_ids, _write_slots, write_rows
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.errors import CachePoolExhausted
 
@@ -154,7 +154,6 @@ def decode_layer(pool: dict, state: dict, *, layer, positions_B: Array, k_BxKxD:
                  alpha_BxK: Array) -> tuple[dict, dict]:
   """One token per sequence through layer `layer` (traced or not): mark the previous token with α, then overwrite
   the oldest pending token's slot if it was marked, else append. k has RoPE applied. Returns (pool, state)."""
-  page_size = pool["k_pages"].shape[1]
   w1 = state["ring_slot"].shape[-1]
   b, kv = alpha_BxK.shape
   t = positions_B
@@ -169,20 +168,9 @@ def decode_layer(pool: dict, state: dict, *, layer, positions_B: Array, k_BxKxD:
   live = jnp.broadcast_to(pool["active"][:, None], (b, kv))  # rows of sequences this step updates
   evict = (cur["old_evict"] > 0) & (t[:, None] > w1 - 1) & live
   append = ~evict & live
-  length, table = cur["lengths"], cur["block_table"]
-  m = table.shape[-1]
+  length = cur["lengths"]
   slot = jnp.where(evict, cur["old_slot"], length)
-  beyond = append & (length >= m * page_size)  # the row's block table is full: nowhere to append
-  need = (append & (jnp.mod(length, page_size) == 0) & ~beyond).astype(jnp.int32)
-  first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
-  overflow = overflow | jnp.any(beyond)
-  at_page_i = jnp.arange(m) == (length // page_size)[..., None]
-  table = jnp.where(at_page_i & ((need > 0) & ~overflow)[..., None], _page_ids(pool["free_list"], first)[..., None],
-                    table)
-  write = ~(overflow & (need > 0)) & ~beyond & live
-  new_pool = dict(pool, k_pages=_write_slots(pool["k_pages"], table, slot, k_BxKxD, write),
-                  v_pages=_write_slots(pool["v_pages"], table, slot, v_BxKxD, write),
-                  next_free=next_free, overflow=pool["overflow"] | overflow)
+  new_pool, table = write_rows(pool, cur["block_table"], length, slot, append, live, k_BxKxD, v_BxKxD)
   mark = ((alpha_BxK > 0.5) & (t[:, None] > 0)).astype(jnp.int32)
   # prev ≠ old (w ≥ 1): the two entries are distinct, and the new token's entry starts unmarked. An inactive
   # row keeps its entries.

@@ -1,4 +1,5 @@
-"""Continuous batching over the paged KV caches: a host loop (`Engine`) over one cache interface (`PagedKV`).
+"""Continuous batching over the paged KV caches: a host loop (`Engine`) over one cache interface
+(`PagedKV` for vanilla, DMC and DMS; `PolicyKV` for the eviction policies).
 
     from dmc_jax.serving import Engine, paged_kv
     kv = paged_kv(model, "dmc", max_batch=16, kv_budget_mb=256)
@@ -11,6 +12,6 @@
 """
 
 from dmc_jax.serving.engine import Engine, Request
-from dmc_jax.serving.kv import PagedKV, paged_kv
+from dmc_jax.serving.kv import PagedKV, PolicyKV, paged_kv
 
-__all__ = ["Engine", "Request", "PagedKV", "paged_kv"]
+__all__ = ["Engine", "Request", "PagedKV", "PolicyKV", "paged_kv"]

@@ -1,4 +1,4 @@
-"""The continuous-batching engine: a host loop over a `PagedKV` (as JetStream's and vLLM's are).
+"""The continuous-batching engine: a host loop over a `PagedKV` or `PolicyKV` (as JetStream's and vLLM's are).
 
 Each `step()`: take new submissions and cancellations; admit waiting requests (first come, first served) while a
 slot is free and the pool can hold the prompt plus a reserve, prefilling each into its slot; make room for the
@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from dmc_jax.errors import ArgumentError, RequestRejected
-from dmc_jax.serving.kv import PagedKV
+from dmc_jax.serving.kv import PagedKV, PolicyKV
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Histogram:
 
 
 class Engine:
-  def __init__(self, kv: PagedKV, eos_ids=(), trace: bool = False):
+  def __init__(self, kv: PagedKV | PolicyKV, eos_ids=(), trace: bool = False):
     self.kv = kv
     self.eos_ids = frozenset(int(e) for e in eos_ids)
     self.cache = kv.init()
@@ -267,7 +267,7 @@ class Engine:
       return
     t0 = time.perf_counter()
     self.cache = self.kv.free(self.cache, slots)
-    self.pages_in_use, self.slots_in_use = (int(x) for x in (self.cache.next_free, self.cache.lengths.sum()))
+    self.pages_in_use, self.slots_in_use = self.kv.occupancy(self.cache)
     self.free_seconds += time.perf_counter() - t0
     for i in slots:
       req = self._slots[i]

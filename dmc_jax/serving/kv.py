@@ -10,6 +10,11 @@ the decode math.
   Llama attention over a paged cache — compared with DMC page for page at the same page size and budget.
 * **dmc**: the checkpoint's own decisions (a retrofit or a DMC adapter), or decisions forced to merge with
   probability 1 − 1/CR (benchmarks; the same pseudo-random pattern as `Generator`'s, a function of the position).
+* **dms**: the same paged cache with DMS's delayed eviction (`dmc_jax.dms_cache`).
+
+`PolicyKV` puts the eviction policies (StreamingLLM, H2O, TOVA) behind the same interface: their compact caches
+(`dmc_jax.baselines.evict_model`, the decode of `generate --cache h2o`) with the pool's pages as the accounting
+unit — see its docstring for what that means and what it does not.
 
 Slots are sequences of one fixed batch (`max_batch`); a slot without a request is inactive (the step neither writes
 nor allocates for it). Sampling is per slot (temperature, top-p, seed), keyed by the request's seed and the number
@@ -28,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmc_jax import cache as dmc_cache
+from dmc_jax.baselines import evict_model
+from dmc_jax.baselines.policies import Policy
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.errors import ArgumentError
 from dmc_jax.generate import _FORCED_KEY, forced_merge_decisions
@@ -150,6 +157,10 @@ class PagedKV:
   def bytes_in_use(self, pages_in_use: int) -> int:
     return pages_in_use * self.page_bytes
 
+  def occupancy(self, cache) -> tuple[int, int]:
+    """(pages in use, slots in use summed over rows), read from the device."""
+    return int(cache.next_free), int(cache.lengths.sum())
+
   def with_forced_rate(self, rate: float) -> "PagedKV":
     """This DMC cache at another forced merge rate, sharing the compiled functions (the rate is their argument,
     so a benchmark over several CRs compiles once)."""
@@ -213,19 +224,154 @@ class PagedKV:
     return bool(cache.overflow)
 
 
+@flax.struct.dataclass
+class PolicyCache:
+  layers: list  # per layer evict_model's compact cache: k, v [B, KV, C, D]; keep, score, pos [B, KV, C]
+  positions: jax.Array  # [B] int32 tokens seen per slot (= position of its next token)
+  active: jax.Array  # [B] bool, slots holding a request
+
+
+def policy_page_bytes(cfg: LlamaConfig, page_size: int, dtype) -> int:
+  """A policy page's bytes: K and V, and per slot keep (1), H2O's score (4) and the token's position (4)."""
+  return dmc_cache.page_bytes(cfg, page_size, dtype) + 9 * page_size
+
+
+class PolicyKV:
+  """An eviction policy's compact cache behind the engine's interface (init, prefill into a slot, step, free,
+  bytes in use), with the paged caches' page as its accounting unit.
+
+  Storage is the fixed-batch compact cache of `generate --cache h2o|tova|streaming` (evict_model): per (layer,
+  slot, KV head) row `capacity(max_len)` slots, an evicted entry's slot taking the next token, prefill by the exact
+  parallel forward, decode unrolled over per-layer buffers updated in place. A row holds exactly budget(t) entries
+  after t tokens, so a request's need is known without reading the device: `pages(t)` = ceil((budget(t) + 1) /
+  page_size) pages a row (its entries plus the incoming token's), each page charged its K/V and the policy's 9
+  bytes of state per slot. The engine admits, reserves and preempts by these pages exactly as for the paged
+  caches, so a policy is compared with them on the same budget.
+
+  What this is not: a paged policy cache. The buffers are allocated for `max_batch` slots at full capacity (more
+  memory than the pool accounts for when `max_batch` sequences could not all reach max_len), and a decode step
+  attends over all `capacity` slots of every row (masked), active or not; the roofline of a stream counts the
+  entries held. An inactive slot's row is stepped like the others and ignored; `free` empties it.
+  """
+
+  def __init__(self, cfg: LlamaConfig, params: Any, *, policy: Policy, max_batch: int, max_len: int,
+               page_size: int, num_pages: int, cache_dtype: str | None = None):
+    for name, v in (("max_batch", max_batch), ("max_len", max_len), ("page_size", page_size),
+                    ("num_pages", num_pages)):
+      if not (isinstance(v, int) and v >= 1):
+        raise ArgumentError(f"{name}: expected an integer >= 1, got {v!r}")
+    self.kind, self.policy = policy.name, policy
+    self.cfg = cfg.replace(remat_policy="none", scan_layers=False)
+    self.params = params
+    self.max_batch, self.page_size, self.num_pages, self.max_len = max_batch, page_size, num_pages, max_len
+    self.cache_dtype = cache_dtype or cfg.dtype
+    self.capacity = evict_model.capacity(policy, max_len)
+    self.rows_per_sequence = cfg.n_layers * cfg.n_kv_heads
+    self.page_bytes = policy_page_bytes(cfg, page_size, self.cache_dtype)
+    self._prefill = jax.jit(self._policy_prefill, donate_argnums=(1,))
+    self._step = jax.jit(self._policy_step, donate_argnums=(1,))
+    self._free = jax.jit(self._policy_free, donate_argnums=(0,))
+
+  def init(self) -> PolicyCache:
+    b = self.max_batch
+    return PolicyCache(evict_model.init_cache(self.cfg, self.policy, b, self.max_len, self.cache_dtype),
+                       jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
+
+  def _row_pages(self, t):
+    """Pages a row is charged after t tokens: its budget(t) entries plus the next token's slot."""
+    return -(-(self.policy.budget(t) + 1) // self.page_size)
+
+  def prefill_pages(self, n_tokens: int) -> int:
+    return self.rows_per_sequence * self._row_pages(int(n_tokens))
+
+  def _accounting(self, positions_B, active_B):
+    """(rows per slot whose next step opens a page, pages in use, entries held summed over rows)."""
+    rows = self.rows_per_sequence
+    grows = (self._row_pages(positions_B + 1) > self._row_pages(positions_B)) & active_B
+    pages = jnp.sum(jnp.where(active_B, self._row_pages(positions_B), 0)) * rows
+    held = jnp.sum(jnp.where(active_B, self.policy.budget(positions_B), 0)) * rows
+    return grows.astype(jnp.int32) * rows, pages.astype(jnp.int32), held.astype(jnp.int32)
+
+  def prefill(self, cache, tokens: list[int], slot: int, sampling: tuple[float, float, int, int]):
+    n = len(tokens)
+    padded = np.zeros((1, prompt_bucket(n)), np.int32)
+    padded[0, :n] = tokens
+    t, p, s, c = sampling
+    out, cache = self._prefill(self.params, cache, padded, np.int32(n), np.int32(slot), np.float32(t),
+                               np.float32(p), np.uint32(s), np.int32(c))
+    out = np.asarray(out)
+    return int(out[0]), int(out[1]), int(out[2]), int(out[3]), cache
+
+  def step(self, cache, tokens_B: np.ndarray, temperature_B, top_p_B, seed_B, count_B):
+    out, cache = self._step(self.params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B)
+    out = np.asarray(out)
+    b = self.max_batch
+    return out[:b], out[b:2 * b], int(out[2 * b]), int(out[2 * b + 1]), cache
+
+  def free(self, cache, slots):
+    mask = np.zeros(self.max_batch, bool)
+    mask[list(slots)] = True
+    return self._free(cache, mask)
+
+  def bytes_in_use(self, pages_in_use: int) -> int:
+    return pages_in_use * self.page_bytes
+
+  def occupancy(self, cache) -> tuple[int, int]:
+    _, pages, held = self._accounting(np.asarray(cache.positions), np.asarray(cache.active))
+    return int(pages), int(held)
+
+  def overflowed(self, cache) -> bool:
+    return False  # rows are sized for max_len, which `Engine.check` never lets a request exceed
+
+  def _policy_prefill(self, params, cache, tokens_1xP, length, slot, temperature, top_p, seed, count):
+    one = evict_model.init_cache(self.cfg, self.policy, 1, self.max_len, self.cache_dtype)  # shapes only
+    logits, one = evict_model.prefill(self.cfg, self.policy, params, tokens_1xP, length[None], one)
+    layers = [{n: big[n].at[slot].set(o[n][0]) for n in big} for big, o in zip(cache.layers, one)]
+    cache = cache.replace(layers=layers, positions=cache.positions.at[slot].set(length),
+                          active=cache.active.at[slot].set(True))
+    last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, 0, keepdims=True)
+    token = sample_rows(last, temperature[None], top_p[None], seed[None], count[None])
+    grows, pages, held = self._accounting(cache.positions, cache.active)
+    return jnp.stack([token[0], grows[slot], pages, held]), cache
+
+  def _policy_step(self, params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B):
+    logits, layers = evict_model.decode(self.cfg, self.policy, params, tokens_B, cache.positions, cache.layers)
+    cache = cache.replace(layers=layers, positions=jnp.where(cache.active, cache.positions + 1, cache.positions))
+    token = sample_rows(logits, temperature_B, top_p_B, seed_B, count_B)
+    grows, pages, held = self._accounting(cache.positions, cache.active)
+    return jnp.concatenate([token, grows, pages[None], held[None]]), cache
+
+  def _policy_free(self, cache, free_B):
+    layers = [dict(c, keep=jnp.where(free_B[:, None, None], False, c["keep"])) for c in cache.layers]
+    return cache.replace(layers=layers, positions=jnp.where(free_B, 0, cache.positions),
+                         active=cache.active & ~free_B)
+
+
+def _budget_bytes(kv_budget_mb) -> int:
+  if not (isinstance(kv_budget_mb, (int, float)) and math.isfinite(kv_budget_mb) and kv_budget_mb > 0):
+    raise ArgumentError(f"kv_budget_mb: expected a positive number of MiB, got {kv_budget_mb!r}")
+  return int(kv_budget_mb * 2**20)
+
+
 def paged_kv(model, cache: str | None = None, *, cr: float | None = None, dmc_force_cr: float | None = None,
              max_batch: int = 8, kv_budget_mb: float | None = None, page_size: int = 32,
-             max_len: int | None = None) -> PagedKV:
-  """The serving cache for a loaded `dmc_jax.api.Model`: `cache` as the API's contract ("vanilla", "dmc", "dms"; None:
-  the checkpoint's own method), a pool of `kv_budget_mb` MiB (default: every slot at max_len uncompressed, so it
-  cannot run out), rows of up to `max_len` tokens (default the model's positions)."""
+             max_len: int | None = None) -> PagedKV | PolicyKV:
+  """The serving cache for a loaded `dmc_jax.api.Model`: `cache` as the API's contract ("vanilla", "dmc", "dms", or
+  an eviction policy with its `cr`; None: the checkpoint's own method), a pool of `kv_budget_mb` MiB (default: every
+  slot at max_len uncompressed, so it cannot run out), rows of up to `max_len` tokens (default the model's
+  positions)."""
   from dmc_jax.api import LEARNED, POLICIES
   choice = model.resolve_cache(cache, cr, dmc_force_cr)
-  if choice.kind in POLICIES:
-    raise ArgumentError(f"cache={choice.kind!r}: the serving engine runs 'vanilla', 'dmc' and 'dms'; eviction policies "
-                        f"are not ported to the paged engine yet (use them through generate without max_batch)")
   cfg = model.config
   max_len = max_len or cfg.max_position_embeddings
+  if choice.kind in POLICIES:
+    policy = Policy(choice.kind, choice.cr)
+    if kv_budget_mb is None:
+      num_pages = max_batch * cfg.n_layers * cfg.n_kv_heads * -(-(policy.budget(max_len) + 1) // page_size)
+    else:
+      num_pages = max(1, _budget_bytes(kv_budget_mb) // policy_page_bytes(cfg, page_size, cfg.dtype))
+    return PolicyKV(cfg, model.params, policy=policy, max_batch=max_batch, max_len=max_len, page_size=page_size,
+                    num_pages=num_pages)
   dmc = None
   if choice.kind in LEARNED:
     dmc = model.learned_config(choice.kind) or DMCConfig(method=choice.kind)
@@ -233,9 +379,7 @@ def paged_kv(model, cache: str | None = None, *, cr: float | None = None, dmc_fo
   if kv_budget_mb is None:
     num_pages = max_batch * rows * -(-max_len // page_size)
   else:
-    if not (isinstance(kv_budget_mb, (int, float)) and math.isfinite(kv_budget_mb) and kv_budget_mb > 0):
-      raise ArgumentError(f"kv_budget_mb: expected a positive number of MiB, got {kv_budget_mb!r}")
-    num_pages = dmc_cache.pages_for_budget(cfg, int(kv_budget_mb * 2**20), page_size, cfg.dtype)
+    num_pages = dmc_cache.pages_for_budget(cfg, _budget_bytes(kv_budget_mb), page_size, cfg.dtype)
   rate = None if choice.force_cr is None else 1.0 - 1.0 / choice.force_cr
   return PagedKV(cfg, model.params, kind=choice.kind, dmc=dmc, forced_merge_rate=rate, max_batch=max_batch,
                  max_len=max_len, page_size=page_size, num_pages=num_pages)

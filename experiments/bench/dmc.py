@@ -73,11 +73,12 @@ class Plan:
 
 
 def dmc_row_bytes(cfg, dmc, page_size: int, table_pages: int) -> tuple[int, int]:
-  """(bytes of one page, bytes of one row's merge state + block table + length)."""
+  """(bytes of one page: its K and V and its entry on the pool's free stack; bytes of one row's merge state +
+  block table + length)."""
   import jax.numpy as jnp
   d, w = cfg.head_dim, dmc.window or 0
   state = 4 * (2 * d + 1 + 1 + w * (2 * d + 1))  # sum_k, sum_v, sum_w, run, ring_k, ring_v, ring_w
-  return 2 * page_size * d * jnp.dtype(cfg.dtype).itemsize, state + 4 * table_pages + 4
+  return 2 * page_size * d * jnp.dtype(cfg.dtype).itemsize + 4, state + 4 * table_pages + 4
 
 
 def plan(cfg, dmc, budget: int, context: int, steps: int, cr: float, page_size: int) -> Plan:

@@ -1,5 +1,6 @@
 """`dmc-jax bench --serve`: a fixed request stream through the continuous-batching engine, vanilla (paged) beside
-DMC (and, with --serve-dms-crs, DMS) at forced CRs, every method on the same KV budget, page size and requests.
+DMC (and, with --serve-dms-crs, DMS) at forced CRs and the eviction policies at their CRs (H2O at 2, 4, 8 by
+default), every method on the same KV budget, page size and requests.
 
 The workload (issue 18): `--serve-requests` (32) requests, all submitted at once, prompts of `--serve-prompt` (512)
 tokens cut from distinct documents of the stdlib corpus (`dmc_jax.text_data.stdlib_documents`), output lengths
@@ -16,7 +17,8 @@ decode slots + attention over the slots in use) plus each prefill (2 × matmul p
 the machine's measured copy bandwidth and matmul rate. The roofline ratio is vanilla's roofline time over the
 method's. A PNG plots pages in use and running requests against time per method.
 
-Eviction policies are not ported to the paged engine (their compact caches are per-batch, not paged): no H2O rows.
+A policy row (`PolicyKV`) is charged the pages its held entries would take (docs/design.md, "Serving"); its roofline
+counts those entries, while its decode attends over each row's whole capacity: the gap is the implementation's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def configure(p: argparse.ArgumentParser) -> None:
   g.add_argument("--serve-crs", default="2,4,8", help="forced DMC compression ratios")
   g.add_argument("--serve-dms-crs", default="", help="forced DMS compression ratios (eviction rate 1 - 1/CR, "
                  "window dmc.dms_window), e.g. 2,4,8; none by default")
+  g.add_argument("--serve-policies", default="h2o", help="eviction policies (streaming, h2o, tova), comma-separated; "
+                 "'' for none")
+  g.add_argument("--serve-policy-crs", default="2,4,8", help="the policies' compression ratios")
   g.add_argument("--serve-png", default="serve_stream.png", help="pages and running requests over time")
 
 
@@ -85,7 +90,7 @@ def run_method(kv, label, cr, prompts, outputs):
   engine.run_until_idle()
   wall = time.perf_counter() - t0
   assert all(len(r.tokens) == m for r, m in zip(reqs, outputs)), "a request did not produce its tokens"
-  assert engine.pages_in_use == 0 and int(engine.cache.next_free) == 0 and not kv.overflowed(engine.cache)
+  assert engine.pages_in_use == 0 and kv.occupancy(engine.cache)[0] == 0 and not kv.overflowed(engine.cache)
   ttft = np.array([r.first_token_at - r.submitted for r in reqs])
   tpot = np.array([(r.finished_at - r.first_token_at) / max(len(r.tokens) - 1, 1) for r in reqs])
   used = np.array([t["pages"] for t in engine.trace])
@@ -174,6 +179,15 @@ def run(args: argparse.Namespace) -> int:
     dms_kv = PagedKV(cfg, params, kind="dms", dmc=DMCConfig(method="dms"), forced_merge_rate=1 - 1 / dms_crs[0],
                      **shape)
     methods += [(f"dms CR {c:g} (forced)", dms_kv.with_forced_rate(1 - 1 / c), c) for c in dms_crs]
+  from dmc_jax.baselines.policies import Policy
+  from dmc_jax.serving import PolicyKV
+  from dmc_jax.serving.kv import policy_page_bytes
+  budget = int(args.serve_budget_mb * 2**20)
+  for name in [x for x in args.serve_policies.split(",") if x]:
+    for c in [float(x) for x in args.serve_policy_crs.split(",") if x]:
+      policy_pages = max(1, budget // policy_page_bytes(cfg, page_size, dtype))
+      methods.append((f"{name} CR {c:g}", PolicyKV(cfg, params, policy=Policy(name, c), **dict(
+          shape, num_pages=policy_pages)), c))
   results = []
   for label, kv, cr in methods:
     r = run_method(kv, label, cr, prompts, outputs)

@@ -1,11 +1,12 @@
 """Paged DMC decode attention on plain XLA, reading only the pages in use: the fast path off GPU.
 
-The reference gathers every row's whole block table (capacity, not length) and softmaxes over all of it. Here a
-`while_loop` walks the block table `pages_per_block` pages at a time with an online softmax (flash decoding in
-jnp), and its trip count is the batch's longest row: ceil(max(lengths) / (pages_per_block · S)). Nothing past
-that is gathered, no [R, M·S] logits exist, and one compiled step serves every length (no recompiles, no host
-sync). Rows shorter than the longest gather some pages they do not use (clipped ids, masked out): the forced-CR
-and real batches decode rows of similar length, so that waste is small.
+The reference gathers every row's whole block table (capacity, not length) and softmaxes over all of it. Here the
+rows are taken in chunks, and for each chunk a `while_loop` walks the block table `pages_per_block` pages at a
+time with an online softmax (flash decoding in jnp); its trip count is the chunk's longest row:
+ceil(max(lengths) / (pages_per_block · S)). Nothing past that is gathered, no [R, M·S] logits exist, and one
+compiled step serves every length (no recompiles, no host sync). Rows shorter than their chunk's longest gather
+some pages they do not use (clipped ids, masked out). The chunk and block sizes keep each gathered block near
+`BLOCK_BYTES`: small enough to stay in cache.
 
 `bucketed` is the other design measured (docs: docs/kernels.md): one gather over the first `max_pages` table
 entries, a static bucket the caller picks from the rows' maximum (one compiled step per bucket).
@@ -22,7 +23,11 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
-SLOTS_PER_BLOCK = 256  # ≈ per loop iteration: the gathered block stays in cache, few iterations at 1k tokens
+SLOTS_PER_BLOCK = 64  # slots of a row per loop iteration
+# Bytes of K (and as many of V) gathered per iteration: rows are taken in chunks so that a block stays this small.
+# On XLA:CPU a gathered block is a fresh buffer; a large one costs page faults and cache misses on every step
+# (docs/kernels.md: 256 slots × all 480 rows of the 7B-width batch ran at 3.9 GB/s, 64-slot 2 MiB blocks at ≈10).
+BLOCK_BYTES = 2 << 20
 
 
 def _block(q_RxGxD, k_pages, v_pages, pages_RxN, first_slot, lengths_R, scale):
@@ -36,24 +41,16 @@ def _block(q_RxGxD, k_pages, v_pages, pages_RxN, first_slot, lengths_R, scale):
   return jnp.where(valid[:, None, :], s, NEG_INF), valid, jnp.where(valid[:, :, None], v, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "pages_per_block"))
-def paged_decode_attention(q_RxGxD: jax.Array, k_pages_PxSxD: jax.Array, v_pages_PxSxD: jax.Array,
-                           block_table_RxM: jax.Array, lengths_R: jax.Array, scale: float | None = None, *,
-                           pages_per_block: int | None = None) -> jax.Array:
+def _rows_attention(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, table_RxN, lengths_R, scale, ppb):
+  """Online softmax over `ppb`-page blocks of these rows' tables; trip count = their longest row."""
   r, g, d = q_RxGxD.shape
   page_size = k_pages_PxSxD.shape[1]
-  m = block_table_RxM.shape[1]
-  scale = d ** -0.5 if scale is None else scale
-  ppb = pages_per_block or max(1, min(m, SLOTS_PER_BLOCK // page_size))
-  n_blocks = -(-m // ppb)
-  table = jnp.pad(block_table_RxM.astype(jnp.int32), ((0, 0), (0, n_blocks * ppb - m)), constant_values=-1)
-  lengths = lengths_R.astype(jnp.int32)
-  trips = jnp.minimum(-(-jnp.max(lengths, initial=0) // (ppb * page_size)), n_blocks)
+  trips = jnp.minimum(-(-jnp.max(lengths_R, initial=0) // (ppb * page_size)), table_RxN.shape[1] // ppb)
 
   def body(i, carry):
     o, mx, l = carry
-    pages = jax.lax.dynamic_slice_in_dim(table, i * ppb, ppb, axis=1)
-    s, valid, v = _block(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, pages, i * ppb * page_size, lengths, scale)
+    pages = jax.lax.dynamic_slice_in_dim(table_RxN, i * ppb, ppb, axis=1)
+    s, valid, v = _block(q_RxGxD, k_pages_PxSxD, v_pages_PxSxD, pages, i * ppb * page_size, lengths_R, scale)
     m_new = jnp.maximum(mx, s.max(axis=-1))
     corr = jnp.exp(mx - m_new)
     p = jnp.where(valid[:, None, :], jnp.exp(s - m_new[..., None]), 0.0)
@@ -62,8 +59,34 @@ def paged_decode_attention(q_RxGxD: jax.Array, k_pages_PxSxD: jax.Array, v_pages
 
   init = (jnp.zeros((r, g, d), jnp.float32), jnp.full((r, g), NEG_INF, jnp.float32), jnp.zeros((r, g), jnp.float32))
   o, _, l = jax.lax.fori_loop(0, trips, body, init)
-  out = jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-  return out.astype(q_RxGxD.dtype)
+  return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "rows_per_chunk"))
+def paged_decode_attention(q_RxGxD: jax.Array, k_pages_PxSxD: jax.Array, v_pages_PxSxD: jax.Array,
+                           block_table_RxM: jax.Array, lengths_R: jax.Array, scale: float | None = None, *,
+                           pages_per_block: int | None = None, rows_per_chunk: int | None = None) -> jax.Array:
+  r, g, d = q_RxGxD.shape
+  page_size = k_pages_PxSxD.shape[1]
+  m = block_table_RxM.shape[1]
+  scale = d ** -0.5 if scale is None else scale
+  slot_bytes = d * jnp.dtype(k_pages_PxSxD.dtype).itemsize
+  ppb = pages_per_block or max(1, min(m, SLOTS_PER_BLOCK // page_size))
+  rc = rows_per_chunk or max(1, min(r, BLOCK_BYTES // (ppb * page_size * slot_bytes)))
+  n_blocks, n_chunks = -(-m // ppb), -(-r // rc)
+  pad_r = n_chunks * rc - r
+  table = jnp.pad(block_table_RxM.astype(jnp.int32), ((0, pad_r), (0, n_blocks * ppb - m)), constant_values=-1)
+  lengths = jnp.pad(lengths_R.astype(jnp.int32), (0, pad_r))
+  q = jnp.pad(q_RxGxD, ((0, pad_r), (0, 0), (0, 0)))
+  if n_chunks == 1:
+    out = _rows_attention(q, k_pages_PxSxD, v_pages_PxSxD, table, lengths, scale, ppb)
+  else:
+    def chunk(i, out):
+      rows = lambda a: jax.lax.dynamic_slice_in_dim(a, i * rc, rc, axis=0)
+      o = _rows_attention(rows(q), k_pages_PxSxD, v_pages_PxSxD, rows(table), rows(lengths), scale, ppb)
+      return jax.lax.dynamic_update_slice_in_dim(out, o, i * rc, axis=0)
+    out = jax.lax.fori_loop(0, n_chunks, chunk, jnp.zeros(q.shape, jnp.float32))
+  return out[:r].astype(q_RxGxD.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "max_pages"))

@@ -109,14 +109,15 @@ def test_pallas_tilings_agree(pages_per_block, k_splits):
   np.testing.assert_allclose(out, oracle(*as64(case)), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("pages_per_block", [1, 2, 4, 6, 7])
-def test_xla_page_blocks_agree(pages_per_block):
-  """The fast XLA path's loop over page blocks: any block size (one that does not divide the table, one wider
-  than it) gives the oracle's answer, and the loop stops at the longest row (entries past it are garbage)."""
+@pytest.mark.parametrize("pages_per_block,rows_per_chunk", [(1, None), (2, 1), (4, 2), (6, 3), (7, None), (2, 4)])
+def test_xla_page_blocks_agree(pages_per_block, rows_per_chunk):
+  """The fast XLA path's loops over row chunks and page blocks: any block size (one that does not divide the
+  table, one wider than it) and any chunk (one that does not divide the rows) gives the oracle's answer, and each
+  chunk's loop stops at its longest row (entries past it are garbage)."""
   case = make_case(LENGTHS, seed=4)
   q, k, v, table, lengths, _ = case
   out = xla.paged_decode_attention(*(jnp.asarray(x) for x in (q, k, v, table, lengths)),
-                                   pages_per_block=pages_per_block)
+                                   pages_per_block=pages_per_block, rows_per_chunk=rows_per_chunk)
   np.testing.assert_allclose(np.asarray(out), oracle(*as64(case)), atol=2e-5, rtol=2e-5)
   short = make_case([3, 9, 0, 16], seed=5)  # the longest row uses 2 of 6 pages: 4 entries never gathered
   q, k, v, table, lengths, _ = short

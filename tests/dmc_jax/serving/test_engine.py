@@ -150,3 +150,35 @@ def test_a_live_row_equals_the_state_its_tokens_build(prompts, kind, paged):
         for got, want in zip(_row_slots(engine.cache, layer, slot, head), _row_slots(alone, layer, 0, head)):
           np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert int(np.asarray(alone.lengths).sum()) < CFG.n_layers * CFG.n_kv_heads * len(seq)  # it compressed
+
+
+# Eviction policies at CR 2: a row is charged ceil((budget(t) + 1) / 4) pages, 3 at 16 tokens (12 a request), so a
+# pool of 20 cannot hold the three slots at full length and the newest is preempted as they grow.
+POLICY_POOL = 20
+
+
+@pytest.mark.parametrize("name", ["h2o", pytest.param("tova", marks=pytest.mark.slow),
+                                  pytest.param("streaming", marks=pytest.mark.slow)])
+def test_policy_stream_equals_its_generator_alone_with_preemption(params, prompts, name):
+  from dmc_jax.baselines.policies import Policy
+  from dmc_jax.baselines.policy_generate import PolicyGenerator
+  from dmc_jax.serving import PolicyKV
+  policy = Policy(name, 2.0, sinks=2)
+  kv = PolicyKV(CFG, params, policy=policy, max_batch=3, max_len=16, page_size=PAGE, num_pages=POLICY_POOL)
+  engine = Engine(kv, trace=True)
+  reqs = [engine.submit(p, MAX_NEW) for p in prompts]
+  engine.run_until_idle()
+  gen = PolicyGenerator(CFG, params, policy)
+  expected = [gen.generate([p], MAX_NEW, stop_at_eos=False).tokens[0] for p in prompts]
+  assert [r.tokens for r in reqs] == expected  # preempted requests recompute their state by a parallel prefill
+  assert engine.preemptions > 0
+  assert max(t["pages"] for t in engine.trace) <= POLICY_POOL
+  assert engine.pages_in_use == 0
+  assert kv.occupancy(engine.cache) == (0, 0) and not np.asarray(engine.cache.active).any()
+  # Entries held match the budget: the realised CR of a full row is t / ceil(t / 2) ≈ 2.
+  cr = max(t["kv_tokens"] * kv.rows_per_sequence / t["kv_slots"] for t in engine.trace if t["kv_slots"])
+  assert 1.7 < cr <= 2.0
+  # A prompt whose first step cannot fit the pool is refused up front, naming the limit.
+  small = PolicyKV(CFG, params, policy=policy, max_batch=1, max_len=16, page_size=PAGE, num_pages=7)
+  with pytest.raises(RequestRejected, match="needs up to 8 KV pages"):
+    Engine(small).submit(list(range(1, 13)), 2)

@@ -17,11 +17,11 @@ pytest.importorskip("uvicorn")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def test_cli_refuses_an_eviction_policy_in_one_line(tiny_checkpoint, capsys):
+def test_cli_refuses_a_policy_without_its_ratio_in_one_line(tiny_checkpoint, capsys):
   from experiments.cli.dmc import main
-  assert main(["serve", tiny_checkpoint, "--cache", "h2o", "--cr", "2"]) == 2
+  assert main(["serve", tiny_checkpoint, "--cache", "h2o"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "not ported" in err[0]
+  assert len(err) == 1 and "needs its target ratio" in err[0]
 
 
 @pytest.mark.slow  # a fresh process: JAX start-up and compilation
