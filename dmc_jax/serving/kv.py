@@ -80,7 +80,44 @@ def _with_zero_adapter(cfg: LlamaConfig, dmc: DMCConfig, params: Any) -> Any:
   return flax.traverse_util.unflatten_dict(flat)
 
 
-class PagedKV:
+class _SlotCache:
+  """The host side both caches share: one small transfer per compiled call, unpacked. A subclass sets `_prefill`,
+  `_step`, `_free` (jitted), `max_batch`, `page_bytes`, and `_extra()`: trailing arguments of its compiled calls."""
+
+  def _extra(self) -> tuple:
+    return ()
+
+  def prefill(self, cache, tokens: list[int], slot: int, sampling: tuple[float, float, int, int]):
+    """Prefills one sequence into slot `slot` (inactive, no pages); returns (first token, boundary rows, pages in
+    use, slots in use, cache). sampling: (temperature, top_p, seed, tokens sampled so far)."""
+    n = len(tokens)
+    padded = np.zeros((1, prompt_bucket(n)), np.int32)
+    padded[0, :n] = tokens
+    t, p, s, c = sampling
+    out, cache = self._prefill(self.params, cache, padded, np.int32(n), np.int32(slot), np.float32(t),
+                               np.float32(p), np.uint32(s), np.int32(c), *self._extra())
+    out = np.asarray(out)
+    return int(out[0]), int(out[1]), int(out[2]), int(out[3]), cache
+
+  def step(self, cache, tokens_B: np.ndarray, temperature_B, top_p_B, seed_B, count_B):
+    """One decode step of every active slot; returns (next tokens [B], boundary rows per slot [B], pages in use,
+    slots in use (summed over rows), cache). A slot's boundary rows are those whose next append needs a new page:
+    the most the next step takes."""
+    out, cache = self._step(self.params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B, *self._extra())
+    out = np.asarray(out)  # one transfer: tokens, boundary counts, pages and slots in use
+    b = self.max_batch
+    return out[:b], out[b:2 * b], int(out[2 * b]), int(out[2 * b + 1]), cache
+
+  def free(self, cache, slots):
+    mask = np.zeros(self.max_batch, bool)
+    mask[list(slots)] = True
+    return self._free(cache, mask)
+
+  def bytes_in_use(self, pages_in_use: int) -> int:
+    return pages_in_use * self.page_bytes
+
+
+class PagedKV(_SlotCache):
   """A paged cache of `max_batch` slots over a pool of `num_pages` pages of `page_size` slots, with compiled
   prefill-into-a-slot, step and free. `kind` is "vanilla", "dmc" or "dms" (DMS: the forced rate is the eviction
   rate, 1 − 1/CR, as DMC's merge rate is)."""
@@ -128,35 +165,6 @@ class PagedKV:
     """Pages a prompt of n tokens can take at most (every token its own slot: vanilla's exact count)."""
     return self.rows_per_sequence * -(-n_tokens // self.page_size)
 
-  def prefill(self, cache, tokens: list[int], slot: int, sampling: tuple[float, float, int, int]):
-    """Prefills one sequence into slot `slot` (inactive, no pages); returns (first token, boundary rows, pages in
-    use, slots in use, cache). sampling: (temperature, top_p, seed, tokens sampled so far)."""
-    n = len(tokens)
-    padded = np.zeros((1, prompt_bucket(n)), np.int32)
-    padded[0, :n] = tokens
-    t, p, s, c = sampling
-    out, cache = self._prefill(self.params, cache, padded, np.int32(n), np.int32(slot), np.float32(t),
-                               np.float32(p), np.uint32(s), np.int32(c), self._rate())
-    out = np.asarray(out)
-    return int(out[0]), int(out[1]), int(out[2]), int(out[3]), cache
-
-  def step(self, cache, tokens_B: np.ndarray, temperature_B, top_p_B, seed_B, count_B):
-    """One decode step of every active slot; returns (next tokens [B], boundary rows per slot [B], pages in use,
-    slots in use (summed over rows), cache). A slot's boundary rows are those whose next append needs a new page:
-    the most the next step takes."""
-    out, cache = self._step(self.params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B, self._rate())
-    out = np.asarray(out)  # one transfer: tokens, boundary counts, pages and slots in use
-    b = self.max_batch
-    return out[:b], out[b:2 * b], int(out[2 * b]), int(out[2 * b + 1]), cache
-
-  def free(self, cache, slots):
-    mask = np.zeros(self.max_batch, bool)
-    mask[list(slots)] = True
-    return self._free(cache, mask)
-
-  def bytes_in_use(self, pages_in_use: int) -> int:
-    return pages_in_use * self.page_bytes
-
   def occupancy(self, cache) -> tuple[int, int]:
     """(pages in use, slots in use summed over rows), read from the device."""
     return int(cache.next_free), int(cache.lengths.sum())
@@ -172,8 +180,8 @@ class PagedKV:
 
   # -- compiled functions --------------------------------------------------------------------------------------
 
-  def _rate(self):
-    return np.float32(self.forced_merge_rate or 0.0)
+  def _extra(self) -> tuple:
+    return (np.float32(self.forced_merge_rate or 0.0),)  # the forced rate: an argument, so CRs share a compile
 
   def _forced(self, positions_BxL, rate):
     if self.forced_merge_rate is None:
@@ -236,7 +244,7 @@ def policy_page_bytes(cfg: LlamaConfig, page_size: int, dtype) -> int:
   return dmc_cache.page_bytes(cfg, page_size, dtype) + 9 * page_size
 
 
-class PolicyKV:
+class PolicyKV(_SlotCache):
   """An eviction policy's compact cache behind the engine's interface (init, prefill into a slot, step, free,
   bytes in use), with the paged caches' page as its accounting unit.
 
@@ -291,30 +299,6 @@ class PolicyKV:
     pages = jnp.sum(jnp.where(active_B, self._row_pages(positions_B), 0)) * rows
     held = jnp.sum(jnp.where(active_B, self.policy.budget(positions_B), 0)) * rows
     return grows.astype(jnp.int32) * rows, pages.astype(jnp.int32), held.astype(jnp.int32)
-
-  def prefill(self, cache, tokens: list[int], slot: int, sampling: tuple[float, float, int, int]):
-    n = len(tokens)
-    padded = np.zeros((1, prompt_bucket(n)), np.int32)
-    padded[0, :n] = tokens
-    t, p, s, c = sampling
-    out, cache = self._prefill(self.params, cache, padded, np.int32(n), np.int32(slot), np.float32(t),
-                               np.float32(p), np.uint32(s), np.int32(c))
-    out = np.asarray(out)
-    return int(out[0]), int(out[1]), int(out[2]), int(out[3]), cache
-
-  def step(self, cache, tokens_B: np.ndarray, temperature_B, top_p_B, seed_B, count_B):
-    out, cache = self._step(self.params, cache, tokens_B, temperature_B, top_p_B, seed_B, count_B)
-    out = np.asarray(out)
-    b = self.max_batch
-    return out[:b], out[b:2 * b], int(out[2 * b]), int(out[2 * b + 1]), cache
-
-  def free(self, cache, slots):
-    mask = np.zeros(self.max_batch, bool)
-    mask[list(slots)] = True
-    return self._free(cache, mask)
-
-  def bytes_in_use(self, pages_in_use: int) -> int:
-    return pages_in_use * self.page_bytes
 
   def occupancy(self, cache) -> tuple[int, int]:
     _, pages, held = self._accounting(np.asarray(cache.positions), np.asarray(cache.active))
