@@ -171,7 +171,7 @@ def vanilla_loss(cfg: LlamaConfig, dmc: DMCConfig, spec: LossSpec = LM) -> Calla
   return loss_fn
 
 
-def dmc_loss(cfg: LlamaConfig, dmc: DMCConfig, spec: LossSpec = LM) -> Callable:
+def dmc_loss(cfg: LlamaConfig, dmc: DMCConfig, spec: LossSpec = LM, cr_kind: str = "one_sided") -> Callable:
   """Stages 2–3: (params, batch, rng, target_cr, teacher=None) -> (loss, metrics) with relaxed decisions."""
   model = Llama(cfg, dmc, "train")
 
@@ -179,7 +179,7 @@ def dmc_loss(cfg: LlamaConfig, dmc: DMCConfig, spec: LossSpec = LM) -> Callable:
     lm, kl, aux = _student_terms(cfg, model, spec, params, batch, teacher, rngs={"dmc": rng})
     valid = _valid(batch)
     with jax.named_scope("cr_loss"):
-      cr = dmc_math.cr_loss(aux["alpha"], valid, target_cr)
+      cr = dmc_math.cr_loss(aux["alpha"], valid, target_cr, cr_kind)
     weights = valid.astype(jnp.float32)[None, :, :, None]
     per_head = jnp.sum(aux["alpha"] * weights, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1.0)
     metrics = {"lm_loss": lm, "distill_loss": kl, "cr_loss": cr, "target_cr": jnp.asarray(target_cr, jnp.float32),
@@ -232,7 +232,8 @@ def scale_decision_rows(factor: float, dmc: DMCConfig) -> optax.GradientTransfor
 
 def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTransformation, stage1_steps: int,
                        ramp_steps: int, target_cr: float, mode: str = "dmc", grad_accum: int = 1,
-                       cr_weight: float = 1.0, loss: LossSpec = LM, adapter_spec=None) -> Callable:
+                       cr_weight: float = 1.0, loss: LossSpec = LM, adapter_spec=None,
+                       cr_kind: str = "one_sided") -> Callable:
   """The three-stage retrofit as one pure step over state {"step", "params", "opt_state"} (docs/dmc.md §6):
 
   steps [0, stage1_steps): vanilla model, channel ch faded out; at step == stage1_steps the decision rows are
@@ -242,6 +243,7 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
   mode="vanilla" is the continued-training baseline: the same optimizer, data and metrics, no DMC at all.
   grad_accum > 1 splits the batch into that many microbatches (a scan: activations of one microbatch live at a
   time); token- and sequence-weighted, so the gradient equals the whole batch's.
+  cr_kind: "one_sided" (the paper's) or "two_sided" CR loss (dmc_jax.dmc.cr_loss).
   cr_weight multiplies the CR loss (the paper: 1). Per decision, the CR gradient is 1/(rows·length·heads·layers)
   while the LM gradient through a noise-triggered merge is of order 1/(rows·length): at 1 the CR signal only
   emerges from the LM noise over thousands of steps (on SmolLM2 the LM gradient on the decision rows measured
@@ -264,7 +266,7 @@ def make_retrofit_step(cfg: LlamaConfig, dmc: DMCConfig, tx: optax.GradientTrans
   if dmc.method == "dms" and stage1_steps and mode == "dmc":
     # DMS starts from the pre-trained channel (its logit 100·q[ch] − 5 keeps almost every token): no fade, no surgery.
     raise ValueError("train.stage1_steps: must be 0 with dmc.method='dms' (DMS has no stage 1)")
-  stage1_loss, later_loss = vanilla_loss(cfg, dmc, loss), dmc_loss(cfg, dmc, loss)
+  stage1_loss, later_loss = vanilla_loss(cfg, dmc, loss), dmc_loss(cfg, dmc, loss, cr_kind)
   zero = jnp.zeros((), jnp.float32)
 
   def with_all_metrics(m):  # both stages report the same keys (lax.cond needs one output structure)

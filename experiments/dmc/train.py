@@ -76,7 +76,7 @@ def make_retrofit_step(cfg, llama, dmc, tx):
   t = cfg.train
   return dmc_train.make_retrofit_step(llama, dmc, tx, t.stage1_steps, t.ramp_steps, t.target_cr, mode=t.mode,
                                       grad_accum=t.grad_accum, cr_weight=t.cr_weight, loss=loss_spec(cfg),
-                                      adapter_spec=adapter_spec(cfg, dmc))
+                                      adapter_spec=adapter_spec(cfg, dmc), cr_kind=t.cr_loss)
 
 
 def initial_state(cfg, dmc, tx, params) -> dict:

@@ -97,6 +97,11 @@ def test_cr_loss_schedule_and_realised_cr():
   np.testing.assert_allclose(f, [7 / 8, 0, 0])
   # Target CR 4: p = 0.75; sequence 0 is past it (no penalty), the others pay 0.75 each.
   np.testing.assert_allclose(dmc_math.cr_loss(alpha, valid, 4.0), (0 + 0.75 + 0.75) / 3, rtol=1e-6)
+  # Two-sided: sequence 0's overshoot (7/8 − 3/4) is penalised too.
+  np.testing.assert_allclose(dmc_math.cr_loss(alpha, valid, 4.0, "two_sided"), (0.125 + 0.75 + 0.75) / 3,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="train.cr_loss"):
+    dmc_math.cr_loss(alpha, valid, 4.0, "capped")
   np.testing.assert_allclose(dmc_math.realised_cr(alpha, valid), 1 / (1 - 7 / 24), rtol=1e-6)
   # Padding is not counted.
   valid = valid.at[1:, 4:].set(False)

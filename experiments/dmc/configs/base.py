@@ -36,6 +36,7 @@ def base_config(name: str, target_cr: float) -> config_dict.ConfigDict:
   cfg.train.lr = 3e-5  # peak learning rate (warmup then cosine)
   cfg.train.decision_lr = 1e-3  # learning rate of the q/k rows producing channel ch (docs/dmc.md §6: small budgets)
   cfg.train.cr_weight = 1.0  # weight of the CR loss (paper: 1; short runs need more, see dmc_jax/train.py)
+  cfg.train.cr_loss = "one_sided"  # one_sided (paper: compressing past the target is free) | two_sided (held at it)
   cfg.train.warmup_steps = 20  # linear warmup
   cfg.train.weight_decay = 0.1  # AdamW weight decay
   cfg.train.clip = 1.0  # global gradient-norm clip
@@ -97,6 +98,7 @@ def _ranges():
       "train.lr": pos,
       "train.decision_lr": pos,
       "train.cr_weight": Range(0),
+      "train.cr_loss": OneOf("one_sided", "two_sided"),
       "train.warmup_steps": nonneg_int,
       "train.weight_decay": Range(0),
       "train.clip": pos,
