@@ -8,6 +8,7 @@ it with `to_dict`, and `from_dict` refuses keys it does not know.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from dmc_jax.errors import ConfigError
@@ -387,6 +388,10 @@ class DMCConfig:
   # w: 16 because the CR of a row is bounded by about L / w and this project's rows hold 256–1,024 tokens (§10).
   dms_window: int = 16
   dms_scale: float = 100.0
+  # b: subtracted from every decision logit (a − b > 0 merges or evicts), beside c, which also sets DMC's ω. 0 in
+  # training; `dmc-jax calibrate` sets it after training so that the noise-free decisions of inference realise the
+  # target CR (training counts the noisy ones and ends above it: dmc_jax/calibrate.py).
+  decision_bias: float = 0.0
 
   def __post_init__(self):
     if self.method not in ("dmc", "dms"):
@@ -401,6 +406,9 @@ class DMCConfig:
       raise ConfigError(f"dmc.window: expected a positive integer or None, got {self.window!r}")
     if self.temperature <= 0:
       raise ConfigError(f"dmc.temperature: expected > 0, got {self.temperature}")
+    if (isinstance(self.decision_bias, bool) or not isinstance(self.decision_bias, (int, float))
+        or not math.isfinite(self.decision_bias)):
+      raise ConfigError(f"dmc.decision_bias: expected a finite number, got {self.decision_bias!r}")
 
   def channel(self, head_dim: int) -> int | None:
     """The repurposed channel of q and k (None in the adapter form: none is repurposed)."""

@@ -30,7 +30,7 @@ def decision_and_importance(q_BxLxHxD: Array, k_BxLxKxD: Array, dmc: DMCConfig) 
   kv = k_BxLxKxD.shape[2]
   ch = dmc.channel(d)
   acc = jnp.promote_types(k_BxLxKxD.dtype, jnp.float32)
-  a_BxLxK = k_BxLxKxD[..., ch].astype(acc) - dmc.offset
+  a_BxLxK = k_BxLxKxD[..., ch].astype(acc) - dmc.offset - dmc.decision_bias
   q_ch_BxLxKxG = q_BxLxHxD[..., ch].astype(acc).reshape(b, l, kv, h // kv)
   omega_BxLxK = jax.nn.sigmoid(jnp.mean(q_ch_BxLxKxG, axis=-1) + dmc.offset) + dmc.epsilon
   return a_BxLxK, omega_BxLxK
@@ -50,7 +50,8 @@ def adapter_decision_and_importance(x_BxLxD: Array, w_DxKx2: Array, dmc: DMCConf
   attention-norm scales left the first five layers at CR ≈ 1 after 100 steps of the raw-input adapter."""
   acc = jnp.promote_types(x_BxLxD.dtype, jnp.float32)
   logits_BxLxKx2 = jnp.einsum("bld,dkt->blkt", unit_rms(x_BxLxD.astype(acc)), w_DxKx2.astype(acc))
-  return logits_BxLxKx2[..., 0] - dmc.offset, jax.nn.sigmoid(logits_BxLxKx2[..., 1] + dmc.offset) + dmc.epsilon
+  return (logits_BxLxKx2[..., 0] - dmc.offset - dmc.decision_bias,
+          jax.nn.sigmoid(logits_BxLxKx2[..., 1] + dmc.offset) + dmc.epsilon)
 
 
 def scale_channel(x: Array, ch: int | None, scale) -> Array:

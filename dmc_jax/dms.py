@@ -28,7 +28,7 @@ def channel_logits(q_BxLxHxD: Array, n_kv_heads: int, dmc: DMCConfig) -> Array:
   b, l, h, d = q_BxLxHxD.shape
   acc = jnp.promote_types(q_BxLxHxD.dtype, jnp.float32)
   q_first = q_BxLxHxD.reshape(b, l, n_kv_heads, h // n_kv_heads, d)[:, :, :, 0, dmc.channel(d)]
-  return q_first.astype(acc) * dmc.dms_scale - dmc.offset
+  return q_first.astype(acc) * dmc.dms_scale - dmc.offset - dmc.decision_bias
 
 
 def adapter_logits(x_BxLxD: Array, w_DxKx1: Array, dmc: DMCConfig) -> Array:
@@ -38,7 +38,7 @@ def adapter_logits(x_BxLxD: Array, w_DxKx1: Array, dmc: DMCConfig) -> Array:
   has an RMSNorm of its own, initialised to scale 1; this is that norm at its initialisation, without parameters."""
   acc = jnp.promote_types(x_BxLxD.dtype, jnp.float32)
   out = jnp.einsum("bld,dk->blk", dmc_math.unit_rms(x_BxLxD.astype(acc)), w_DxKx1[..., 0].astype(acc))
-  return out * dmc.dms_scale - dmc.offset
+  return out * dmc.dms_scale - dmc.offset - dmc.decision_bias
 
 
 def zero_decision_channel(q_BxLxHxD: Array, n_kv_heads: int, ch: int | None) -> Array:

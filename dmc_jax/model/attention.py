@@ -185,6 +185,11 @@ class Attention(nn.Module):
     alpha = jnp.where(starts[..., None], 0.0, (a > 0).astype(jnp.float32))
     return alpha, dmc_math.key_bias_hard(alpha), alpha
 
+  def _decision_aux(self, a: Array, alpha_st: Array) -> dict:
+    """aux of a parallel pass; hard (eval) passes add the decision logits, which calibration reads
+    (dmc_jax/calibrate.py). Callers that drop them under jit do not compute them."""
+    return {"alpha": alpha_st, "logit": a} if self.dmc_mode == "eval" else {"alpha": alpha_st}
+
   def _dmc_parallel(self, x, q, k, v, ctx, forced_alpha):
     dmc, ch = self.dmc, self.ch
     a, omega = self._decide(x, q, k)
@@ -199,7 +204,7 @@ class Attention(nn.Module):
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     impl = _backend.for_op(self.cfg.attention_impl, DMC_ATTENTION_IMPLS)
     out = dmc_attention(q, k_rot, v_acc, bias, ctx.segment_ids, implementation=impl)
-    aux = {"alpha": alpha_st}
+    aux = self._decision_aux(a, alpha_st)
     if ctx.collect_prefill:  # a static field of the context
       aux["prefill"] = {"alpha": alpha, "omega": omega, "num_k": num_k, "num_v": num_v, "den": den,
                         "wk": omega[..., None] * k.astype(jnp.float32),
@@ -229,7 +234,7 @@ class Attention(nn.Module):
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     impl = _backend.for_op(self.cfg.attention_impl, DMC_ATTENTION_IMPLS)
     out = dmc_attention(q, k, v, bias, ctx.segment_ids, implementation=impl, window=dmc.dms_window)
-    aux = {"alpha": alpha_st}
+    aux = self._decision_aux(a, alpha_st)
     if ctx.collect_prefill:
       aux["prefill"] = {"alpha": alpha, "k_slot": k, "v_slot": v}
     return self._output(out), None, aux

@@ -335,6 +335,16 @@ def _run_eval(args: argparse.Namespace) -> None:
   eval_dmc.run(args)
 
 
+def _configure_calibrate(p: argparse.ArgumentParser) -> None:
+  from experiments.dmc import calibrate
+  calibrate.configure(p)
+
+
+def _run_calibrate(args: argparse.Namespace) -> None:
+  from experiments.dmc import calibrate
+  calibrate.run(args)
+
+
 def _configure_gqa_pool(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="dmc-jax checkpoint directory")
   p.add_argument("--kv-heads", type=cli.positive_int, required=True,
@@ -400,6 +410,8 @@ COMMANDS = [
                 _configure_plan, _run_plan, takes_config_overrides=True),
     cli.Command("eval", "held-out perplexity and realised CR: vanilla beside DMC and eviction policies, same tokens",
                 _configure_eval, _run_eval),
+    cli.Command("calibrate", "set an adapter's decision bias so its noise-free decisions realise a target CR",
+                _configure_calibrate, _run_calibrate),
     cli.Command("gqa-pool", "mean-pool a checkpoint's KV heads into fewer groups (GQA up-training's start)",
                 _configure_gqa_pool, _run_gqa_pool),
     cli.Command("report", "Markdown table and perplexity-vs-CR plot from `dmc-jax eval` JSON files",

@@ -111,6 +111,7 @@ def scorers(cfg, params, args, dmc_settings):
 
   from dmc_jax.baselines import evict_model
   from dmc_jax.baselines.policies import Policy
+  from dmc_jax.calibrate import cache_entries
   from dmc_jax.convert import layout
   from dmc_jax.model.llama import Llama
   scanned = cfg.replace(scan_layers=True, remat_policy="none")
@@ -132,22 +133,11 @@ def scorers(cfg, params, args, dmc_settings):
   if args.dmc:
     model = Llama(scanned, dmc_settings, "eval")
 
-    w = dmc_settings.dms_window
-
     @jax.jit
     def dmc(p, b):
       logits, aux = model.apply(p, b["tokens"], segment_ids_BxL=b["segment_ids"])
-      seg = b["segment_ids"]
-      if dmc_settings.method == "dms":
-        # Entries at the end of each document: its tokens less the evicted ones — α_t marks token t − 1, gone once
-        # token t + w of the same document arrived (docs/dmc.md §10).
-        later = jnp.concatenate([seg[:, w:], jnp.zeros_like(seg[:, :w])], axis=1)[:, :seg.shape[1]]
-        gone = aux["alpha"] * ((later == seg) & (seg > 0))[None, :, :, None]
-        kept = jnp.sum(seg > 0) * aux["alpha"].shape[0] * aux["alpha"].shape[-1] - jnp.sum(gone)
-        return _nll(logits, b["targets"], b["loss_mask"]), kept
-      # Slots at the end of each document = its appends (α = 0, the first token included), per layer and head.
-      appends = jnp.sum((1.0 - aux["alpha"]) * (seg > 0)[None, :, :, None])
-      return _nll(logits, b["targets"], b["loss_mask"]), appends
+      kept, _ = cache_entries(aux["alpha"], b["segment_ids"], dmc_settings)
+      return _nll(logits, b["targets"], b["loss_mask"]), kept
     out.append((dmc_settings.method, dmc_settings.method.upper(), None, functools.partial(dmc, sparams)))
 
   epar = evict_model.stack_params(cfg, params)
