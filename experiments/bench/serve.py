@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -44,6 +45,7 @@ def configure(p: argparse.ArgumentParser) -> None:
   g.add_argument("--serve-policies", default="h2o", help="eviction policies (streaming, h2o, tova), comma-separated; "
                  "'' for none")
   g.add_argument("--serve-policy-crs", default="2,4,8", help="the policies' compression ratios")
+  g.add_argument("--serve-progress-s", type=float, default=60.0, help="a progress line every N s (0: none)")
   g.add_argument("--serve-png", default="serve_stream.png", help="pages and running requests over time")
 
 
@@ -71,7 +73,23 @@ def roofline_seconds(cfg, trace, prefills, param_bytes: int, page_bytes: int, bw
   return total
 
 
-def run_method(kv, label, cr, prompts, outputs):
+def drain(engine, reqs, label: str, every_s: float, clock=time.perf_counter, out=sys.stdout) -> None:
+  """`engine.run_until_idle()` with a line every `every_s` seconds (0: none): a method's stream can run for
+  tens of minutes on a CPU, and without it nothing says how far it is."""
+  total = sum(r.max_tokens for r in reqs)
+  start = last = clock()
+  while not engine.idle():
+    engine.step()
+    now = clock()
+    if every_s and now - last >= every_s:
+      last = now
+      done = sum(len(r.tokens) for r in reqs)
+      running = sum(1 for r in reqs if r._slot is not None)
+      print(f"[bench --serve] {label}: {done}/{total} tokens ({100 * done / total:.0f}%), {running} running, "
+            f"{now - start:.0f} s", file=out, flush=True)
+
+
+def run_method(kv, label, cr, prompts, outputs, progress_s: float = 60.0):
   from dmc_jax.serving import Engine
   kind, pages = kv.kind, kv.num_pages
   from dmc_jax.serving.kv import prompt_bucket
@@ -87,7 +105,7 @@ def run_method(kv, label, cr, prompts, outputs):
   engine = Engine(kv, trace=True)
   t0 = time.perf_counter()
   reqs = [engine.submit(p, m, ignore_eos=True) for p, m in zip(prompts, outputs)]
-  engine.run_until_idle()
+  drain(engine, reqs, label, progress_s)
   wall = time.perf_counter() - t0
   assert all(len(r.tokens) == m for r, m in zip(reqs, outputs)), "a request did not produce its tokens"
   assert engine.pages_in_use == 0 and kv.occupancy(engine.cache)[0] == 0 and not kv.overflowed(engine.cache)
@@ -190,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
           shape, num_pages=policy_pages)), c))
   results = []
   for label, kv, cr in methods:
-    r = run_method(kv, label, cr, prompts, outputs)
+    r = run_method(kv, label, cr, prompts, outputs, args.serve_progress_s)
     r["roofline_s"] = roofline_seconds(cfg, r["_trace"], r["_prefills"], param_bytes, r["page_bytes"], bw, mm)
     results.append(r)
     print(f"[bench --serve] {label}: {r['tokens_per_s']:.1f} tokens/s, peak {r['peak_running']} running, "

@@ -30,3 +30,33 @@ def test_roofline_replays_the_trace_step_by_step():
   assert small < one
   with_prefill = serve.roofline_seconds(cfg, [step], [512], param_bytes, page, bw, mm)
   assert abs(with_prefill - one - (param_bytes / bw + 2 * matmul_params(cfg) * 512 / mm)) < 1e-9
+
+
+def test_drain_steps_to_idle_and_reports_progress():
+  import io
+  import types
+
+  reqs = [types.SimpleNamespace(max_tokens=4, tokens=[], _slot=0) for _ in range(2)]
+
+  class Engine:  # one token to every running request per step
+    def idle(self):
+      return all(len(r.tokens) == r.max_tokens for r in reqs)
+
+    def step(self):
+      for r in reqs:
+        if len(r.tokens) < r.max_tokens:
+          r.tokens.append(1)
+          r._slot = None if len(r.tokens) == r.max_tokens else 0
+
+  ticks = iter(range(100))
+  out = io.StringIO()
+  serve.drain(Engine(), reqs, "x", every_s=2, clock=lambda: float(next(ticks)), out=out)
+  assert all(len(r.tokens) == 4 for r in reqs)
+  lines = out.getvalue().splitlines()
+  assert lines == ["[bench --serve] x: 4/8 tokens (50%), 2 running, 2 s",
+                   "[bench --serve] x: 8/8 tokens (100%), 0 running, 4 s"]
+  quiet = io.StringIO()
+  for r in reqs:
+    r.tokens, r._slot = [], 0
+  serve.drain(Engine(), reqs, "x", every_s=0, out=quiet)
+  assert quiet.getvalue() == "" and all(len(r.tokens) == 4 for r in reqs)
