@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 from typing import Any, Mapping
 
@@ -228,6 +229,18 @@ def save(out: str, trainable: Mapping, spec: AdapterSpec, dmc: DMCConfig, *, n_l
       json.dump(meta, f, indent=2, default=str)
       f.write("\n")
   return os.path.abspath(out)
+
+
+def write_copy(source: Adapter, out: str, meta: Mapping[str, Any], *, force: bool, inputs=()) -> Adapter:
+  """OUT/ with `source`'s tensors byte for byte (their sha256 in `meta` still holds) and `meta` as adapter.json,
+  written atomically (an existing OUT only with `force`, never one of `inputs`), then read back and verified."""
+  from dmc_jax import checkpoint
+  with checkpoint.atomic_directory(out, force, inputs=inputs) as tmp:
+    shutil.copyfile(os.path.join(source.directory, TENSORS), os.path.join(tmp, TENSORS))
+    with open(os.path.join(tmp, ADAPTER_JSON), "w") as f:
+      json.dump(meta, f, indent=2)
+      f.write("\n")
+  return load(out)
 
 
 def load(directory: str, verify: bool = True) -> Adapter:

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 
 from dmc_jax import adapter as adapter_lib
-from dmc_jax import checkpoint
 from dmc_jax.errors import UserError
 
 
@@ -44,12 +41,7 @@ def main(argv=None) -> int:
         "vanilla_perplexity": round(vanilla[0]["ppl"], 4), "tokens_scored": ev["tokens_scored"],
         "tokens_sha256": ev["tokens_sha256"], "data": ev["data"], "command": ev["command"],
         "machine": ev["machine"]})
-    with checkpoint.atomic_directory(a.out, a.force, inputs=(a.adapter, a.eval_json)) as tmp:
-      shutil.copyfile(os.path.join(ad.directory, adapter_lib.TENSORS), os.path.join(tmp, adapter_lib.TENSORS))
-      with open(os.path.join(tmp, adapter_lib.ADAPTER_JSON), "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
-    adapter_lib.load(a.out)
+    adapter_lib.write_copy(ad, a.out, meta, force=a.force, inputs=(a.adapter, a.eval_json))
   except (UserError, OSError, KeyError, json.JSONDecodeError) as e:
     print(f"ship_adapter: {e}", file=sys.stderr)
     return 2

@@ -84,8 +84,7 @@ def drain(engine, reqs, label: str, every_s: float, clock=time.perf_counter, out
     if every_s and now - last >= every_s:
       last = now
       done = sum(len(r.tokens) for r in reqs)
-      running = sum(1 for r in reqs if r._slot is not None)
-      print(f"[bench --serve] {label}: {done}/{total} tokens ({100 * done / total:.0f}%), {running} running, "
+      print(f"[bench --serve] {label}: {done}/{total} tokens ({100 * done / total:.0f}%), {engine.running} running, "
             f"{now - start:.0f} s", file=out, flush=True)
 
 

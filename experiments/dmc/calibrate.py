@@ -13,10 +13,8 @@ rows — the first `--tokens` of the *training* split in stored order, in rows o
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import sys
 import time
 
@@ -79,12 +77,7 @@ def run(args: argparse.Namespace) -> None:
   if "evaluation" in meta:
     record["evaluation_before"] = meta.pop("evaluation")
   meta["provenance"] = dict(meta.get("provenance") or {}, calibration=record)
-  with checkpoint.atomic_directory(args.out, args.force, inputs=(args.adapter, args.base)) as tmp:
-    shutil.copyfile(os.path.join(ad.directory, adapter_lib.TENSORS), os.path.join(tmp, adapter_lib.TENSORS))
-    with open(os.path.join(tmp, adapter_lib.ADAPTER_JSON), "w") as f:
-      json.dump(meta, f, indent=2)
-      f.write("\n")
-  adapter_lib.load(args.out)
+  adapter_lib.write_copy(ad, args.out, meta, force=args.force, inputs=(args.adapter, args.base))
   log.info("calibrated: decision_bias %+.4f, realised CR %.4f on %d training-split tokens (target %g) → %s",
            cal.dmc.decision_bias, cal.realised_cr, record["data"]["tokens"], args.target_cr, args.out)
   print(os.path.abspath(args.out))

@@ -36,17 +36,20 @@ def test_drain_steps_to_idle_and_reports_progress():
   import io
   import types
 
-  reqs = [types.SimpleNamespace(max_tokens=4, tokens=[], _slot=0) for _ in range(2)]
+  reqs = [types.SimpleNamespace(max_tokens=4, tokens=[]) for _ in range(2)]
 
   class Engine:  # one token to every running request per step
     def idle(self):
       return all(len(r.tokens) == r.max_tokens for r in reqs)
 
+    @property
+    def running(self):
+      return sum(len(r.tokens) < r.max_tokens for r in reqs)
+
     def step(self):
       for r in reqs:
         if len(r.tokens) < r.max_tokens:
           r.tokens.append(1)
-          r._slot = None if len(r.tokens) == r.max_tokens else 0
 
   ticks = iter(range(100))
   out = io.StringIO()
@@ -57,6 +60,6 @@ def test_drain_steps_to_idle_and_reports_progress():
                    "[bench --serve] x: 8/8 tokens (100%), 0 running, 4 s"]
   quiet = io.StringIO()
   for r in reqs:
-    r.tokens, r._slot = [], 0
+    r.tokens = []
   serve.drain(Engine(), reqs, "x", every_s=0, out=quiet)
   assert quiet.getvalue() == "" and all(len(r.tokens) == 4 for r in reqs)
