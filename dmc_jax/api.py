@@ -191,11 +191,13 @@ class Model:
   def complete(self, prompts: str | Sequence[str], max_new_tokens: int = 64, *, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, cache: str | None = None,
                cr: float | None = None, dmc_force_cr: float | None = None, kv_budget_mb: float | None = None,
-               page_size: int = 32, stop_at_eos: bool = True, add_special_tokens: bool = True,
+               page_size: int | None = None, stop_at_eos: bool = True, add_special_tokens: bool = True,
                on_step=None, max_batch: int | None = None) -> Completion:
     """Generates a continuation of every prompt (one batch) and returns texts, ids and statistics.
 
     on_step(s): called after decode step s (`Generator.generate`'s hook; the CLI's --profile uses it).
+    page_size: slots per page of a DMC/DMS cache; None fits it to the longest prompt + max_new_tokens
+    (`cache.fitted_page_size`: 8 up to 128 tokens, 16 up to 256, else 32). Outputs do not depend on it.
     max_batch: stream the prompts through the continuous-batching engine (`dmc_jax.serving`) with this many
     decode slots over a pool of `kv_budget_mb` (any cache; prompt i samples with seed + i): a finished
     sequence's slot and pages go to the next prompt at once. Without it, one fixed batch as before."""
@@ -220,6 +222,9 @@ class Model:
     if longest + max_new_tokens > self.config.max_position_embeddings:
       raise ArgumentError(f"max_new_tokens: {longest} prompt + {max_new_tokens} new tokens exceed the model's "
                           f"{self.config.max_position_embeddings} positions")
+    if page_size is None:
+      from dmc_jax import cache as dmc_cache
+      page_size = dmc_cache.fitted_page_size(longest + max_new_tokens) if choice.kind in LEARNED else 32
     if max_batch is not None:
       return self._complete_streamed(ids, max_new_tokens, sampling, seed, choice, kv_budget_mb, page_size,
                                      max_batch, stop_at_eos)

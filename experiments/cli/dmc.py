@@ -138,7 +138,9 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
                  "XLA elsewhere; a kernel off its platform runs interpreted: slow, for checking)")
   add_cache_arguments(p)
   g = p.add_argument_group("DMC page pool")
-  g.add_argument("--page-size", type=cli.positive_int, default=32, help="slots per cache page")
+  g.add_argument("--page-size", type=cli.positive_int, default=None,
+                 help="slots per cache page (default: fitted to the longest prompt + --max-new-tokens: 8 up to "
+                 "128 tokens, 16 up to 256, else 32)")
   g.add_argument("--kv-budget-mb", type=cli.positive_float, default=None,
                  help="size the page pool from this KV-memory budget (default: never run out)")
   profiling.add_profile_arguments(p, unit="decode step")

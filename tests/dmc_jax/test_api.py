@@ -63,6 +63,18 @@ def test_load_generate_and_score(tiny_checkpoint):
     dmc_jax.load(tiny_checkpoint, adapter="a")
 
 
+def test_fitted_page_size(tiny_checkpoint):
+  from dmc_jax.cache import fitted_page_size
+  assert [fitted_page_size(n) for n in (1, 128, 129, 256, 257, 4096)] == [8, 8, 16, 16, 32, 32]
+  model = dmc_jax.load(tiny_checkpoint)
+  kw = dict(max_new_tokens=12, stop_at_eos=False, dmc_force_cr=2)
+  fitted, whole = model.complete("Hello world", **kw), model.complete("Hello world", page_size=32, **kw)
+  assert fitted.generator.dmc.page_size == 8 and whole.generator.dmc.page_size == 32
+  assert fitted.tokens == whole.tokens  # the page size changes where slots live, not what attention sees
+  assert fitted.result.dmc["cr"]["overall"] == pytest.approx(whole.result.dmc["cr"]["overall"])
+  assert fitted.result.cache_bytes < whole.result.cache_bytes
+
+
 def test_root_reexports():
   from dmc_jax.checkpoint import Checkpoint
   from dmc_jax.config import DMCConfig, LlamaConfig
