@@ -164,6 +164,26 @@ def write_rows(pool: dict, table: Array, length: Array, slot: Array, appends: Ar
 # -- prefill --------------------------------------------------------------------------------------------------
 
 
+def prefill_rows(pool: dict, table_pages: int, n_slots_BxK: Array, slot_BxLxK: Array, write_BxLxK: Array,
+                 k_BxLxKxD: Array, v_BxLxKxD: Array) -> tuple[dict, Array]:
+  """One layer's pool fill from a prompt (DMC and DMS alike): every row takes ceil(n_slots / S) pages off the free
+  stack into a fresh block table of `table_pages` entries, and each position where `write` puts its k, v at its
+  row's `slot`. A prompt that needs more pages than the table holds, or than the pool has left, gets no pages
+  (its writes drop) and raises the sticky overflow flag. Returns (pool, block table [B, K, table_pages])."""
+  b, l, kv = slot_BxLxK.shape
+  need = -(-n_slots_BxK // pool["k_pages"].shape[1])
+  first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
+  overflow = overflow | jnp.any(need > table_pages)  # a prompt longer than the cache was sized for
+  page_i = jnp.arange(table_pages)
+  table = jnp.where(page_i < need[..., None], _page_ids(pool["free_list"], first[..., None] + page_i),
+                    -1).astype(jnp.int32)
+  table = jnp.where(overflow, -1, table)  # never point past the pool
+  bt = jnp.broadcast_to(table[:, None], (b, l, kv, table_pages))
+  return dict(pool, k_pages=_write_slots(pool["k_pages"], bt, slot_BxLxK, k_BxLxKxD, write_BxLxK),
+              v_pages=_write_slots(pool["v_pages"], bt, slot_BxLxK, v_BxLxKxD, write_BxLxK),
+              next_free=next_free, overflow=pool["overflow"] | overflow), table
+
+
 def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: Array) -> tuple[dict, dict]:
   """Fills one layer's rows of an empty cache from its eval-mode forward over right-padded prompts.
 
@@ -172,7 +192,6 @@ def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: 
   (the model calls this inside its layer loop), so only one layer's states ever exist at once.
   Returns the updated (pool, layer state).
   """
-  page_size = pool["k_pages"].shape[1]
   w = state["ring_w"].shape[-1]
   alpha = states["alpha"]
   b, l, kv = alpha.shape
@@ -185,20 +204,9 @@ def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: 
   is_last = t[None, :, None] == (lengths_B[:, None, None] - 1)
   is_end = valid & (is_last | (next_alpha < 0.5))
 
-  need = -(-n_slots // page_size)
-  m = state["block_table"].shape[-1]
-  first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
-  overflow = overflow | jnp.any(need > m)  # a prompt longer than the cache was sized for
-  page_i = jnp.arange(m)
-  block_table = jnp.where(page_i < need[..., None], _page_ids(pool["free_list"], first[..., None] + page_i),
-                          -1).astype(jnp.int32)
-  block_table = jnp.where(overflow, -1, block_table)  # never point past the pool
-
   # Slots: the state at the last token of each run (one scatter per pool; other tokens are dropped).
-  bt = jnp.broadcast_to(block_table[:, None], (b, l, kv, m))
-  new_pool = dict(pool, k_pages=_write_slots(pool["k_pages"], bt, run_id, states["k_slot"], is_end),
-                  v_pages=_write_slots(pool["v_pages"], bt, run_id, states["v_slot"], is_end),
-                  next_free=next_free, overflow=pool["overflow"] | overflow)
+  new_pool, block_table = prefill_rows(pool, state["block_table"].shape[-1], n_slots, run_id, is_end,
+                                       states["k_slot"], states["v_slot"])
 
   # Merge state at each prompt's last token, and the run length there.
   last = jnp.maximum(lengths_B - 1, 0)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmc_jax.cache import _allocate, _page_ids, _write_slots, write_rows
+from dmc_jax.cache import prefill_rows, write_rows
 from dmc_jax.config import DMCConfig, LlamaConfig
 from dmc_jax.errors import CachePoolExhausted
 
@@ -86,7 +86,6 @@ def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: 
   `states` ([B, L, K, ...]): alpha (hard, 0 at position 0), k_slot = RoPE_t(k_t) and v_slot = v_t. Padding past
   each prompt's length never enters a slot or the ring. Returns the updated (pool, layer state).
   """
-  page_size = pool["k_pages"].shape[1]
   w1 = state["ring_slot"].shape[-1]
   alpha = states["alpha"] > 0.5
   b, l, kv = alpha.shape
@@ -106,18 +105,8 @@ def prefill_layer(pool: dict, state: dict, states: dict[str, Array], lengths_B: 
   survives = valid & ~((t + w1 < n) & next_mark)  # else token t + w + 1 overwrote it
   n_slots = jnp.sum(appends, axis=1).astype(jnp.int32)
 
-  need = -(-n_slots // page_size)
-  m = state["block_table"].shape[-1]
-  first, next_free, overflow = _allocate(pool["next_free"], pool["k_pages"].shape[0], need)
-  overflow = overflow | jnp.any(need > m)  # a prompt longer than the cache was sized for
-  page_i = jnp.arange(m)
-  block_table = jnp.where(page_i < need[..., None], _page_ids(pool["free_list"], first[..., None] + page_i),
-                          -1).astype(jnp.int32)
-  block_table = jnp.where(overflow, -1, block_table)  # never point past the pool
-  bt = jnp.broadcast_to(block_table[:, None], (b, l, kv, m))
-  new_pool = dict(pool, k_pages=_write_slots(pool["k_pages"], bt, slot, states["k_slot"], survives),
-                  v_pages=_write_slots(pool["v_pages"], bt, slot, states["v_slot"], survives),
-                  next_free=next_free, overflow=pool["overflow"] | overflow)
+  new_pool, block_table = prefill_rows(pool, state["block_table"].shape[-1], n_slots, slot, survives,
+                                       states["k_slot"], states["v_slot"])
 
   # Ring entry j: the pending token p ≡ j (mod w+1) among the last w + 1 (none before the start: evict 0).
   last = lengths_B - 1
