@@ -79,9 +79,9 @@ FITTED_PAGE_SIZES = (8, 16, 32)
 def fitted_page_size(max_len: int) -> int:
   """A page size for rows of at most `max_len` slots: the smallest of FITTED_PAGE_SIZES of at least max_len / 16
   (8 up to 128 tokens, 16 up to 256, else 32; a row's part-filled last page is the waste). Short generations get
-  small pages (the
-  SmolLM2 crossover at CR 2 falls from 78 tokens at 32-slot pages to 38 at 8); long ones keep 32, where the decode
-  attention was measured (more, smaller pages mean more gathers per slot). Outputs do not depend on it."""
+  small pages (the SmolLM2 crossover at CR 2 falls from 78 tokens at 32-slot pages to 38 at 8); long ones keep 32,
+  where the decode attention was measured (more, smaller pages mean more gathers per slot). Outputs do not depend
+  on it."""
   return next((s for s in FITTED_PAGE_SIZES if 16 * s >= max_len), FITTED_PAGE_SIZES[-1])
 
 
