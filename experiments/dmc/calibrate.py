@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from experiments.dmc import eval as eval_dmc
+
 log = logging.getLogger("dmc_jax")
 
 
@@ -33,31 +35,23 @@ def configure(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokens", type=cli.positive_int, default=8192, help="calibration tokens (whole rows)")
   p.add_argument("--seq-len", type=cli.int_range(2), default=1024, help="row length: the length inference sees")
   p.add_argument("--tol", type=cli.float_range(0.0, 1.0), default=0.005, help="relative tolerance on the CR")
-  p.add_argument("--data-kind", default="stdlib", help="text source kind (dmc_jax/text_data.py)")
-  p.add_argument("--data-path", action="append", default=[], help="files/directories for --data-kind files")
-  p.add_argument("--data-dir", default=None, help="where prepared datasets live")
+  eval_dmc.add_data_arguments(p)
 
 
 def run(args: argparse.Namespace) -> None:
   import jax
 
   from dmc_jax import adapter as adapter_lib
-  from dmc_jax import calibrate, checkpoint, text_data
+  from dmc_jax import calibrate, checkpoint
   from dmc_jax.config import ConfigError
   from dmc_jax.convert import layout
-  from experiments.dmc.eval import tokens_digest
   base = checkpoint.Checkpoint(args.base)
   ad = adapter_lib.load(args.adapter)
   ad.check_base(base)
   if args.seq_len > base.config.max_position_embeddings:
     raise ConfigError(f"--seq-len: {args.seq_len} exceeds the model's {base.config.max_position_embeddings} "
                       f"positions")
-  src = text_data.TextSource(kind=args.data_kind, paths=tuple(args.data_path))
-  split = text_data.open_splits(src, args.data_dir)["train"]
-  batches = list(text_data.eval_batches(split, base.tokenizer(), seq_len=args.seq_len, batch_size=1,
-                                        max_batches=-(-args.tokens // args.seq_len)))
-  if not batches:
-    raise ConfigError(f"data: the training split of {args.data_kind!r} is empty")
+  batches = eval_dmc.split_batches(base.tokenizer(), args, "train", args.tokens, batch_size=1)
   cfg = base.config.replace(dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none")
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), ad.apply(base.load_params()))
   sparams = jax.device_put({"params": layout.stack_layers(params["params"], cfg.n_layers, stack=np.stack)})
@@ -72,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
   record = dict(cal.to_dict(), data={"kind": args.data_kind, "paths": args.data_path, "split": "train",
                                      "seq_len": args.seq_len, "rows": len(batches),
                                      "tokens": int(sum(int((b["segment_ids"] > 0).sum()) for b in batches)),
-                                     "tokens_sha256": tokens_digest(batches)},
+                                     "tokens_sha256": eval_dmc.tokens_digest(batches)},
                 command=" ".join(sys.argv), seconds=round(time.perf_counter() - t0, 1), source=ad.directory)
   if "evaluation" in meta:
     record["evaluation_before"] = meta.pop("evaluation")

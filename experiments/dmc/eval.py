@@ -49,9 +49,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                  help="held-out tokens to use (whole rows; 0 = the whole split)")
   p.add_argument("--seq-len", type=cli.int_range(2), default=1024, help="at most the model's positions")
   p.add_argument("--batch-size", type=cli.positive_int, default=1)
-  p.add_argument("--data-kind", default="stdlib", help="text source kind (dmc_jax/text_data.py)")
-  p.add_argument("--data-path", action="append", default=[], help="files/directories for --data-kind files")
-  p.add_argument("--data-dir", default=None, help="where prepared datasets live")
+  add_data_arguments(p)
   p.add_argument("--label", help="name of this checkpoint's vanilla row (default: its directory name; with --dmc "
                  "'LABEL, vanilla attention')")
   p.add_argument("--base-kv-heads", type=cli.positive_int, default=None,
@@ -60,17 +58,31 @@ def configure(p: argparse.ArgumentParser) -> None:
   profiling.add_profile_arguments(p, unit="batch")
 
 
-def held_out_batches(tokenizer, args) -> list[dict]:
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+  """The text source flags `split_batches` reads (eval, calibrate)."""
+  p.add_argument("--data-kind", default="stdlib", help="text source kind (dmc_jax/text_data.py)")
+  p.add_argument("--data-path", action="append", default=[], help="files/directories for --data-kind files")
+  p.add_argument("--data-dir", default=None, help="where prepared datasets live")
+
+
+def split_batches(tokenizer, args, split: str, tokens: int, batch_size: int) -> list[dict]:
+  """Rows of `args.seq_len` from the start of `split` ("train" or "validation") of the --data-* source, whole rows
+  covering `tokens` (0: the whole split)."""
   from dmc_jax import text_data
   src = text_data.TextSource(kind=args.data_kind, paths=tuple(args.data_path))
-  split = text_data.open_splits(src, args.data_dir)["validation"]
-  per_batch = args.seq_len * args.batch_size
-  max_batches = -(-args.tokens // per_batch) if args.tokens else 0
-  batches = list(text_data.eval_batches(split, tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
+  rows = text_data.open_splits(src, args.data_dir)[split]
+  per_batch = args.seq_len * batch_size
+  max_batches = -(-tokens // per_batch) if tokens else 0
+  batches = list(text_data.eval_batches(rows, tokenizer, seq_len=args.seq_len, batch_size=batch_size,
                                         max_batches=max_batches))
   if not batches:
-    raise ConfigError(f"data: the validation split of {args.data_kind!r} is empty")
+    name = "training" if split == "train" else split
+    raise ConfigError(f"data: the {name} split of {args.data_kind!r} is empty")
   return batches
+
+
+def held_out_batches(tokenizer, args) -> list[dict]:
+  return split_batches(tokenizer, args, "validation", args.tokens, args.batch_size)
 
 
 def tokens_digest(batches) -> str:
